@@ -1,0 +1,52 @@
+"""llama-sessions: resumable local LLM inference with llama.cpp.
+
+A :class:`Context` keeps the KV cache *and* the bookkeeping of what is in it: no call takes a position, every
+call continues where the context stands.
+
+>>> from llama_sessions import Model, Context, default_model_path
+>>> model = Model.load(default_model_path())
+>>> ctx = Context(model, n_ctx=2048)
+>>> ctx.generate("You are a terse assistant.\\n", max_tokens=0)  # encode only
+''
+>>> answer = ctx.generate("Q: What is the capital of France?\\nA:", max_tokens=16, temperature=0)
+"""
+
+from __future__ import annotations
+
+from ._fetch import cache_dir, default_model_path
+from ._native import Context, ContextParams, GenerationStats, Model, TokenStream, __version__
+from .errors import (
+    ChatTemplateError,
+    ContextCreateError,
+    ContextFullError,
+    DecodeError,
+    InternalError,
+    InvalidParameterError,
+    LlamaSessionsError,
+    ModelFetchError,
+    ModelLoadError,
+    StreamInvalidatedError,
+    TokenizeError,
+)
+
+__all__ = [
+    "ChatTemplateError",
+    "Context",
+    "ContextCreateError",
+    "ContextFullError",
+    "ContextParams",
+    "DecodeError",
+    "GenerationStats",
+    "InternalError",
+    "InvalidParameterError",
+    "LlamaSessionsError",
+    "Model",
+    "ModelFetchError",
+    "ModelLoadError",
+    "StreamInvalidatedError",
+    "TokenStream",
+    "TokenizeError",
+    "__version__",
+    "cache_dir",
+    "default_model_path",
+]

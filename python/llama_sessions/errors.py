@@ -1,0 +1,75 @@
+"""The exceptions of llama-sessions.
+
+Every failure a caller can cause raises a subclass of :class:`LlamaSessionsError` whose message says what
+was expected and what was found. Classes that describe bad arguments also derive from :class:`ValueError`,
+so ``except ValueError`` keeps working for code that does not know this library.
+
+A Ctrl-C during a long prefill or generation raises the usual :class:`KeyboardInterrupt`; the tokens decoded
+until then stay in the context (its bookkeeping is consistent).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChatTemplateError",
+    "ContextCreateError",
+    "ContextFullError",
+    "DecodeError",
+    "InternalError",
+    "InvalidParameterError",
+    "LlamaSessionsError",
+    "ModelFetchError",
+    "ModelLoadError",
+    "StreamInvalidatedError",
+    "TokenizeError",
+]
+
+
+class LlamaSessionsError(Exception):
+    """Base class of every error raised by llama-sessions."""
+
+
+class ModelLoadError(LlamaSessionsError):
+    """The model file is missing, is not GGUF, is truncated, or llama.cpp refused it."""
+
+
+class ModelFetchError(LlamaSessionsError):
+    """The default model could not be downloaded, unpacked or verified."""
+
+
+class InvalidParameterError(LlamaSessionsError, ValueError):
+    """A parameter is out of range, or parameters were combined in a way llama.cpp cannot run.
+
+    The message names the parameter, what would be accepted and what was given.
+    """
+
+
+class ContextCreateError(LlamaSessionsError):
+    """llama.cpp could not create a context (usually: not enough memory for the KV cache)."""
+
+
+class ContextFullError(LlamaSessionsError):
+    """The prompt does not fit in the space left in the context.
+
+    Raised before anything is decoded: the context is unchanged and stays usable.
+    """
+
+
+class TokenizeError(LlamaSessionsError, ValueError):
+    """Text could not be tokenized, or a token id is outside the model's vocabulary."""
+
+
+class DecodeError(LlamaSessionsError):
+    """llama.cpp failed to decode a batch. Tokens of earlier batches stay in the context."""
+
+
+class ChatTemplateError(LlamaSessionsError):
+    """The model has no chat template, or llama.cpp's template engine does not support it."""
+
+
+class StreamInvalidatedError(LlamaSessionsError, RuntimeError):
+    """A token stream was advanced after another call changed its context."""
+
+
+class InternalError(LlamaSessionsError, RuntimeError):
+    """The KV cache and the bookkeeping disagreed: a bug in llama-sessions. The context was reset."""

@@ -1,0 +1,110 @@
+//! The one error type of the crate. Every variant carries what was expected and what was found, so that a
+//! binding can turn it into a message a user can act on. Bindings map each variant to one exception class;
+//! keep the enum exhaustive (no `#[non_exhaustive]`) so that a new variant without a mapping fails to compile.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `llama-sessions`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model file could not be loaded: missing, not GGUF, truncated, or refused by llama.cpp.
+    #[error("cannot load model {path}: {reason}")]
+    ModelLoad {
+        /// The path that was given.
+        path: PathBuf,
+        /// What was expected and what was found.
+        reason: String,
+    },
+
+    /// A parameter is out of range or an invalid combination of parameters was given.
+    #[error("invalid {name}: expected {expected}, found {found}")]
+    InvalidParameter {
+        /// The parameter's name as the user spells it.
+        name: &'static str,
+        /// What would have been accepted.
+        expected: String,
+        /// What was given.
+        found: String,
+    },
+
+    /// llama.cpp refused to create a context (usually: not enough memory for the KV cache).
+    #[error("cannot create context: {reason}")]
+    ContextCreate {
+        /// llama.cpp's own explanation when it gave one.
+        reason: String,
+    },
+
+    /// The tokens do not fit in the space left in the context. Nothing was decoded.
+    #[error(
+        "context full: {requested} more tokens requested but only {available} of n_ctx={n_ctx} are free \
+         ({held} held)"
+    )]
+    ContextFull {
+        /// Tokens that were to be added.
+        requested: usize,
+        /// Free positions in the sequence.
+        available: usize,
+        /// Tokens already held by the sequence.
+        held: usize,
+        /// The context's size.
+        n_ctx: usize,
+    },
+
+    /// Text could not be turned into tokens or tokens into text.
+    #[error("tokenize error: {0}")]
+    Tokenize(String),
+
+    /// llama.cpp failed to decode a batch. The tokens before the failing batch stay in the context.
+    #[error("decode failed (llama.cpp code {code}): {reason}")]
+    Decode {
+        /// llama.cpp's return code.
+        code: i32,
+        /// What it means.
+        reason: String,
+    },
+
+    /// The model has no usable chat template, or llama.cpp could not apply it.
+    #[error("chat template error: {0}")]
+    ChatTemplate(String),
+
+    /// A generation in progress was interrupted by the caller. The tokens decoded so far stay in the context.
+    #[error("interrupted")]
+    Interrupted,
+
+    /// A token stream was advanced after the context it reads from was changed by another call.
+    #[error("stream invalidated: the context was modified by another call after this stream started")]
+    StreamInvalidated,
+
+    /// An operating-system error on a file.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("open", "read", ...).
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// The KV cache and the token bookkeeping disagree. This is a bug in llama-sessions; the context has been
+    /// cleared to a consistent (empty) state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn invalid(
+        name: &'static str,
+        expected: impl Into<String>,
+        found: impl ToString,
+    ) -> Self {
+        Error::InvalidParameter {
+            name,
+            expected: expected.into(),
+            found: found.to_string(),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! One generation in progress: sampling, decoding each sampled token through the context's one door, and
+//! turning tokens into text pieces. Used both for a whole generation and for streaming, one piece at a time.
+
+use std::time::Instant;
+
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::context::{
+    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId, StopReason,
+};
+use crate::error::{Error, Result};
+use crate::text::{StopMatcher, StopScan, Utf8Assembler};
+
+/// A generation in progress on one sequence of a [`Context`]. It holds no borrow of the context: each step
+/// takes the context again, and fails with [`Error::StreamInvalidated`] if anything else changed the KV
+/// cache in between.
+pub struct Generator {
+    seq: SeqId,
+    max_tokens: usize,
+    sampler: LlamaSampler,
+    utf8: Utf8Assembler,
+    stops: StopMatcher,
+    generated: Vec<LlamaToken>,
+    stats: GenerationStats,
+    /// The context's epoch after this generator's last change.
+    epoch: u64,
+    finished: Option<StopReason>,
+    /// Text released when the generation finished, handed out by the next call.
+    tail: Option<String>,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("seq", &self.seq)
+            .field("generated", &self.generated.len())
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    pub(crate) fn start(
+        ctx: &mut Context,
+        seq: SeqId,
+        prompt: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Generator> {
+        options.sampling.validate()?;
+        let tokens = ctx.tokenize_prompt(seq, prompt)?;
+        ctx.check_room(seq, tokens.len())?;
+        let started = Instant::now();
+        let prompt_tokens = if options.max_tokens == 0 {
+            ctx.append(seq, &tokens, false, interrupt)?;
+            tokens.len()
+        } else if tokens.is_empty() {
+            ctx.ensure_logits(seq, interrupt)?;
+            0
+        } else {
+            ctx.append(seq, &tokens, true, interrupt)?;
+            tokens.len()
+        };
+        let stats = GenerationStats {
+            prompt_tokens,
+            prompt_seconds: started.elapsed().as_secs_f64(),
+            ..GenerationStats::default()
+        };
+        let n_vocab = i32::try_from(ctx.model().n_vocab()).unwrap_or(i32::MAX);
+        let sampler = options.sampling.build(n_vocab, ctx.tokens(seq)?);
+        Ok(Generator {
+            seq,
+            max_tokens: options.max_tokens,
+            sampler,
+            utf8: Utf8Assembler::default(),
+            stops: StopMatcher::new(options.stop),
+            generated: Vec::new(),
+            stats,
+            epoch: ctx.epoch(),
+            finished: (options.max_tokens == 0).then_some(StopReason::MaxTokens),
+            tail: None,
+        })
+    }
+
+    /// Generates until the next piece of text is ready. Returns `None` once the generation has ended.
+    /// On an interrupt the tokens generated so far stay in the context and the generation ends.
+    pub fn next_piece(
+        &mut self,
+        ctx: &mut Context,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Option<String>> {
+        loop {
+            if self.finished.is_some() {
+                return Ok(self.tail.take().filter(|t| !t.is_empty()));
+            }
+            if self.generated.len() >= self.max_tokens {
+                self.finish(StopReason::MaxTokens);
+                continue;
+            }
+            if ctx.token_count(self.seq)? >= ctx.capacity() {
+                self.finish(StopReason::ContextFull);
+                continue;
+            }
+            if ctx.epoch() != self.epoch {
+                return Err(Error::StreamInvalidated);
+            }
+            if interrupt.should_stop() {
+                self.finished = Some(StopReason::MaxTokens);
+                return Err(Error::Interrupted);
+            }
+            let started = Instant::now();
+            let token = ctx.sample(&mut self.sampler, self.seq)?;
+            let appended = ctx.append(self.seq, &[token], true, &mut NeverInterrupt);
+            self.stats.generation_seconds += started.elapsed().as_secs_f64();
+            if let Err(e) = appended {
+                self.finished = Some(StopReason::MaxTokens);
+                return Err(e);
+            }
+            self.epoch = ctx.epoch();
+            self.generated.push(token);
+            self.stats.generated_tokens += 1;
+            if ctx.model().is_end_of_generation(token) {
+                self.finish(StopReason::EndOfGeneration);
+                continue;
+            }
+            let text = self.utf8.push(&ctx.model().token_bytes(token, false)?);
+            match self.stops.push(&text) {
+                StopScan::Continue(piece) if piece.is_empty() => {}
+                StopScan::Continue(piece) => return Ok(Some(piece)),
+                StopScan::Stopped(before) => {
+                    self.finished = Some(StopReason::StopString);
+                    self.tail = Some(before);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, reason: StopReason) {
+        let rest = self.utf8.finish();
+        let (reason, tail) = match self.stops.push(&rest) {
+            StopScan::Stopped(before) => (StopReason::StopString, before),
+            StopScan::Continue(released) => (reason, released + &self.stops.finish()),
+        };
+        self.finished = Some(reason);
+        self.tail = Some(tail);
+    }
+
+    /// Why the generation ended, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.finished
+    }
+
+    /// Counts and times so far.
+    pub fn stats(&self) -> GenerationStats {
+        self.stats
+    }
+
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[LlamaToken] {
+        &self.generated
+    }
+
+    /// The sequence this generation runs on.
+    pub fn seq(&self) -> SeqId {
+        self.seq
+    }
+
+    pub(crate) fn into_generation(self, text: String) -> Generation {
+        Generation {
+            text,
+            stop_reason: self.finished.unwrap_or(StopReason::MaxTokens),
+            tokens: self.generated,
+            stats: self.stats,
+        }
+    }
+}

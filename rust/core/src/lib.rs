@@ -1,0 +1,42 @@
+//! # llama-sessions
+//!
+//! Resumable local inference over llama.cpp (through `llama-cpp-2`): a [`Context`] that owns its KV cache
+//! *and* the bookkeeping of which tokens sit at which positions, so that no caller ever passes a position.
+//!
+//! ```no_run
+//! use llama_sessions::{Context, ContextParams, GenerateOptions, Model, ModelParams, NeverInterrupt};
+//! use llama_sessions::SamplingParams;
+//!
+//! let model = Model::load("SmolLM2-135M-Instruct.Q4_1.gguf", &ModelParams::default())?;
+//! let mut ctx = Context::new(&model, ContextParams::default())?;
+//! let options = |max_tokens| GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), ..Default::default() };
+//! ctx.generate(0, "You are a terse assistant.\n", options(0), &mut NeverInterrupt)?; // encode only
+//! let answer = ctx.generate(0, "Q: What is the capital of France?\nA:", options(16), &mut NeverInterrupt)?;
+//! println!("{} ({} tokens held)", answer.text, ctx.token_count(0)?);
+//! # Ok::<(), llama_sessions::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod backend;
+mod context;
+mod error;
+mod generation;
+pub mod gguf;
+mod model;
+mod params;
+mod sampling;
+mod text;
+
+pub use context::{
+    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId, StopReason,
+};
+pub use error::{Error, Result};
+pub use generation::Generator;
+pub use llama_cpp_2::token::LlamaToken;
+pub use model::{ChatMessage, Model, ModelParams};
+pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
+pub use sampling::SamplingParams;
+
+/// This crate's version, as recorded in what it writes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

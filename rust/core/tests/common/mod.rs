@@ -1,0 +1,38 @@
+//! Shared setup: the real test model, loaded once per test binary.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use llama_sessions::{GenerateOptions, Model, ModelParams, SamplingParams};
+
+/// The test model: `$LLAMA_SESSIONS_MODEL`, or the default model in the user cache (which
+/// `python -m llama_sessions fetch-model` or `.ci/run` puts there).
+pub fn model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("LLAMA_SESSIONS_MODEL") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("LLAMA_SESSIONS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions")))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions"));
+    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "test model missing at {}: run `python -m llama_sessions fetch-model` or set LLAMA_SESSIONS_MODEL",
+        path.display()
+    );
+    path
+}
+
+pub fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load(model_path(), &ModelParams::default()).expect("load test model"))
+}
+
+pub fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+    }
+}

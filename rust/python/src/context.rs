@@ -1,0 +1,338 @@
+//! `llama_sessions.Context` and its token stream.
+//!
+//! The core Context is `Send` but not `Sync`; here it sits behind a `Mutex` inside a frozen pyclass, so a
+//! call from a second thread waits for the first instead of corrupting anything. The lock is always taken
+//! with the GIL released (inside `py.detach`), so a thread waiting for it never blocks the thread holding it,
+//! which needs the GIL briefly to check for Ctrl-C.
+
+use std::sync::{Mutex, MutexGuard};
+
+use llama_sessions::{
+    Context, Error, GenerateOptions, GenerationStats, Generator, SamplingParams, StopReason,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::to_py;
+use crate::interrupt::SignalCheck;
+use crate::model::{tokens_to_py, PyModel};
+use crate::params::PyContextParams;
+
+/// Counts and times of the last generation (or stream) on a Context.
+#[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyGenerationStats {
+    /// Prompt tokens decoded.
+    prompt_tokens: usize,
+    /// Seconds spent decoding the prompt.
+    prompt_seconds: f64,
+    /// Tokens generated; all of them stay in the context.
+    generated_tokens: usize,
+    /// Seconds spent generating.
+    generation_seconds: f64,
+    /// "eog", "stop", "length" or "context_full".
+    stop_reason: &'static str,
+}
+
+impl PyGenerationStats {
+    fn new(stats: GenerationStats, reason: StopReason) -> Self {
+        PyGenerationStats {
+            prompt_tokens: stats.prompt_tokens,
+            prompt_seconds: stats.prompt_seconds,
+            generated_tokens: stats.generated_tokens,
+            generation_seconds: stats.generation_seconds,
+            stop_reason: reason.as_str(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyGenerationStats {
+    /// Prompt tokens per second.
+    #[getter]
+    fn prompt_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens, self.prompt_seconds)
+    }
+
+    /// Generated tokens per second.
+    #[getter]
+    fn generation_tokens_per_second(&self) -> f64 {
+        rate(self.generated_tokens, self.generation_seconds)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "GenerationStats(prompt_tokens={}, prompt_seconds={:.4}, generated_tokens={}, \
+             generation_seconds={:.4}, stop_reason={:?})",
+            self.prompt_tokens,
+            self.prompt_seconds,
+            self.generated_tokens,
+            self.generation_seconds,
+            self.stop_reason
+        )
+    }
+}
+
+fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// The KV cache of a model and the bookkeeping of what is in it. No call takes a position: each call
+/// continues where the context stands.
+#[pyclass(name = "Context", module = "llama_sessions._native", frozen)]
+pub struct PyContext {
+    inner: Mutex<Context>,
+    model: Py<PyModel>,
+    last_stats: Mutex<Option<PyGenerationStats>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic inside the core is turned into a Python exception by PyO3; the bookkeeping is checked after
+    // every change to the KV cache, so the data behind a poisoned lock is still consistent.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Turns a core result into a Python one; an interruption raises the exception the signal handler raised.
+fn finish<T>(result: Result<T, Error>, signals: &mut SignalCheck) -> PyResult<T> {
+    result.map_err(|e| match e {
+        Error::Interrupted => signals.take_raised().unwrap_or_else(|| to_py(Error::Interrupted)),
+        other => to_py(other),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn options(
+    max_tokens: i64,
+    temperature: f32,
+    top_k: i64,
+    top_p: f32,
+    min_p: f32,
+    repeat_penalty: f32,
+    seed: Option<u32>,
+    stop: Option<Vec<String>>,
+) -> PyResult<GenerateOptions> {
+    let invalid = |name: &str, expected: &str, found: i64| {
+        crate::errors::InvalidParameterError::new_err(format!(
+            "invalid {name}: expected {expected}, found {found}"
+        ))
+    };
+    let max_tokens = usize::try_from(max_tokens)
+        .map_err(|_| invalid("max_tokens", "an integer >= 0", max_tokens))?;
+    let top_k = u32::try_from(top_k).map_err(|_| invalid("top_k", "an integer >= 0", top_k))?;
+    let sampling = SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty,
+        seed,
+        ..SamplingParams::default()
+    };
+    sampling.validate().map_err(to_py)?;
+    Ok(GenerateOptions {
+        max_tokens,
+        sampling,
+        stop: stop.unwrap_or_default(),
+    })
+}
+
+impl PyContext {
+    fn record(&self, stats: PyGenerationStats) {
+        *lock(&self.last_stats) = Some(stats);
+    }
+}
+
+#[pymethods]
+impl PyContext {
+    /// Creates a context over `model` with `params` (default: ContextParams()) changed by `overrides`.
+    #[new]
+    #[pyo3(signature = (model, params = None, **overrides))]
+    fn new(
+        py: Python<'_>,
+        model: Py<PyModel>,
+        params: Option<&PyContextParams>,
+        overrides: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let base = params.map(|p| p.inner.clone()).unwrap_or_default();
+        let params = PyContextParams::with_overrides(&base, overrides)?;
+        let core_model = model.get().inner.clone();
+        let context = py
+            .detach(|| Context::new(&core_model, params))
+            .map_err(to_py)?;
+        Ok(PyContext {
+            inner: Mutex::new(context),
+            model,
+            last_stats: Mutex::new(None),
+        })
+    }
+
+    /// The model this context reads with.
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<PyModel> {
+        self.model.clone_ref(py)
+    }
+
+    /// The parameters the context was created with.
+    #[getter]
+    fn params(&self, py: Python<'_>) -> PyContextParams {
+        let params = py.detach(|| lock(&self.inner).params().clone());
+        PyContextParams { inner: params }
+    }
+
+    /// Most tokens the context can hold.
+    #[getter]
+    fn n_ctx(&self, py: Python<'_>) -> usize {
+        py.detach(|| lock(&self.inner).capacity())
+    }
+
+    /// The token ids in the context, in position order.
+    #[getter]
+    fn tokens(&self, py: Python<'_>) -> PyResult<Vec<i32>> {
+        py.detach(|| lock(&self.inner).tokens(0).map(tokens_to_py))
+            .map_err(to_py)
+    }
+
+    /// How many tokens the context holds; the next token goes to this position.
+    fn token_count(&self, py: Python<'_>) -> PyResult<usize> {
+        py.detach(|| lock(&self.inner).token_count(0)).map_err(to_py)
+    }
+
+    /// Counts and times of the last generate() or finished stream(), or None.
+    #[getter]
+    fn last_stats(&self) -> Option<PyGenerationStats> {
+        lock(&self.last_stats).clone()
+    }
+
+    /// Empties the context.
+    fn reset(&self, py: Python<'_>) {
+        py.detach(|| lock(&self.inner).reset());
+    }
+
+    /// Keeps the first `n` tokens and drops the rest; the next call continues at position `n`.
+    fn truncate(&self, py: Python<'_>, n: i64) -> PyResult<()> {
+        let n = usize::try_from(n).map_err(|_| {
+            crate::errors::InvalidParameterError::new_err(format!(
+                "invalid n: expected an integer >= 0, found {n}"
+            ))
+        })?;
+        py.detach(|| lock(&self.inner).truncate(0, n)).map_err(to_py)
+    }
+
+    /// Appends `prompt` after what the context holds and generates up to `max_tokens` tokens, returning the
+    /// text. `max_tokens=0` only encodes the prompt. BOS is added only when the context is empty. Generation
+    /// ends at an end-of-generation token, at any `stop` string (not returned), at `max_tokens` or when the
+    /// context is full. Generated tokens stay in the context. `temperature=0` is greedy and deterministic.
+    /// Raises ContextFullError, before decoding anything, when the prompt does not fit.
+    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u32>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<String> {
+        let options = options(
+            max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+        )?;
+        let mut signals = SignalCheck::new();
+        let result =
+            py.detach(|| lock(&self.inner).generate(0, prompt, options, &mut signals));
+        let generation = finish(result, &mut signals)?;
+        self.record(PyGenerationStats::new(generation.stats, generation.stop_reason));
+        Ok(generation.text)
+    }
+
+    /// Like generate(), but returns an iterator of text pieces as they are produced. The prompt is encoded
+    /// by this call (so ContextFullError is raised here); generation happens as the iterator is advanced.
+    /// Pieces never split a multi-byte character.
+    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        slf: &Bound<'_, Self>,
+        prompt: &str,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u32>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<TokenStream> {
+        let py = slf.py();
+        let options = options(
+            max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+        )?;
+        let this = slf.get();
+        let mut signals = SignalCheck::new();
+        let result = py.detach(|| {
+            lock(&this.inner).start_generation(0, prompt, options, &mut signals)
+        });
+        let generator = finish(result, &mut signals)?;
+        Ok(TokenStream {
+            context: slf.clone().unbind(),
+            generator: Mutex::new(Some(generator)),
+        })
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let (held, capacity) = py.detach(|| {
+            let ctx = lock(&self.inner);
+            (ctx.token_count(0).unwrap_or(0), ctx.capacity())
+        });
+        format!("Context(tokens={held}, n_ctx={capacity})")
+    }
+}
+
+/// Text pieces of a generation in progress, from Context.stream(). Each step runs with the GIL released and
+/// holds the context's lock only for that step; if another call changes the context between two steps the
+/// stream raises StreamInvalidatedError.
+#[pyclass(module = "llama_sessions._native", frozen)]
+pub struct TokenStream {
+    context: Py<PyContext>,
+    generator: Mutex<Option<Generator>>,
+}
+
+#[pymethods]
+impl TokenStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let context = self.context.get();
+        let mut signals = SignalCheck::new();
+        let result = py.detach(|| {
+            let mut slot = lock(&self.generator);
+            let Some(generator) = slot.as_mut() else {
+                return Ok((None, None));
+            };
+            let step = generator.next_piece(&mut lock(&context.inner), &mut signals);
+            let ended = !matches!(step, Ok(Some(_)));
+            let stats = ended.then(|| {
+                let reason = generator.stop_reason().unwrap_or(StopReason::MaxTokens);
+                PyGenerationStats::new(generator.stats(), reason)
+            });
+            if ended {
+                *slot = None;
+            }
+            step.map(|piece| (piece, stats))
+        });
+        let (piece, stats) = finish(result, &mut signals)?;
+        if let Some(stats) = stats {
+            context.record(stats);
+        }
+        Ok(piece)
+    }
+}

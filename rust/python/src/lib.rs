@@ -1,0 +1,22 @@
+//! `llama_sessions._native`: the thin PyO3 layer over the `llama-sessions` core. It converts types,
+//! releases the GIL around native work and maps errors; all logic lives in the core crate.
+
+mod context;
+mod errors;
+mod interrupt;
+mod model;
+mod params;
+
+use pyo3::prelude::*;
+
+/// Native core of llama_sessions. Import from `llama_sessions`, not from here.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<params::PyContextParams>()?;
+    m.add_class::<context::PyContext>()?;
+    m.add_class::<context::TokenStream>()?;
+    m.add_class::<context::PyGenerationStats>()?;
+    m.add("__version__", llama_sessions::VERSION)?;
+    Ok(())
+}

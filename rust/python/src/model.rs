@@ -1,0 +1,176 @@
+//! `llama_sessions.Model`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use llama_sessions::{ChatMessage, LlamaToken, Model, ModelParams};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::errors::{to_py, InvalidParameterError};
+
+/// A GGUF model loaded by llama.cpp. Immutable and thread-safe: share one Model between many Contexts and
+/// threads.
+#[pyclass(name = "Model", module = "llama_sessions._native", frozen)]
+pub struct PyModel {
+    pub(crate) inner: Model,
+}
+
+pub(crate) fn tokens_from_py(tokens: Vec<i64>) -> PyResult<Vec<LlamaToken>> {
+    tokens
+        .into_iter()
+        .map(|t| {
+            i32::try_from(t).map(LlamaToken).map_err(|_| {
+                crate::errors::TokenizeError::new_err(format!(
+                    "token id {t}: expected a 32-bit token id"
+                ))
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn tokens_to_py(tokens: &[LlamaToken]) -> Vec<i32> {
+    tokens.iter().map(|t| t.0).collect()
+}
+
+fn message_from_py(index: usize, item: &Bound<'_, PyAny>) -> PyResult<ChatMessage> {
+    let bad = |found: String| {
+        InvalidParameterError::new_err(format!(
+            "invalid messages[{index}]: expected a dict with str 'role' and 'content', found {found}"
+        ))
+    };
+    let dict = item
+        .cast::<PyDict>()
+        .map_err(|_| bad(format!("a {}", item.get_type().name().map_or("?".into(), |n| n.to_string()))))?;
+    let field = |key: &str| -> PyResult<String> {
+        match dict.get_item(key)? {
+            Some(v) => v.extract::<String>().map_err(|_| bad(format!("a non-str {key:?}"))),
+            None => Err(bad(format!("no {key:?} key"))),
+        }
+    };
+    Ok(ChatMessage {
+        role: field("role")?,
+        content: field("content")?,
+    })
+}
+
+#[pymethods]
+impl PyModel {
+    /// Loads a GGUF model. Raises ModelLoadError for a missing, non-GGUF or truncated file.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, n_gpu_layers = 0, use_mmap = true))]
+    fn load(py: Python<'_>, path: PathBuf, n_gpu_layers: i64, use_mmap: bool) -> PyResult<Self> {
+        let n_gpu_layers = u32::try_from(n_gpu_layers).map_err(|_| {
+            InvalidParameterError::new_err(format!(
+                "invalid n_gpu_layers: expected an integer >= 0, found {n_gpu_layers}"
+            ))
+        })?;
+        let params = ModelParams {
+            n_gpu_layers,
+            use_mmap,
+        };
+        let inner = py.detach(|| Model::load(&path, &params)).map_err(to_py)?;
+        Ok(PyModel { inner })
+    }
+
+    /// The path the model was loaded from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+
+    /// `general.architecture` from the GGUF metadata, e.g. "llama".
+    #[getter]
+    fn architecture(&self) -> String {
+        self.inner.architecture().to_owned()
+    }
+
+    /// Number of tokens in the vocabulary.
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.n_vocab()
+    }
+
+    /// The context length the model was trained with (the largest n_ctx a Context accepts).
+    #[getter]
+    fn n_ctx_train(&self) -> u32 {
+        self.inner.n_ctx_train()
+    }
+
+    /// Number of layers.
+    #[getter]
+    fn n_layer(&self) -> u32 {
+        self.inner.n_layer()
+    }
+
+    /// Embedding width.
+    #[getter]
+    fn n_embd(&self) -> u32 {
+        self.inner.n_embd()
+    }
+
+    /// The GGUF metadata, every value rendered as a string by llama.cpp.
+    #[getter]
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.inner.metadata().clone()
+    }
+
+    /// The model's chat template (Jinja source), or None.
+    #[getter]
+    fn chat_template(&self) -> Option<String> {
+        self.inner.chat_template()
+    }
+
+    /// A short string identifying the model's content: the GGUF header and a sample of every tensor's data.
+    #[getter]
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint().to_owned()
+    }
+
+    /// Text to token ids. `add_bos` adds the beginning-of-sequence token if the model uses one; `special`
+    /// parses special-token text such as "<|im_start|>" into control tokens.
+    #[pyo3(signature = (text, add_bos = true, special = false))]
+    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool, special: bool) -> PyResult<Vec<i32>> {
+        let tokens = py
+            .detach(|| self.inner.tokenize(text, add_bos, special))
+            .map_err(to_py)?;
+        Ok(tokens_to_py(&tokens))
+    }
+
+    /// Token ids to text. `special` renders control tokens as their text.
+    #[pyo3(signature = (tokens, special = false))]
+    fn detokenize(&self, py: Python<'_>, tokens: Vec<i64>, special: bool) -> PyResult<String> {
+        let tokens = tokens_from_py(tokens)?;
+        py.detach(|| self.inner.detokenize(&tokens, special)).map_err(to_py)
+    }
+
+    /// Formats messages (`[{"role": ..., "content": ...}, ...]`) with the model's chat template.
+    #[pyo3(signature = (messages, add_generation_prompt = true))]
+    fn apply_chat_template(
+        &self,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
+        let list = messages.cast::<PyList>().map_err(|_| {
+            PyTypeError::new_err("messages: expected a list of {'role': str, 'content': str} dicts")
+        })?;
+        let messages = list
+            .iter()
+            .enumerate()
+            .map(|(i, item)| message_from_py(i, &item))
+            .collect::<PyResult<Vec<_>>>()?;
+        self.inner
+            .apply_chat_template(&messages, add_generation_prompt)
+            .map_err(to_py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Model(path={:?}, architecture={:?}, fingerprint={:?})",
+            self.inner.path(),
+            self.inner.architecture(),
+            self.inner.fingerprint()
+        )
+    }
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Formatting, lints, types, and the stub checked against the built module (run after install.sh).
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/common.sh"
+cd "$here/.."
+cargo fmt --all --check
+cargo clippy --release --locked --workspace --all-targets -- -D warnings
+python3 -m ruff check python tests bench
+python3 -m ruff format --check python tests bench
+python3 -m mypy
+python3 -m mypy.stubtest llama_sessions._native --allowlist tests/stubtest-allowlist.txt
