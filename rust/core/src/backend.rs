@@ -86,7 +86,11 @@ pub(crate) fn clear_recent_log() {
 /// each, or a fallback when it logged nothing.
 pub(crate) fn take_recent_log(fallback: &str) -> String {
     let text = RECENT_LOG.with(|log| std::mem::take(&mut *log.borrow_mut()));
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         fallback.to_owned()
     } else {

@@ -85,7 +85,10 @@ impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
             .field("params", &self.params)
-            .field("token_counts", &self.sequences.iter().map(Vec::len).collect::<Vec<_>>())
+            .field(
+                "token_counts",
+                &self.sequences.iter().map(Vec::len).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -208,19 +211,29 @@ impl Context {
         Ok(())
     }
 
-    fn decode_chunk(&mut self, seq: SeqId, chunk: &[LlamaToken], logits_for_last: bool) -> Result<()> {
+    fn decode_chunk(
+        &mut self,
+        seq: SeqId,
+        chunk: &[LlamaToken],
+        logits_for_last: bool,
+    ) -> Result<()> {
         let held = self.sequences[seq as usize].len();
         self.batch.clear();
         for (i, &token) in chunk.iter().enumerate() {
-            let position = i32::try_from(held + i).expect("positions are below n_ctx, which fits in i32");
+            let position =
+                i32::try_from(held + i).expect("positions are below n_ctx, which fits in i32");
             let logits = logits_for_last && i + 1 == chunk.len();
             self.batch
                 .add(token, position, &[seq as i32], logits)
-                .map_err(|e| Error::Internal(format!("batch sized n_batch refused a token: {e}")))?;
+                .map_err(|e| {
+                    Error::Internal(format!("batch sized n_batch refused a token: {e}"))
+                })?;
         }
         self.epoch += 1;
         self.last_logits = None;
-        let decoded = self.cell.with_dependent_mut(|_, ctx| ctx.decode(&mut self.batch));
+        let decoded = self
+            .cell
+            .with_dependent_mut(|_, ctx| ctx.decode(&mut self.batch));
         match decoded {
             Ok(()) => {
                 self.sequences[seq as usize].extend_from_slice(chunk);
@@ -242,7 +255,9 @@ impl Context {
                     llama_cpp_2::DecodeError::NTokensZero => {
                         (-1, "llama.cpp rejected the batch as invalid".to_owned())
                     }
-                    llama_cpp_2::DecodeError::Unknown(code) => (code, "llama.cpp failed to compute the batch".to_owned()),
+                    llama_cpp_2::DecodeError::Unknown(code) => {
+                        (code, "llama.cpp failed to compute the batch".to_owned())
+                    }
                 };
                 Err(Error::Decode { code, reason })
             }
@@ -251,7 +266,10 @@ impl Context {
 
     /// Checks the KV cache against the bookkeeping; on disagreement clears both and reports a bug.
     fn verify(&mut self, seq: SeqId) -> Result<()> {
-        let pos_max = self.cell.borrow_dependent().kv_cache_seq_pos_max(seq as i32);
+        let pos_max = self
+            .cell
+            .borrow_dependent()
+            .kv_cache_seq_pos_max(seq as i32);
         let expected = self.sequences[seq as usize].len() as i64 - 1;
         if i64::from(pos_max) == expected {
             return Ok(());
@@ -272,7 +290,9 @@ impl Context {
             .cell
             .with_dependent_mut(|_, ctx| ctx.kv_cache_seq_rm(seq as i32, Some(keep_u32), None));
         if let Err(e) = removed {
-            return Err(Error::Internal(format!("llama.cpp could not remove cells: {e}")));
+            return Err(Error::Internal(format!(
+                "llama.cpp could not remove cells: {e}"
+            )));
         }
         self.sequences[seq as usize].truncate(keep);
         self.verify(seq)
@@ -307,7 +327,11 @@ impl Context {
 
     /// Makes the logits of the last token of `seq` available, decoding it again if they are not (after a
     /// truncate, a restore, or work on another sequence). An empty sequence starts with the BOS token.
-    pub(crate) fn ensure_logits(&mut self, seq: SeqId, interrupt: &mut dyn Interrupt) -> Result<i32> {
+    pub(crate) fn ensure_logits(
+        &mut self,
+        seq: SeqId,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<i32> {
         if let Some(last) = self.last_logits.filter(|l| l.seq == seq) {
             return Ok(last.batch_index);
         }
@@ -326,7 +350,10 @@ impl Context {
             })?,
         };
         self.append(seq, &[last], true, interrupt)?;
-        Ok(self.last_logits.expect("append with want_logits sets them").batch_index)
+        Ok(self
+            .last_logits
+            .expect("append with want_logits sets them")
+            .batch_index)
     }
 
     pub(crate) fn sample(

@@ -75,7 +75,9 @@ pub enum Error {
     Interrupted,
 
     /// A token stream was advanced after the context it reads from was changed by another call.
-    #[error("stream invalidated: the context was modified by another call after this stream started")]
+    #[error(
+        "stream invalidated: the context was modified by another call after this stream started"
+    )]
     StreamInvalidated,
 
     /// An operating-system error on a file.

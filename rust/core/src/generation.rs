@@ -7,7 +7,8 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::context::{
-    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId, StopReason,
+    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
+    StopReason,
 };
 use crate::error::{Error, Result};
 use crate::text::{StopMatcher, StopScan, Utf8Assembler};

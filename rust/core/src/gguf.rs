@@ -138,7 +138,9 @@ pub fn inspect(path: &Path) -> Result<GgufSummary> {
         }
         let version = r.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(format!("unsupported GGUF version: expected 2 or 3, found {version}"));
+            return Err(format!(
+                "unsupported GGUF version: expected 2 or 3, found {version}"
+            ));
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
@@ -148,9 +150,11 @@ pub fn inspect(path: &Path) -> Result<GgufSummary> {
             let ty = r.u32("metadata type")?;
             let value = r.value(ty, 0)?;
             if key == "general.alignment" {
-                alignment = value.filter(|a| *a > 0 && a.is_power_of_two()).ok_or_else(|| {
-                    "general.alignment: expected a power of two as uint32".to_string()
-                })?;
+                alignment = value
+                    .filter(|a| *a > 0 && a.is_power_of_two())
+                    .ok_or_else(|| {
+                        "general.alignment: expected a power of two as uint32".to_string()
+                    })?;
             }
         }
         let mut offsets = Vec::new();
@@ -158,7 +162,9 @@ pub fn inspect(path: &Path) -> Result<GgufSummary> {
             r.string("tensor name")?;
             let n_dims = r.u32("tensor dimension count")?;
             if n_dims > 8 {
-                return Err(format!("tensor with {n_dims} dimensions: expected at most 8"));
+                return Err(format!(
+                    "tensor with {n_dims} dimensions: expected at most 8"
+                ));
             }
             r.bytes(u64::from(n_dims) * 8, "tensor shape")?;
             r.u32("tensor type")?;
@@ -186,7 +192,9 @@ pub fn inspect(path: &Path) -> Result<GgufSummary> {
     let mut block = vec![0u8; SAMPLE_BYTES as usize];
     for (i, &start) in offsets.iter().enumerate() {
         let begin = data_start + start;
-        let end = offsets.get(i + 1).map_or(file_len, |next| data_start + next);
+        let end = offsets
+            .get(i + 1)
+            .map_or(file_len, |next| data_start + next);
         for offset in sample_offsets(begin, end) {
             let len = (end - offset).min(SAMPLE_BYTES) as usize;
             file.seek(SeekFrom::Start(offset))

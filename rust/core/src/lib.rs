@@ -29,7 +29,8 @@ mod sampling;
 mod text;
 
 pub use context::{
-    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId, StopReason,
+    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
+    StopReason,
 };
 pub use error::{Error, Result};
 pub use generation::Generator;

@@ -81,7 +81,9 @@ impl Model {
             return Err(fail("expected a GGUF file, found a directory".into()));
         }
         if path.to_str().is_none() {
-            return Err(fail("the path is not valid UTF-8, which llama.cpp requires".into()));
+            return Err(fail(
+                "the path is not valid UTF-8, which llama.cpp requires".into(),
+            ));
         }
         let summary = gguf::inspect(path)?;
         let backend = backend()?;
@@ -201,7 +203,11 @@ impl Model {
     /// `special` is true and as nothing otherwise.
     pub fn token_bytes(&self, token: LlamaToken, special: bool) -> Result<Vec<u8>> {
         self.check_tokens(&[token])?;
-        Ok(self.inner.llama.vocab().token_to_piece(token, special, None))
+        Ok(self
+            .inner
+            .llama
+            .vocab()
+            .token_to_piece(token, special, None))
     }
 
     /// Turns token ids back into text. Invalid UTF-8 (a multi-byte character cut in half) is replaced by
@@ -210,7 +216,12 @@ impl Model {
         self.check_tokens(tokens)?;
         let mut bytes = Vec::new();
         for &token in tokens {
-            bytes.extend(self.inner.llama.vocab().token_to_piece(token, special, None));
+            bytes.extend(
+                self.inner
+                    .llama
+                    .vocab()
+                    .token_to_piece(token, special, None),
+            );
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -222,11 +233,10 @@ impl Model {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let template = self
-            .inner
-            .llama
-            .chat_template(None)
-            .map_err(|e| Error::ChatTemplate(format!("the model has no chat template ({e})")))?;
+        let template =
+            self.inner.llama.chat_template(None).map_err(|e| {
+                Error::ChatTemplate(format!("the model has no chat template ({e})"))
+            })?;
         let messages = messages
             .iter()
             .map(|m| {

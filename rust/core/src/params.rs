@@ -45,7 +45,11 @@ impl KvType {
     /// Parses a name as given for parameter `name`.
     pub fn parse(name: &'static str, value: &str) -> Result<KvType> {
         value.parse().map_err(|()| {
-            Error::invalid(name, "one of \"f16\", \"q8_0\", \"q4_0\"", format!("{value:?}"))
+            Error::invalid(
+                name,
+                "one of \"f16\", \"q8_0\", \"q4_0\"",
+                format!("{value:?}"),
+            )
         })
     }
 }
@@ -126,7 +130,11 @@ impl ContextParams {
             return Err(Error::invalid("n_batch", "n_batch >= 1", self.n_batch));
         }
         if self.n_threads == 0 {
-            return Err(Error::invalid("n_threads", "n_threads >= 1", self.n_threads));
+            return Err(Error::invalid(
+                "n_threads",
+                "n_threads >= 1",
+                self.n_threads,
+            ));
         }
         if self.n_seq_max == 0 || self.n_seq_max > MAX_SEQUENCES {
             return Err(Error::invalid(

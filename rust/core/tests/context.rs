@@ -13,7 +13,8 @@ fn small() -> ContextParams {
     }
 }
 
-const SYSTEM: &str = "<|im_start|>system\nYou are a storyteller who writes long, vivid stories.<|im_end|>\n";
+const SYSTEM: &str =
+    "<|im_start|>system\nYou are a storyteller who writes long, vivid stories.<|im_end|>\n";
 const QUESTION: &str =
     "<|im_start|>user\nTell me a long story about a dragon and a lighthouse.<|im_end|>\n<|im_start|>assistant\n";
 
@@ -21,8 +22,12 @@ const QUESTION: &str =
 fn greedy_generation_is_deterministic_across_contexts() {
     let mut a = Context::new(model(), small()).unwrap();
     let mut b = Context::new(model(), small()).unwrap();
-    let ga = a.generate(0, QUESTION, greedy(12), &mut NeverInterrupt).unwrap();
-    let gb = b.generate(0, QUESTION, greedy(12), &mut NeverInterrupt).unwrap();
+    let ga = a
+        .generate(0, QUESTION, greedy(12), &mut NeverInterrupt)
+        .unwrap();
+    let gb = b
+        .generate(0, QUESTION, greedy(12), &mut NeverInterrupt)
+        .unwrap();
     assert_eq!(ga.tokens, gb.tokens);
     assert_eq!(ga.text, gb.text);
     assert_eq!(ga.tokens.len(), 12);
@@ -31,16 +36,29 @@ fn greedy_generation_is_deterministic_across_contexts() {
 #[test]
 fn two_calls_continue_exactly_like_one() {
     let m = model();
-    let whole = [m.tokenize(SYSTEM, true, true).unwrap(), m.tokenize(QUESTION, false, true).unwrap()].concat();
+    let whole = [
+        m.tokenize(SYSTEM, true, true).unwrap(),
+        m.tokenize(QUESTION, false, true).unwrap(),
+    ]
+    .concat();
     // Prompt A then B in two calls...
     let mut split = Context::new(m, small()).unwrap();
-    split.generate(0, SYSTEM, greedy(0), &mut NeverInterrupt).unwrap();
-    assert_eq!(split.tokens(0).unwrap(), m.tokenize(SYSTEM, true, true).unwrap().as_slice());
-    let from_split = split.generate(0, QUESTION, greedy(10), &mut NeverInterrupt).unwrap();
+    split
+        .generate(0, SYSTEM, greedy(0), &mut NeverInterrupt)
+        .unwrap();
+    assert_eq!(
+        split.tokens(0).unwrap(),
+        m.tokenize(SYSTEM, true, true).unwrap().as_slice()
+    );
+    let from_split = split
+        .generate(0, QUESTION, greedy(10), &mut NeverInterrupt)
+        .unwrap();
     // ...against the same tokens decoded in one call.
     let mut one = Context::new(m, small()).unwrap();
     one.append(0, &whole, false, &mut NeverInterrupt).unwrap();
-    let from_one = one.generate(0, "", greedy(10), &mut NeverInterrupt).unwrap();
+    let from_one = one
+        .generate(0, "", greedy(10), &mut NeverInterrupt)
+        .unwrap();
     assert_eq!(from_split.tokens, from_one.tokens);
     assert_eq!(split.tokens(0).unwrap(), one.tokens(0).unwrap());
     assert_eq!(split.token_count(0).unwrap(), whole.len() + 10);
@@ -49,9 +67,12 @@ fn two_calls_continue_exactly_like_one() {
 #[test]
 fn truncate_then_generate_reproduces_the_continuation() {
     let mut ctx = Context::new(model(), small()).unwrap();
-    ctx.generate(0, SYSTEM, greedy(0), &mut NeverInterrupt).unwrap();
+    ctx.generate(0, SYSTEM, greedy(0), &mut NeverInterrupt)
+        .unwrap();
     let k = ctx.token_count(0).unwrap();
-    let first = ctx.generate(0, QUESTION, greedy(8), &mut NeverInterrupt).unwrap();
+    let first = ctx
+        .generate(0, QUESTION, greedy(8), &mut NeverInterrupt)
+        .unwrap();
     for keep in [k + 3, k] {
         ctx.truncate(0, keep).unwrap();
         assert_eq!(ctx.token_count(0).unwrap(), keep);
@@ -60,14 +81,24 @@ fn truncate_then_generate_reproduces_the_continuation() {
         assert_eq!(held.len(), expected_prefix_len);
     }
     ctx.truncate(0, k).unwrap();
-    let again = ctx.generate(0, QUESTION, greedy(8), &mut NeverInterrupt).unwrap();
+    let again = ctx
+        .generate(0, QUESTION, greedy(8), &mut NeverInterrupt)
+        .unwrap();
     assert_eq!(first.tokens, again.tokens);
 }
 
 #[test]
 fn a_prompt_that_does_not_fit_changes_nothing() {
-    let mut ctx = Context::new(model(), ContextParams { n_ctx: 32, ..small() }).unwrap();
-    ctx.generate(0, "Hello there.", greedy(0), &mut NeverInterrupt).unwrap();
+    let mut ctx = Context::new(
+        model(),
+        ContextParams {
+            n_ctx: 32,
+            ..small()
+        },
+    )
+    .unwrap();
+    ctx.generate(0, "Hello there.", greedy(0), &mut NeverInterrupt)
+        .unwrap();
     let before = ctx.tokens(0).unwrap().to_vec();
     // llama.cpp rounds n_ctx up (to 256 here); the context reports what it really holds.
     assert_eq!(ctx.capacity(), 256);
@@ -80,7 +111,9 @@ fn a_prompt_that_does_not_fit_changes_nothing() {
         other => panic!("expected ContextFull, got {other:?}"),
     }
     assert_eq!(ctx.tokens(0).unwrap(), before.as_slice());
-    let after = ctx.generate(0, " How", greedy(2), &mut NeverInterrupt).unwrap();
+    let after = ctx
+        .generate(0, " How", greedy(2), &mut NeverInterrupt)
+        .unwrap();
     assert_eq!(after.tokens.len(), 2);
 }
 
@@ -92,18 +125,52 @@ fn out_of_vocabulary_tokens_are_refused_before_llama_cpp_sees_them() {
         ctx.append(0, &[bad], false, &mut NeverInterrupt),
         Err(Error::Tokenize(_))
     ));
-    assert!(matches!(model().detokenize(&[LlamaToken(-1)], false), Err(Error::Tokenize(_))));
+    assert!(matches!(
+        model().detokenize(&[LlamaToken(-1)], false),
+        Err(Error::Tokenize(_))
+    ));
     assert_eq!(ctx.token_count(0).unwrap(), 0);
 }
 
 #[test]
 fn invalid_parameters_name_the_parameter() {
     let cases: Vec<(ContextParams, &str)> = vec![
-        (ContextParams { n_ctx: 0, ..small() }, "n_ctx"),
-        (ContextParams { n_ctx: model().n_ctx_train() + 1, ..small() }, "n_ctx"),
-        (ContextParams { n_batch: 0, ..small() }, "n_batch"),
-        (ContextParams { type_v: KvType::Q8_0, flash_attn: false, ..small() }, "type_v"),
-        (ContextParams { n_seq_max: 0, ..small() }, "n_seq_max"),
+        (
+            ContextParams {
+                n_ctx: 0,
+                ..small()
+            },
+            "n_ctx",
+        ),
+        (
+            ContextParams {
+                n_ctx: model().n_ctx_train() + 1,
+                ..small()
+            },
+            "n_ctx",
+        ),
+        (
+            ContextParams {
+                n_batch: 0,
+                ..small()
+            },
+            "n_batch",
+        ),
+        (
+            ContextParams {
+                type_v: KvType::Q8_0,
+                flash_attn: false,
+                ..small()
+            },
+            "type_v",
+        ),
+        (
+            ContextParams {
+                n_seq_max: 0,
+                ..small()
+            },
+            "n_seq_max",
+        ),
     ];
     for (params, expected) in cases {
         match Context::new(model(), params) {
@@ -116,17 +183,32 @@ fn invalid_parameters_name_the_parameter() {
 #[test]
 fn quantized_caches_generate() {
     for kv in [KvType::Q8_0, KvType::Q4_0] {
-        let params = ContextParams { type_k: kv, type_v: kv, flash_attn: true, ..small() };
+        let params = ContextParams {
+            type_k: kv,
+            type_v: kv,
+            flash_attn: true,
+            ..small()
+        };
         let mut ctx = Context::new(model(), params).unwrap();
-        let g = ctx.generate(0, QUESTION, greedy(4), &mut NeverInterrupt).unwrap();
+        let g = ctx
+            .generate(0, QUESTION, greedy(4), &mut NeverInterrupt)
+            .unwrap();
         assert_eq!(g.tokens.len(), 4);
     }
 }
 
 #[test]
 fn an_interrupt_keeps_what_was_decoded() {
-    let mut ctx = Context::new(model(), ContextParams { n_batch: 8, ..small() }).unwrap();
-    let prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen \
+    let mut ctx = Context::new(
+        model(),
+        ContextParams {
+            n_batch: 8,
+            ..small()
+        },
+    )
+    .unwrap();
+    let prompt =
+        "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen \
                   sixteen seventeen eighteen nineteen twenty";
     let n = model().tokenize(prompt, true, true).unwrap().len();
     assert!(n > 16);
@@ -145,13 +227,17 @@ fn an_interrupt_keeps_what_was_decoded() {
 #[test]
 fn stop_strings_end_the_generation_and_are_not_returned() {
     let mut ctx = Context::new(model(), small()).unwrap();
-    let free = ctx.generate(0, QUESTION, greedy(12), &mut NeverInterrupt).unwrap();
+    let free = ctx
+        .generate(0, QUESTION, greedy(12), &mut NeverInterrupt)
+        .unwrap();
     let stop: String = free.text.chars().skip(3).take(3).collect();
     assert!(!stop.is_empty());
     ctx.reset();
     let mut options = greedy(12);
     options.stop = vec![stop.clone()];
-    let stopped = ctx.generate(0, QUESTION, options, &mut NeverInterrupt).unwrap();
+    let stopped = ctx
+        .generate(0, QUESTION, options, &mut NeverInterrupt)
+        .unwrap();
     assert_eq!(stopped.stop_reason, llama_sessions::StopReason::StopString);
     assert_eq!(stopped.text, free.text[..free.text.find(&stop).unwrap()]);
 }

@@ -19,7 +19,12 @@ use crate::model::{tokens_to_py, PyModel};
 use crate::params::PyContextParams;
 
 /// Counts and times of the last generation (or stream) on a Context.
-#[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen, get_all)]
+#[pyclass(
+    name = "GenerationStats",
+    module = "llama_sessions._native",
+    frozen,
+    get_all
+)]
 #[derive(Clone)]
 pub struct PyGenerationStats {
     /// Prompt tokens decoded.
@@ -93,13 +98,17 @@ pub struct PyContext {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic inside the core is turned into a Python exception by PyO3; the bookkeeping is checked after
     // every change to the KV cache, so the data behind a poisoned lock is still consistent.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Turns a core result into a Python one; an interruption raises the exception the signal handler raised.
 fn finish<T>(result: Result<T, Error>, signals: &mut SignalCheck) -> PyResult<T> {
     result.map_err(|e| match e {
-        Error::Interrupted => signals.take_raised().unwrap_or_else(|| to_py(Error::Interrupted)),
+        Error::Interrupted => signals
+            .take_raised()
+            .unwrap_or_else(|| to_py(Error::Interrupted)),
         other => to_py(other),
     })
 }
@@ -198,7 +207,8 @@ impl PyContext {
 
     /// How many tokens the context holds; the next token goes to this position.
     fn token_count(&self, py: Python<'_>) -> PyResult<usize> {
-        py.detach(|| lock(&self.inner).token_count(0)).map_err(to_py)
+        py.detach(|| lock(&self.inner).token_count(0))
+            .map_err(to_py)
     }
 
     /// Counts and times of the last generate() or finished stream(), or None.
@@ -219,7 +229,8 @@ impl PyContext {
                 "invalid n: expected an integer >= 0, found {n}"
             ))
         })?;
-        py.detach(|| lock(&self.inner).truncate(0, n)).map_err(to_py)
+        py.detach(|| lock(&self.inner).truncate(0, n))
+            .map_err(to_py)
     }
 
     /// Appends `prompt` after what the context holds and generates up to `max_tokens` tokens, returning the
@@ -243,13 +254,22 @@ impl PyContext {
         stop: Option<Vec<String>>,
     ) -> PyResult<String> {
         let options = options(
-            max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
         )?;
         let mut signals = SignalCheck::new();
-        let result =
-            py.detach(|| lock(&self.inner).generate(0, prompt, options, &mut signals));
+        let result = py.detach(|| lock(&self.inner).generate(0, prompt, options, &mut signals));
         let generation = finish(result, &mut signals)?;
-        self.record(PyGenerationStats::new(generation.stats, generation.stop_reason));
+        self.record(PyGenerationStats::new(
+            generation.stats,
+            generation.stop_reason,
+        ));
         Ok(generation.text)
     }
 
@@ -272,13 +292,19 @@ impl PyContext {
     ) -> PyResult<TokenStream> {
         let py = slf.py();
         let options = options(
-            max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
         )?;
         let this = slf.get();
         let mut signals = SignalCheck::new();
-        let result = py.detach(|| {
-            lock(&this.inner).start_generation(0, prompt, options, &mut signals)
-        });
+        let result =
+            py.detach(|| lock(&this.inner).start_generation(0, prompt, options, &mut signals));
         let generator = finish(result, &mut signals)?;
         Ok(TokenStream {
             context: slf.clone().unbind(),

@@ -40,12 +40,17 @@ fn message_from_py(index: usize, item: &Bound<'_, PyAny>) -> PyResult<ChatMessag
             "invalid messages[{index}]: expected a dict with str 'role' and 'content', found {found}"
         ))
     };
-    let dict = item
-        .cast::<PyDict>()
-        .map_err(|_| bad(format!("a {}", item.get_type().name().map_or("?".into(), |n| n.to_string()))))?;
+    let dict = item.cast::<PyDict>().map_err(|_| {
+        bad(format!(
+            "a {}",
+            item.get_type().name().map_or("?".into(), |n| n.to_string())
+        ))
+    })?;
     let field = |key: &str| -> PyResult<String> {
         match dict.get_item(key)? {
-            Some(v) => v.extract::<String>().map_err(|_| bad(format!("a non-str {key:?}"))),
+            Some(v) => v
+                .extract::<String>()
+                .map_err(|_| bad(format!("a non-str {key:?}"))),
             None => Err(bad(format!("no {key:?} key"))),
         }
     };
@@ -131,7 +136,13 @@ impl PyModel {
     /// Text to token ids. `add_bos` adds the beginning-of-sequence token if the model uses one; `special`
     /// parses special-token text such as "<|im_start|>" into control tokens.
     #[pyo3(signature = (text, add_bos = true, special = false))]
-    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool, special: bool) -> PyResult<Vec<i32>> {
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        add_bos: bool,
+        special: bool,
+    ) -> PyResult<Vec<i32>> {
         let tokens = py
             .detach(|| self.inner.tokenize(text, add_bos, special))
             .map_err(to_py)?;
@@ -142,7 +153,8 @@ impl PyModel {
     #[pyo3(signature = (tokens, special = false))]
     fn detokenize(&self, py: Python<'_>, tokens: Vec<i64>, special: bool) -> PyResult<String> {
         let tokens = tokens_from_py(tokens)?;
-        py.detach(|| self.inner.detokenize(&tokens, special)).map_err(to_py)
+        py.detach(|| self.inner.detokenize(&tokens, special))
+            .map_err(to_py)
     }
 
     /// Formats messages (`[{"role": ..., "content": ...}, ...]`) with the model's chat template.

@@ -20,7 +20,13 @@ const FIELDS: [&str; 7] = [
 /// Parameters of a Context. Immutable; `replace(**changes)` returns a modified copy.
 ///
 /// Every field that shapes the saved state is explicit: `flash_attn` is True or False, never "auto".
-#[pyclass(name = "ContextParams", module = "llama_sessions._native", frozen, eq, hash)]
+#[pyclass(
+    name = "ContextParams",
+    module = "llama_sessions._native",
+    frozen,
+    eq,
+    hash
+)]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PyContextParams {
     pub(crate) inner: ContextParams,

@@ -13,8 +13,12 @@ pub fn model_path() -> PathBuf {
     }
     let cache = std::env::var_os("LLAMA_SESSIONS_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions")))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions"));
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions"))
+        })
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions")
+        });
     let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
@@ -26,7 +30,9 @@ pub fn model_path() -> PathBuf {
 
 pub fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| Model::load(model_path(), &ModelParams::default()).expect("load test model"))
+    MODEL.get_or_init(|| {
+        Model::load(model_path(), &ModelParams::default()).expect("load test model")
+    })
 }
 
 pub fn greedy(max_tokens: usize) -> GenerateOptions {

@@ -1,0 +1,102 @@
+"""Threads, the GIL and Ctrl-C."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import pytest
+from conftest import SMALL, STORY
+
+from llama_sessions import Context, Model
+
+LONG_PROMPT = "The lighthouse keeper counted the waves. " * 120  # about 1000 tokens
+
+
+def run_story(model: Model, n: int) -> tuple[str, list[int]]:
+    ctx = Context(model, **SMALL, n_threads=1)  # type: ignore[arg-type]
+    text = ctx.generate(STORY, max_tokens=n, temperature=0)
+    return text, ctx.tokens
+
+
+def test_two_contexts_in_two_threads_match_sequential_runs(model: Model) -> None:
+    sequential = [run_story(model, 16), run_story(model, 16)]
+    results: list[tuple[str, list[int]] | None] = [None, None]
+
+    def worker(i: int) -> None:
+        results[i] = run_story(model, 16)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == sequential
+
+
+def test_the_gil_is_released_during_a_long_prefill(model: Model) -> None:
+    ctx = Context(model, n_ctx=2048, n_batch=512)
+    ticks = 0
+    done = threading.Event()
+
+    def count() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    started = time.perf_counter()
+    ctx.generate(LONG_PROMPT, max_tokens=0)
+    elapsed = time.perf_counter() - started
+    done.set()
+    counter.join()
+    assert elapsed > 0.5, "the prefill must be long enough for the check to mean something"
+    # With the GIL held for the whole prefill the counter would not run at all.
+    assert ticks > 50
+
+
+def test_one_context_serves_one_call_at_a_time(model: Model) -> None:
+    shared = Context(model, **SMALL)  # type: ignore[arg-type]
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(3):
+                shared.generate("Hello there. ", max_tokens=2, temperature=0)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    # Nine calls of 4 prompt tokens (the first with the same count: no BOS for this model) + 2 generated.
+    prompt_tokens = len(model.tokenize("Hello there. ", special=True))
+    assert shared.token_count() == 9 * (prompt_tokens + 2)
+
+
+def test_ctrl_c_interrupts_a_long_prefill_and_keeps_the_context_consistent(model: Model) -> None:
+    ctx = Context(model, n_ctx=2048, n_batch=32)
+    expected = model.tokenize(LONG_PROMPT, special=True)
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        ctx.generate(LONG_PROMPT, max_tokens=0)
+    timer.join()
+    held = ctx.token_count()
+    assert 0 < held < len(expected)
+    assert held % 32 == 0
+    assert ctx.tokens == expected[:held]
+    # The cache behind the bookkeeping is right: continuing gives what an uninterrupted context gives.
+    reference = Context(model, n_ctx=2048, n_batch=32)
+    reference.generate(LONG_PROMPT, max_tokens=0)
+    reference.truncate(held)
+    assert ctx.generate(STORY, max_tokens=6, temperature=0) == reference.generate(
+        STORY, max_tokens=6, temperature=0
+    )
+    assert ctx.tokens == reference.tokens
