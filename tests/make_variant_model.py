@@ -67,9 +67,7 @@ _SAFE: dict[gguf.GGMLQuantizationType, tuple[int, int, int, int]] = {
 }
 
 
-def _tensor_offsets(
-    tensor: gguf.ReaderTensor, stride: int
-) -> tuple[npt.NDArray[np.int64], int]:
+def _tensor_offsets(tensor: gguf.ReaderTensor, stride: int) -> tuple[npt.NDArray[np.int64], int]:
     """Absolute file offsets to perturb inside ``tensor``, and the XOR mask."""
     spec = _SAFE.get(tensor.tensor_type)
     n_bytes = int(tensor.n_bytes)
@@ -237,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     if args.cmd == "variant":
-        n = make_variant(
-            args.src, args.dst, stride=args.stride, check=not args.no_check
-        )
+        n = make_variant(args.src, args.dst, stride=args.stride, check=not args.no_check)
         print(f"{args.dst}: {n} bytes perturbed", end="")
     elif args.cmd == "truncated":
         make_truncated(args.src, args.dst, args.keep_bytes)

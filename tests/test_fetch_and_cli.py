@@ -49,7 +49,9 @@ def test_fetch_into_an_empty_cache_verifies_the_model(
     assert path.stat().st_size == DEFAULT_MODEL_SIZE
 
 
-def test_an_unwritable_cache_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+def test_an_unwritable_cache_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
     monkeypatch.delenv("LLAMA_SESSIONS_MODEL", raising=False)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -6,9 +6,10 @@ import pathlib
 import shutil
 
 import pytest
-from make_variant_model import make_not_gguf, make_truncated
 
 from llama_sessions import InvalidParameterError, Model, ModelLoadError, TokenizeError
+
+from make_variant_model import make_not_gguf, make_truncated
 
 
 def test_properties_describe_smollm2(model: Model, model_path: pathlib.Path) -> None:
@@ -39,7 +40,7 @@ def test_not_a_gguf_file(tmp_path: pathlib.Path) -> None:
 def test_truncated_gguf(model_path: pathlib.Path, tmp_path: pathlib.Path, keep_bytes: int) -> None:
     path = tmp_path / "truncated.gguf"
     make_truncated(model_path, path, keep_bytes)
-    with pytest.raises(ModelLoadError, match="truncated|tensor data"):
+    with pytest.raises(ModelLoadError, match=r"truncated|tensor data"):
         Model.load(path)
 
 

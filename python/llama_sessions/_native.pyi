@@ -82,8 +82,8 @@ class ContextParams:
     Out-of-range values raise InvalidParameterError (a ValueError) naming the parameter.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         n_ctx: int = 4096,
         n_batch: int = 512,
@@ -92,19 +92,19 @@ class ContextParams:
         type_v: KvType = "f16",
         flash_attn: bool = False,
         n_seq_max: int = 1,
-    ) -> None: ...
+    ) -> ContextParams: ...
     def replace(
         self,
         *,
-        n_ctx: int = ...,
-        n_batch: int = ...,
-        n_threads: int | None = ...,
-        type_k: KvType = ...,
-        type_v: KvType = ...,
-        flash_attn: bool = ...,
-        n_seq_max: int = ...,
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
+        n_threads: int | None = None,
+        type_k: KvType | None = None,
+        type_v: KvType | None = None,
+        flash_attn: bool | None = None,
+        n_seq_max: int | None = None,
     ) -> ContextParams:
-        """A copy with the given fields changed."""
+        """A copy with the given fields changed (None keeps a field as it is)."""
     @property
     def n_ctx(self) -> int:
         """Tokens the context holds (shared by all sequences)."""
@@ -126,7 +126,7 @@ class ContextParams:
     @property
     def n_seq_max(self) -> int:
         """Independent sequences in the context."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -174,21 +174,21 @@ class Context:
     native work, and Ctrl-C interrupts a long call with KeyboardInterrupt, keeping the tokens decoded so far.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         model: Model,
         params: ContextParams | None = None,
         *,
-        n_ctx: int = ...,
-        n_batch: int = ...,
-        n_threads: int | None = ...,
-        type_k: KvType = ...,
-        type_v: KvType = ...,
-        flash_attn: bool = ...,
-        n_seq_max: int = ...,
-    ) -> None:
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
+        n_threads: int | None = None,
+        type_k: KvType | None = None,
+        type_v: KvType | None = None,
+        flash_attn: bool | None = None,
+        n_seq_max: int | None = None,
+    ) -> Context:
         """Create a context over ``model`` with ``params`` (default ``ContextParams()``) changed by the
-        keyword overrides.
+        keyword overrides (None keeps a field as it is).
 
         Raises InvalidParameterError naming the parameter for an invalid value or combination (n_ctx <= 0
         or above the model's n_ctx_train, a quantized V cache without flash attention, ...).

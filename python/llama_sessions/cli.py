@@ -50,7 +50,8 @@ def demo(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
     started = time.perf_counter()
     model = Model.load(path)
-    print(f"model     {path.name}  ({model.architecture}, {model.n_layer} layers, fingerprint {model.fingerprint})")
+    print(f"model     {path.name}  ({model.architecture}, {model.n_layer} layers)")
+    print(f"          fingerprint {model.fingerprint}")
     print(f"loaded in {time.perf_counter() - started:.2f} s")
     ctx = Context(model, n_ctx=args.n_ctx)
     system = model.apply_chat_template(

@@ -11,12 +11,11 @@ use llama_sessions::{
     Context, Error, GenerateOptions, GenerationStats, Generator, SamplingParams, StopReason,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::errors::to_py;
 use crate::interrupt::SignalCheck;
 use crate::model::{tokens_to_py, PyModel};
-use crate::params::PyContextParams;
+use crate::params::{threads_override, Overrides, PyContextParams};
 
 /// Counts and times of the last generation (or stream) on a Context.
 #[pyclass(
@@ -159,15 +158,31 @@ impl PyContext {
 impl PyContext {
     /// Creates a context over `model` with `params` (default: ContextParams()) changed by `overrides`.
     #[new]
-    #[pyo3(signature = (model, params = None, **overrides))]
+    #[pyo3(signature = (model, params = None, *, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, n_seq_max = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model: Py<PyModel>,
         params: Option<&PyContextParams>,
-        overrides: Option<&Bound<'_, PyDict>>,
+        n_ctx: Option<i64>,
+        n_batch: Option<i64>,
+        n_threads: Option<Bound<'_, PyAny>>,
+        type_k: Option<String>,
+        type_v: Option<String>,
+        flash_attn: Option<Bound<'_, PyAny>>,
+        n_seq_max: Option<i64>,
     ) -> PyResult<Self> {
         let base = params.map(|p| p.inner.clone()).unwrap_or_default();
-        let params = PyContextParams::with_overrides(&base, overrides)?;
+        let overrides = Overrides {
+            n_ctx,
+            n_batch,
+            n_threads: threads_override(n_threads)?,
+            type_k,
+            type_v,
+            flash_attn,
+            n_seq_max,
+        };
+        let params = overrides.apply(&base)?;
         let core_model = model.get().inner.clone();
         let context = py
             .detach(|| Context::new(&core_model, params))

@@ -1,21 +1,9 @@
 //! `llama_sessions.ContextParams`: an immutable, typed record of a Context's parameters.
 
 use llama_sessions::{default_threads, ContextParams, KvType};
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::errors::InvalidParameterError;
-
-const FIELDS: [&str; 7] = [
-    "n_ctx",
-    "n_batch",
-    "n_threads",
-    "type_k",
-    "type_v",
-    "flash_attn",
-    "n_seq_max",
-];
 
 /// Parameters of a Context. Immutable; `replace(**changes)` returns a modified copy.
 ///
@@ -40,6 +28,12 @@ fn positive_u32(name: &'static str, value: i64) -> PyResult<u32> {
     })
 }
 
+/// `n_threads` as a keyword of `replace()` or `Context()`: absent keeps the value, an int sets it. Passing
+/// `None` explicitly cannot be told apart from absent, so it keeps the value too.
+pub(crate) fn threads_override(value: Option<Bound<'_, PyAny>>) -> PyResult<Option<Option<i64>>> {
+    value.map(|v| v.extract::<i64>().map(Some)).transpose()
+}
+
 fn kv_type(name: &'static str, value: &str) -> PyResult<KvType> {
     KvType::parse(name, value).map_err(crate::errors::to_py)
 }
@@ -55,39 +49,46 @@ fn strict_bool(name: &'static str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
     }
 }
 
-impl PyContextParams {
-    /// Applies keyword overrides to `base`, rejecting unknown names.
-    pub(crate) fn with_overrides(
-        base: &ContextParams,
-        overrides: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<ContextParams> {
+/// Optional values for each field, as given by keyword arguments; `None` keeps the base value.
+#[derive(Default)]
+pub(crate) struct Overrides<'py> {
+    pub n_ctx: Option<i64>,
+    pub n_batch: Option<i64>,
+    /// `Some(None)`: reset to the cores available.
+    pub n_threads: Option<Option<i64>>,
+    pub type_k: Option<String>,
+    pub type_v: Option<String>,
+    pub flash_attn: Option<Bound<'py, PyAny>>,
+    pub n_seq_max: Option<i64>,
+}
+
+impl Overrides<'_> {
+    /// `base` with these values applied, each checked and named in the error when invalid.
+    pub(crate) fn apply(self, base: &ContextParams) -> PyResult<ContextParams> {
         let mut params = base.clone();
-        let Some(overrides) = overrides else {
-            return Ok(params);
-        };
-        for (key, value) in overrides.iter() {
-            let key: String = key.extract()?;
-            match key.as_str() {
-                "n_ctx" => params.n_ctx = positive_u32("n_ctx", value.extract()?)?,
-                "n_batch" => params.n_batch = positive_u32("n_batch", value.extract()?)?,
-                "n_threads" => {
-                    params.n_threads = if value.is_none() {
-                        default_threads()
-                    } else {
-                        positive_u32("n_threads", value.extract()?)?
-                    }
-                }
-                "type_k" => params.type_k = kv_type("type_k", &value.extract::<String>()?)?,
-                "type_v" => params.type_v = kv_type("type_v", &value.extract::<String>()?)?,
-                "flash_attn" => params.flash_attn = strict_bool("flash_attn", &value)?,
-                "n_seq_max" => params.n_seq_max = positive_u32("n_seq_max", value.extract()?)?,
-                other => {
-                    return Err(PyTypeError::new_err(format!(
-                        "unexpected context parameter {other:?}: expected one of {}",
-                        FIELDS.join(", ")
-                    )))
-                }
-            }
+        if let Some(v) = self.n_ctx {
+            params.n_ctx = positive_u32("n_ctx", v)?;
+        }
+        if let Some(v) = self.n_batch {
+            params.n_batch = positive_u32("n_batch", v)?;
+        }
+        if let Some(v) = self.n_threads {
+            params.n_threads = match v {
+                Some(v) => positive_u32("n_threads", v)?,
+                None => default_threads(),
+            };
+        }
+        if let Some(v) = self.type_k {
+            params.type_k = kv_type("type_k", &v)?;
+        }
+        if let Some(v) = self.type_v {
+            params.type_v = kv_type("type_v", &v)?;
+        }
+        if let Some(v) = self.flash_attn {
+            params.flash_attn = strict_bool("flash_attn", &v)?;
+        }
+        if let Some(v) = self.n_seq_max {
+            params.n_seq_max = positive_u32("n_seq_max", v)?;
         }
         Ok(params)
     }
@@ -99,18 +100,59 @@ impl PyContextParams {
     /// threads (None: the cores available); type_k/type_v: "f16", "q8_0" or "q4_0" (a quantized V needs
     /// flash_attn=True); flash_attn: True or False; n_seq_max: independent sequences.
     #[new]
-    #[pyo3(signature = (**kwargs))]
-    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+    // `flash_attn` arrives untyped so that a non-bool ("auto", 1) gets InvalidParameterError naming it.
+    #[pyo3(signature = (*, n_ctx = 4096, n_batch = 512, n_threads = None, type_k = "f16".to_owned(), type_v = "f16".to_owned(), flash_attn = None, n_seq_max = 1))]
+    #[pyo3(
+        text_signature = "(*, n_ctx=4096, n_batch=512, n_threads=None, type_k='f16', type_v='f16', flash_attn=False, n_seq_max=1)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        n_ctx: i64,
+        n_batch: i64,
+        n_threads: Option<i64>,
+        type_k: String,
+        type_v: String,
+        flash_attn: Option<Bound<'_, PyAny>>,
+        n_seq_max: i64,
+    ) -> PyResult<Self> {
+        let overrides = Overrides {
+            n_ctx: Some(n_ctx),
+            n_batch: Some(n_batch),
+            n_threads: Some(n_threads),
+            type_k: Some(type_k),
+            type_v: Some(type_v),
+            flash_attn,
+            n_seq_max: Some(n_seq_max),
+        };
         Ok(PyContextParams {
-            inner: Self::with_overrides(&ContextParams::default(), kwargs)?,
+            inner: overrides.apply(&ContextParams::default())?,
         })
     }
 
     /// A copy with the given fields changed.
-    #[pyo3(signature = (**changes))]
-    fn replace(&self, changes: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+    #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, n_seq_max = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn replace(
+        &self,
+        n_ctx: Option<i64>,
+        n_batch: Option<i64>,
+        n_threads: Option<Bound<'_, PyAny>>,
+        type_k: Option<String>,
+        type_v: Option<String>,
+        flash_attn: Option<Bound<'_, PyAny>>,
+        n_seq_max: Option<i64>,
+    ) -> PyResult<Self> {
+        let overrides = Overrides {
+            n_ctx,
+            n_batch,
+            n_threads: threads_override(n_threads)?,
+            type_k,
+            type_v,
+            flash_attn,
+            n_seq_max,
+        };
         Ok(PyContextParams {
-            inner: Self::with_overrides(&self.inner, changes)?,
+            inner: overrides.apply(&self.inner)?,
         })
     }
 
