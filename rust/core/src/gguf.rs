@@ -180,7 +180,7 @@ pub fn inspect(path: &Path) -> Result<GgufSummary> {
     if let Some(&last) = offsets.last() {
         if data_start.saturating_add(last) >= file_len {
             return Err(fail(format!(
-                "truncated: tensor data starts at offset {} but the file has {file_len} bytes",
+                "truncated: the last tensor's data starts at offset {} but the file has {file_len} bytes",
                 data_start.saturating_add(last)
             )));
         }
