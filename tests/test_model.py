@@ -49,7 +49,9 @@ def test_not_a_gguf_file(tmp_path: pathlib.Path) -> None:
         (98_362_432 - 100, "tensor 'output_norm.weight' data is not within the file bounds"),
     ],
 )
-def test_truncated_gguf(model_path: pathlib.Path, tmp_path: pathlib.Path, keep_bytes: int, reason: str) -> None:
+def test_truncated_gguf(
+    model_path: pathlib.Path, tmp_path: pathlib.Path, keep_bytes: int, reason: str
+) -> None:
     path = tmp_path / "truncated.gguf"
     make_truncated(model_path, path, keep_bytes)
     with pytest.raises(ModelLoadError, match=re.escape(reason)):

@@ -21,6 +21,11 @@ use crate::sampling::SamplingParams;
 
 type BorrowedContext<'model> = LlamaContext<'model>;
 
+/// Serialises context creation: `llama_new_context_with_model` may write to the shared model (llama-cpp-2
+/// marks creating contexts of one model in parallel as unsound), while everything else a Context does
+/// only reads the model.
+static CONTEXT_CREATION: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 self_cell::self_cell!(
     /// A llama.cpp context together with the model it borrows, so that the model provably outlives it.
     struct ContextCell {
@@ -100,6 +105,9 @@ impl Context {
         let backend = backend()?;
         clear_recent_log();
         let llama_params = params.to_llama();
+        let creating = CONTEXT_CREATION
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let cell = ContextCell::try_new(Arc::clone(&model.inner), |inner| {
             inner
                 .llama
@@ -111,6 +119,7 @@ impl Context {
                     )),
                 })
         })?;
+        drop(creating);
         let n_ctx = cell.borrow_dependent().n_ctx() as usize;
         let chunk_len = (cell.borrow_dependent().n_batch() as usize).min(params.n_batch as usize);
         let n_seq = params.n_seq_max as usize;
