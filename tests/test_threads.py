@@ -101,3 +101,24 @@ def test_ctrl_c_interrupts_a_long_prefill_and_keeps_the_context_consistent(model
         STORY, max_tokens=6, temperature=0
     )
     assert ctx.tokens == reference.tokens
+
+
+def test_ctrl_c_interrupts_a_long_generation_and_keeps_what_was_generated(model: Model) -> None:
+    ctx = Context(model, n_ctx=4096, n_batch=64)
+    ctx.generate(STORY, max_tokens=0)
+    prompt_tokens = ctx.token_count()
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        ctx.generate("", max_tokens=3000, temperature=0.7, seed=3)
+    timer.join()
+    held = ctx.token_count()
+    assert prompt_tokens < held < 4096
+    assert len(ctx.tokens) == held
+    # Cache and bookkeeping agree: going back to the prompt and continuing greedily matches a fresh context.
+    ctx.truncate(prompt_tokens)
+    reference = Context(model, n_ctx=4096, n_batch=64)
+    assert ctx.generate("", max_tokens=6, temperature=0) == reference.generate(
+        STORY, max_tokens=6, temperature=0
+    )
+    assert ctx.tokens == reference.tokens

@@ -18,70 +18,74 @@ use crate::model::{tokens_to_py, PyModel};
 use crate::params::{threads_override, Overrides, PyContextParams};
 
 /// Counts and times of the last generation (or stream) on a Context.
-#[pyclass(
-    name = "GenerationStats",
-    module = "llama_sessions._native",
-    frozen,
-    get_all
-)]
+#[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen)]
 #[derive(Clone)]
 pub struct PyGenerationStats {
-    /// Prompt tokens decoded.
-    prompt_tokens: usize,
-    /// Seconds spent decoding the prompt.
-    prompt_seconds: f64,
-    /// Tokens generated; all of them stay in the context.
-    generated_tokens: usize,
-    /// Seconds spent generating.
-    generation_seconds: f64,
-    /// "eog", "stop", "length" or "context_full".
-    stop_reason: &'static str,
+    stats: GenerationStats,
+    reason: StopReason,
 }
 
 impl PyGenerationStats {
     fn new(stats: GenerationStats, reason: StopReason) -> Self {
-        PyGenerationStats {
-            prompt_tokens: stats.prompt_tokens,
-            prompt_seconds: stats.prompt_seconds,
-            generated_tokens: stats.generated_tokens,
-            generation_seconds: stats.generation_seconds,
-            stop_reason: reason.as_str(),
-        }
+        PyGenerationStats { stats, reason }
     }
 }
 
 #[pymethods]
 impl PyGenerationStats {
+    /// Prompt tokens decoded.
+    #[getter]
+    fn prompt_tokens(&self) -> usize {
+        self.stats.prompt_tokens
+    }
+
+    /// Seconds spent decoding the prompt.
+    #[getter]
+    fn prompt_seconds(&self) -> f64 {
+        self.stats.prompt_seconds
+    }
+
+    /// Tokens generated; all of them stay in the context.
+    #[getter]
+    fn generated_tokens(&self) -> usize {
+        self.stats.generated_tokens
+    }
+
+    /// Seconds spent generating.
+    #[getter]
+    fn generation_seconds(&self) -> f64 {
+        self.stats.generation_seconds
+    }
+
+    /// "eog", "stop", "length" or "context_full".
+    #[getter]
+    fn stop_reason(&self) -> &'static str {
+        self.reason.as_str()
+    }
+
     /// Prompt tokens per second.
     #[getter]
     fn prompt_tokens_per_second(&self) -> f64 {
-        rate(self.prompt_tokens, self.prompt_seconds)
+        self.stats.prompt_tokens_per_second()
     }
 
     /// Generated tokens per second.
     #[getter]
     fn generation_tokens_per_second(&self) -> f64 {
-        rate(self.generated_tokens, self.generation_seconds)
+        self.stats.generation_tokens_per_second()
     }
 
     fn __repr__(&self) -> String {
+        let s = &self.stats;
         format!(
             "GenerationStats(prompt_tokens={}, prompt_seconds={:.4}, generated_tokens={}, \
              generation_seconds={:.4}, stop_reason={:?})",
-            self.prompt_tokens,
-            self.prompt_seconds,
-            self.generated_tokens,
-            self.generation_seconds,
-            self.stop_reason
+            s.prompt_tokens,
+            s.prompt_seconds,
+            s.generated_tokens,
+            s.generation_seconds,
+            self.reason.as_str()
         )
-    }
-}
-
-fn rate(n: usize, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        n as f64 / seconds
-    } else {
-        0.0
     }
 }
 
