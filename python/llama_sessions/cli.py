@@ -65,8 +65,6 @@ def demo(args: argparse.Namespace) -> int:
         f"({prefill.prompt_tokens_per_second:.0f} tokens/s)"
     )
     turn = model.apply_chat_template([{"role": "user", "content": DEMO_QUESTION}])
-    # The template of a one-message conversation may repeat the default system prompt; keep only the turn.
-    turn = turn[turn.index("<|im_start|>user") :] if "<|im_start|>user" in turn else turn
     print(f"\nuser      {DEMO_QUESTION}\nassistant ", end="", flush=True)
     for piece in ctx.stream(turn, max_tokens=args.max_tokens, temperature=0):
         print(piece, end="", flush=True)

@@ -73,18 +73,17 @@ fn truncate_then_generate_reproduces_the_continuation() {
     let first = ctx
         .generate(0, QUESTION, greedy(8), &mut NeverInterrupt)
         .unwrap();
+    let all: Vec<LlamaToken> = ctx.tokens(0).unwrap().to_vec();
     for keep in [k + 3, k] {
         ctx.truncate(0, keep).unwrap();
         assert_eq!(ctx.token_count(0).unwrap(), keep);
-        let expected_prefix_len = keep;
-        let held: Vec<LlamaToken> = ctx.tokens(0).unwrap().to_vec();
-        assert_eq!(held.len(), expected_prefix_len);
+        assert_eq!(ctx.tokens(0).unwrap(), &all[..keep]);
     }
-    ctx.truncate(0, k).unwrap();
     let again = ctx
         .generate(0, QUESTION, greedy(8), &mut NeverInterrupt)
         .unwrap();
     assert_eq!(first.tokens, again.tokens);
+    assert_eq!(ctx.tokens(0).unwrap(), all.as_slice());
 }
 
 #[test]

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use crate::errors::to_py;
 use crate::interrupt::SignalCheck;
 use crate::model::{tokens_to_py, PyModel};
-use crate::params::{threads_override, Overrides, PyContextParams};
+use crate::params::PyContextParams;
 
 /// Counts and times of the last generation (or stream) on a Context.
 #[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen)]
@@ -176,17 +176,14 @@ impl PyContext {
         flash_attn: Option<Bound<'_, PyAny>>,
         n_seq_max: Option<i64>,
     ) -> PyResult<Self> {
-        let base = params.map(|p| p.inner.clone()).unwrap_or_default();
-        let overrides = Overrides {
-            n_ctx,
-            n_batch,
-            n_threads: threads_override(n_threads)?,
-            type_k,
-            type_v,
-            flash_attn,
-            n_seq_max,
+        let base = PyContextParams {
+            inner: params.map(|p| p.inner.clone()).unwrap_or_default(),
         };
-        let params = overrides.apply(&base)?;
+        let params = base
+            .replace(
+                n_ctx, n_batch, n_threads, type_k, type_v, flash_attn, n_seq_max,
+            )?
+            .inner;
         let core_model = model.get().inner.clone();
         let context = py
             .detach(|| Context::new(&core_model, params))

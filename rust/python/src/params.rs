@@ -28,9 +28,9 @@ fn positive_u32(name: &'static str, value: i64) -> PyResult<u32> {
     })
 }
 
-/// `n_threads` as a keyword of `replace()` or `Context()`: absent keeps the value, an int sets it. Passing
+/// `n_threads` as a keyword of `replace()` (and so of `Context()`): absent keeps the value, an int sets it. Passing
 /// `None` explicitly cannot be told apart from absent, so it keeps the value too.
-pub(crate) fn threads_override(value: Option<Bound<'_, PyAny>>) -> PyResult<Option<Option<i64>>> {
+fn threads_override(value: Option<Bound<'_, PyAny>>) -> PyResult<Option<Option<i64>>> {
     value.map(|v| v.extract::<i64>().map(Some)).transpose()
 }
 
@@ -51,7 +51,7 @@ fn strict_bool(name: &'static str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
 
 /// Optional values for each field, as given by keyword arguments; `None` keeps the base value.
 #[derive(Default)]
-pub(crate) struct Overrides<'py> {
+struct Overrides<'py> {
     pub n_ctx: Option<i64>,
     pub n_batch: Option<i64>,
     /// `Some(None)`: reset to the cores available.
@@ -64,7 +64,7 @@ pub(crate) struct Overrides<'py> {
 
 impl Overrides<'_> {
     /// `base` with these values applied, each checked and named in the error when invalid.
-    pub(crate) fn apply(self, base: &ContextParams) -> PyResult<ContextParams> {
+    fn apply(self, base: &ContextParams) -> PyResult<ContextParams> {
         let mut params = base.clone();
         if let Some(v) = self.n_ctx {
             params.n_ctx = positive_u32("n_ctx", v)?;
@@ -132,7 +132,7 @@ impl PyContextParams {
     /// A copy with the given fields changed.
     #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, n_seq_max = None))]
     #[allow(clippy::too_many_arguments)]
-    fn replace(
+    pub(crate) fn replace(
         &self,
         n_ctx: Option<i64>,
         n_batch: Option<i64>,
