@@ -28,7 +28,7 @@ static CONTEXT_CREATION: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 self_cell::self_cell!(
     /// A llama.cpp context together with the model it borrows, so that the model provably outlives it.
-    struct ContextCell {
+    pub(crate) struct ContextCell {
         owner: Arc<ModelInner>,
         #[covariant]
         dependent: BorrowedContext,
@@ -40,7 +40,7 @@ pub type SeqId = u32;
 
 /// Where the logits of the last decode are, if they belong to the end of a sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct LastLogits {
+pub(crate) struct LastLogits {
     seq: SeqId,
     /// Index of the token in the last batch that was decoded with logits.
     batch_index: i32,
@@ -70,20 +70,20 @@ impl<F: FnMut() -> bool> Interrupt for F {
 
 /// A llama.cpp context with its bookkeeping. `Send`, not `Sync`: share it between threads behind a lock.
 pub struct Context {
-    cell: ContextCell,
-    model: Model,
-    params: ContextParams,
+    pub(crate) cell: ContextCell,
+    pub(crate) model: Model,
+    pub(crate) params: ContextParams,
     /// The tokens in the KV cache, per sequence, in position order: token `i` sits at position `i`.
-    sequences: Vec<Vec<LlamaToken>>,
+    pub(crate) sequences: Vec<Vec<LlamaToken>>,
     /// Cells available to each sequence.
     capacity_per_sequence: usize,
     /// Most tokens per decode call: `n_batch` as llama.cpp applied it (it clamps it to `n_ctx`, and aborts on
     /// a larger batch).
     chunk_len: usize,
     batch: LlamaBatch<'static>,
-    last_logits: Option<LastLogits>,
+    pub(crate) last_logits: Option<LastLogits>,
     /// Bumped by every change of the KV cache, so that a paused token stream can tell it was overtaken.
-    epoch: u64,
+    pub(crate) epoch: u64,
 }
 
 impl std::fmt::Debug for Context {
@@ -166,7 +166,7 @@ impl Context {
         self.epoch
     }
 
-    fn check_seq(&self, seq: SeqId) -> Result<()> {
+    pub(crate) fn check_seq(&self, seq: SeqId) -> Result<()> {
         if (seq as usize) < self.sequences.len() {
             Ok(())
         } else {
@@ -274,7 +274,7 @@ impl Context {
     }
 
     /// Checks the KV cache against the bookkeeping; on disagreement clears both and reports a bug.
-    fn verify(&mut self, seq: SeqId) -> Result<()> {
+    pub(crate) fn verify(&mut self, seq: SeqId) -> Result<()> {
         let pos_max = self
             .cell
             .borrow_dependent()
@@ -291,7 +291,7 @@ impl Context {
         )))
     }
 
-    fn remove_from(&mut self, seq: SeqId, keep: usize) -> Result<()> {
+    pub(crate) fn remove_from(&mut self, seq: SeqId, keep: usize) -> Result<()> {
         self.epoch += 1;
         self.last_logits = None;
         let keep_u32 = u32::try_from(keep).expect("positions fit in u32");

@@ -91,10 +91,77 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The bytes are not an intact session: not a session at all, truncated, or changed after they were
+    /// written (the checksum does not match). Nothing was loaded.
+    #[error("{origin} is not an intact session: {reason}")]
+    SessionCorrupt {
+        /// The file, or "session bytes" for an in-memory snapshot.
+        origin: String,
+        /// What was expected and what was found.
+        reason: String,
+    },
+
+    /// The session was saved with another model (other weights, even with the same architecture and shapes).
+    /// Nothing was loaded.
+    #[error(
+        "{origin} was saved with another model: saved {saved}, this context's model is {current}"
+    )]
+    SessionModelMismatch {
+        /// The file, or "session bytes".
+        origin: String,
+        /// The saving model's name and fingerprint.
+        saved: String,
+        /// This context's model's name and fingerprint.
+        current: String,
+    },
+
+    /// The session was saved by a context whose state-relevant parameters differ from this one's. Nothing was
+    /// loaded.
+    #[error(
+        "{origin} was saved with other context parameters: {} (create the context with the saved parameters, \
+         e.g. with Context.from_session)",
+        describe_mismatches(.mismatches)
+    )]
+    SessionParamsMismatch {
+        /// The file, or "session bytes".
+        origin: String,
+        /// Every parameter that differs.
+        mismatches: Vec<ParamMismatch>,
+    },
+
+    /// The session was written by a newer format version or by a llama.cpp build whose state layout this
+    /// build cannot vouch for. Nothing was loaded.
+    #[error("{origin} cannot be read by this build: {reason}")]
+    SessionVersion {
+        /// The file, or "session bytes".
+        origin: String,
+        /// Which version was found and which are supported.
+        reason: String,
+    },
+
     /// The KV cache and the token bookkeeping disagree. This is a bug in llama-sessions; the context has been
     /// cleared to a consistent (empty) state.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// One context parameter whose saved value differs from the current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamMismatch {
+    /// The parameter's name ("n_ctx", "type_k", ...).
+    pub name: &'static str,
+    /// The value recorded in the session.
+    pub saved: String,
+    /// The value of the context it was to be loaded into.
+    pub current: String,
+}
+
+fn describe_mismatches(mismatches: &[ParamMismatch]) -> String {
+    mismatches
+        .iter()
+        .map(|m| format!("{} saved {}, current {}", m.name, m.saved, m.current))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Error {

@@ -20,24 +20,31 @@
 
 mod backend;
 mod context;
+mod durable;
 mod error;
 mod generation;
 pub mod gguf;
 mod model;
 mod params;
 mod sampling;
+mod session;
+pub mod session_format;
 mod text;
 
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
     StopReason,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ParamMismatch, Result};
 pub use generation::Generator;
 pub use llama_cpp_2::token::LlamaToken;
 pub use model::{ChatMessage, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
 pub use sampling::SamplingParams;
+pub use session::{
+    inspect_session, inspect_session_bytes, params_from_record, Loaded, Metadata, SessionFormat,
+    SessionInfo, SessionPlan,
+};
 
 /// This crate's version, as recorded in what it writes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

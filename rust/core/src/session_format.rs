@@ -1,0 +1,496 @@
+//! The session envelope: how a Context's state is framed in a file or a snapshot.
+//!
+//! ```text
+//! offset  size          field
+//! 0       8             magic  89 'L' 'L' 'S' 'E' 'S' 'S' 0A
+//! 8       4             format version (u32 LE)
+//! 12      4             header length H (u32 LE)
+//! 16      8             state length S (u64 LE)
+//! 24      8             prelude check: XXH3-64 of bytes 0..24 (u64 LE)
+//! 32      H             header: UTF-8 JSON (SessionHeader)
+//! 32+H    S             llama.cpp's sequence states, one after another, in header order
+//! 32+H+S  16            checksum: XXH3-128 of bytes 0..32+H+S (u128 LE)
+//! ```
+//!
+//! Every future format version keeps the first 32 bytes, so that a reader can tell "newer version" from
+//! "corrupt" before it knows anything else. Everything here is pure: no llama.cpp, no I/O.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+use crate::error::{Error, Result};
+
+/// First bytes of every llama-sessions session. The high first byte and the final newline catch a transfer
+/// that mangled bytes or line endings, as PNG's magic does.
+pub const MAGIC: [u8; 8] = *b"\x89LLSESS\n";
+/// The format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Magic, version, lengths and the prelude check.
+pub const PRELUDE_LEN: usize = 32;
+/// The XXH3-128 checksum at the end.
+pub const CHECKSUM_LEN: usize = 16;
+/// Largest JSON header accepted (a header holds the token ids, about 7 bytes per token).
+pub const MAX_HEADER_LEN: usize = 256 << 20;
+/// Largest user metadata object, serialized.
+pub const MAX_METADATA_LEN: usize = 1 << 20;
+
+/// The llama.cpp build this crate is compiled against, as recorded in sessions. llama.cpp's state layout can
+/// change between builds without a version bump, so a session is only loaded by the build that wrote it
+/// (a test checks this constant against `Cargo.lock`).
+pub const LLAMA_CPP_BUILD: &str = "llama-cpp-sys-2 0.1.161";
+
+/// llama.cpp's own session file ("ggsn", written by `llama_state_save_file`).
+pub const LLAMA_CPP_MAGIC: [u8; 4] = 0x6767_736e_u32.to_le_bytes();
+/// The "ggsn" version this llama.cpp build reads and writes.
+pub const LLAMA_CPP_VERSION: u32 = 11;
+
+/// Everything recorded about a session besides llama.cpp's bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionHeader {
+    /// Version of llama-sessions that wrote it.
+    pub library_version: String,
+    /// The llama.cpp build that produced the state bytes ([`LLAMA_CPP_BUILD`]).
+    pub llama_cpp_build: String,
+    /// When it was written, RFC 3339 UTC.
+    pub created_at: String,
+    /// The model the state belongs to.
+    pub model: ModelRecord,
+    /// The context parameters the state depends on.
+    pub params: ParamsRecord,
+    /// The sequences held, with their tokens and the size of their state bytes, in file order.
+    pub sequences: Vec<SequenceRecord>,
+    /// The caller's metadata (a JSON object).
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The identity of the model that wrote a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// [`crate::Model::fingerprint`]: what decides whether the state belongs to a model.
+    pub fingerprint: String,
+    /// `general.name`, for messages.
+    pub name: Option<String>,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// The file name the model was loaded from, for messages.
+    pub file_name: Option<String>,
+}
+
+impl ModelRecord {
+    /// "name (fingerprint)", for messages.
+    pub fn describe(&self) -> String {
+        let name = self
+            .name
+            .as_deref()
+            .or(self.file_name.as_deref())
+            .unwrap_or("unnamed model");
+        format!("{name:?} ({})", self.fingerprint)
+    }
+}
+
+/// Context parameters that the saved state depends on (all of [`crate::ContextParams`] but `n_threads`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamsRecord {
+    /// Tokens the context holds.
+    pub n_ctx: u32,
+    /// Tokens per decode call (it decides how a continuation is batched, so it is part of exactness).
+    pub n_batch: u32,
+    /// K cache type ("f16", "q8_0", "q4_0").
+    pub type_k: String,
+    /// V cache type.
+    pub type_v: String,
+    /// Flash attention (it decides whether V is stored transposed).
+    pub flash_attn: bool,
+    /// Sequences in the context (llama.cpp keeps one KV stream per sequence).
+    pub n_seq_max: u32,
+}
+
+/// One sequence in a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceRecord {
+    /// The sequence id it was saved from.
+    pub seq: u32,
+    /// Its tokens, in position order.
+    pub tokens: Vec<i32>,
+    /// Length of its llama.cpp state bytes.
+    pub state_bytes: u64,
+}
+
+/// A verified session: its header and where each sequence's state bytes are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenedSession {
+    /// The parsed header.
+    pub header: SessionHeader,
+    /// The format version it was written with.
+    pub format_version: u32,
+    /// Length of the JSON header.
+    pub header_len: usize,
+    /// Byte range of each sequence's state in the session bytes, in header order.
+    pub state_ranges: Vec<Range<usize>>,
+    /// Length of the whole session.
+    pub total_len: usize,
+}
+
+impl OpenedSession {
+    /// Total length of llama.cpp's state bytes.
+    pub fn state_len(&self) -> usize {
+        self.state_ranges.iter().map(ExactSizeIterator::len).sum()
+    }
+}
+
+/// What a file or buffer appears to be, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// A llama-sessions session.
+    LlamaSessions,
+    /// llama.cpp's own session file ("ggsn").
+    LlamaCpp,
+    /// Neither.
+    Unknown,
+}
+
+/// Tells the kind of session from its first bytes (at least 8 are needed to recognise ours).
+pub fn detect(prefix: &[u8]) -> SessionKind {
+    if prefix.starts_with(&MAGIC) {
+        SessionKind::LlamaSessions
+    } else if prefix.starts_with(&LLAMA_CPP_MAGIC) {
+        SessionKind::LlamaCpp
+    } else {
+        SessionKind::Unknown
+    }
+}
+
+/// Length of a session with a `header_len`-byte header and `state_len` bytes of state.
+pub fn encoded_len(header_len: usize, state_len: usize) -> usize {
+    PRELUDE_LEN + header_len + state_len + CHECKSUM_LEN
+}
+
+/// Serializes `header`, checking the limits.
+pub fn encode_header(header: &SessionHeader) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(header)
+        .map_err(|e| Error::Internal(format!("cannot serialize a session header: {e}")))?;
+    if json.len() > MAX_HEADER_LEN {
+        return Err(Error::invalid(
+            "session",
+            format!("a header of at most {MAX_HEADER_LEN} bytes"),
+            format!("{} bytes", json.len()),
+        ));
+    }
+    Ok(json)
+}
+
+/// Writes the prelude and the header into the start of `out`, which is exactly
+/// `encoded_len(header_json.len(), state_len)` long; returns the range the state bytes go to.
+pub fn write_prelude(out: &mut [u8], header_json: &[u8], state_len: usize) -> Range<usize> {
+    assert_eq!(out.len(), encoded_len(header_json.len(), state_len));
+    out[0..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let header_len =
+        u32::try_from(header_json.len()).expect("header length is checked against the limit");
+    out[12..16].copy_from_slice(&header_len.to_le_bytes());
+    out[16..24].copy_from_slice(&(state_len as u64).to_le_bytes());
+    let check = xxh3_64(&out[0..24]);
+    out[24..32].copy_from_slice(&check.to_le_bytes());
+    let header_end = PRELUDE_LEN + header_json.len();
+    out[PRELUDE_LEN..header_end].copy_from_slice(header_json);
+    header_end..header_end + state_len
+}
+
+/// Writes the checksum over everything before it into the last 16 bytes of `out`.
+pub fn seal(out: &mut [u8]) {
+    let body = out.len() - CHECKSUM_LEN;
+    let checksum = xxh3_128(&out[..body]);
+    out[body..].copy_from_slice(&checksum.to_le_bytes());
+}
+
+/// Verifies `bytes` completely (prelude, length, checksum, header) without trusting any of it, and says
+/// where the state bytes are. `origin` names the bytes in errors.
+pub fn open(bytes: &[u8], origin: &str) -> Result<OpenedSession> {
+    let corrupt = |reason: String| Error::SessionCorrupt {
+        origin: origin.to_owned(),
+        reason,
+    };
+    if !bytes.starts_with(&MAGIC) {
+        let found = &bytes[..bytes.len().min(8)];
+        return Err(corrupt(
+            if bytes.len() < MAGIC.len() && MAGIC.starts_with(bytes) {
+                format!("truncated to {} bytes, inside the magic", bytes.len())
+            } else {
+                format!(
+                    "not a llama-sessions session (expected the magic {}, found {})",
+                    hex(&MAGIC),
+                    hex(found)
+                )
+            },
+        ));
+    }
+    if bytes.len() < PRELUDE_LEN {
+        return Err(corrupt(format!(
+            "truncated to {} bytes, inside the {PRELUDE_LEN}-byte prelude",
+            bytes.len()
+        )));
+    }
+    let stored_check = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+    if xxh3_64(&bytes[0..24]) != stored_check {
+        return Err(corrupt(
+            "the prelude (version and lengths) does not match its check".to_owned(),
+        ));
+    }
+    let format_version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if format_version == 0 {
+        return Err(corrupt("format version 0 does not exist".to_owned()));
+    }
+    if format_version > FORMAT_VERSION {
+        return Err(Error::SessionVersion {
+            origin: origin.to_owned(),
+            reason: format!(
+                "written in session format version {format_version}, this build reads versions 1 to \
+                 {FORMAT_VERSION}; upgrade llama-sessions"
+            ),
+        });
+    }
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    let state_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let expected_len = usize::try_from(state_len).ok().and_then(|s| {
+        PRELUDE_LEN
+            .checked_add(header_len)?
+            .checked_add(s)?
+            .checked_add(CHECKSUM_LEN)
+    });
+    let Some(expected_len) = expected_len else {
+        return Err(corrupt(format!(
+            "state length {state_len} cannot be addressed"
+        )));
+    };
+    if bytes.len() != expected_len {
+        return Err(corrupt(if bytes.len() < expected_len {
+            format!(
+                "truncated: the prelude announces {expected_len} bytes, found {}",
+                bytes.len()
+            )
+        } else {
+            format!(
+                "{} bytes of trailing data after the {expected_len} bytes the prelude announces",
+                bytes.len() - expected_len
+            )
+        }));
+    }
+    let body = expected_len - CHECKSUM_LEN;
+    let stored = u128::from_le_bytes(bytes[body..].try_into().expect("16 bytes"));
+    let computed = xxh3_128(&bytes[..body]);
+    if stored != computed {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:032x}, computed {computed:032x}): the bytes changed after \
+             they were written"
+        )));
+    }
+    let header_bytes = &bytes[PRELUDE_LEN..PRELUDE_LEN + header_len];
+    let header: SessionHeader = serde_json::from_slice(header_bytes)
+        .map_err(|e| corrupt(format!("the header is not a valid session header: {e}")))?;
+    let mut state_ranges = Vec::with_capacity(header.sequences.len());
+    let mut offset = PRELUDE_LEN + header_len;
+    let state_end = body;
+    for record in &header.sequences {
+        let len = usize::try_from(record.state_bytes).unwrap_or(usize::MAX);
+        let end = offset.checked_add(len).filter(|&end| end <= state_end);
+        let Some(end) = end else {
+            return Err(corrupt(format!(
+                "sequence {} announces {} state bytes, more than the file holds",
+                record.seq, record.state_bytes
+            )));
+        };
+        state_ranges.push(offset..end);
+        offset = end;
+    }
+    if offset != state_end {
+        return Err(corrupt(format!(
+            "the sequences account for {} of {state_len} state bytes",
+            offset - (PRELUDE_LEN + header_len)
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for record in &header.sequences {
+        if record.seq >= header.params.n_seq_max || !seen.insert(record.seq) {
+            return Err(corrupt(format!(
+                "sequence id {} is repeated or not below n_seq_max={}",
+                record.seq, header.params.n_seq_max
+            )));
+        }
+    }
+    Ok(OpenedSession {
+        header,
+        format_version,
+        header_len,
+        state_ranges,
+        total_len: expected_len,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The header of llama.cpp's own session file: magic, version, token count, tokens; the state follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlamaCppSessionHeader {
+    /// The tokens it lists.
+    pub tokens: Vec<i32>,
+    /// Where the state starts.
+    pub state_offset: usize,
+}
+
+/// Parses the header of a llama.cpp ("ggsn") session, checking what can be checked without llama.cpp.
+pub fn open_llama_cpp(bytes: &[u8], origin: &str) -> Result<LlamaCppSessionHeader> {
+    let corrupt = |reason: String| Error::SessionCorrupt {
+        origin: origin.to_owned(),
+        reason,
+    };
+    if !bytes.starts_with(&LLAMA_CPP_MAGIC) {
+        return Err(corrupt(
+            "not a llama.cpp session (no \"ggsn\" magic)".to_owned(),
+        ));
+    }
+    if bytes.len() < 12 {
+        return Err(corrupt(format!(
+            "truncated to {} bytes, inside llama.cpp's 12-byte session header",
+            bytes.len()
+        )));
+    }
+    let version = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+    if version != LLAMA_CPP_VERSION {
+        return Err(Error::SessionVersion {
+            origin: origin.to_owned(),
+            reason: format!(
+                "llama.cpp session version {version}, this build's llama.cpp reads version {LLAMA_CPP_VERSION}"
+            ),
+        });
+    }
+    let n_tokens = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let state_offset = n_tokens
+        .checked_mul(4)
+        .and_then(|n| n.checked_add(12))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "truncated: it lists {n_tokens} tokens but holds {} bytes",
+                bytes.len()
+            ))
+        })?;
+    let tokens = bytes[12..state_offset]
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    Ok(LlamaCppSessionHeader {
+        tokens,
+        state_offset,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> SessionHeader {
+        SessionHeader {
+            library_version: "0.1.0".into(),
+            llama_cpp_build: LLAMA_CPP_BUILD.into(),
+            created_at: "2026-11-22T00:00:00Z".into(),
+            model: ModelRecord {
+                fingerprint: "blake3:00".into(),
+                name: Some("m".into()),
+                architecture: "llama".into(),
+                file_name: None,
+            },
+            params: ParamsRecord {
+                n_ctx: 512,
+                n_batch: 64,
+                type_k: "f16".into(),
+                type_v: "f16".into(),
+                flash_attn: false,
+                n_seq_max: 2,
+            },
+            sequences: vec![
+                SequenceRecord {
+                    seq: 0,
+                    tokens: vec![1, 2, 3],
+                    state_bytes: 5,
+                },
+                SequenceRecord {
+                    seq: 1,
+                    tokens: vec![],
+                    state_bytes: 2,
+                },
+            ],
+            metadata: serde_json::Map::new(),
+        }
+    }
+
+    fn encode(header: &SessionHeader, state: &[u8]) -> Vec<u8> {
+        let json = encode_header(header).unwrap();
+        let mut out = vec![0; encoded_len(json.len(), state.len())];
+        let range = write_prelude(&mut out, &json, state.len());
+        out[range].copy_from_slice(state);
+        seal(&mut out);
+        out
+    }
+
+    #[test]
+    fn round_trip_gives_the_header_and_the_state_ranges() {
+        let bytes = encode(&header(), b"abcdeXY");
+        let opened = open(&bytes, "t").unwrap();
+        assert_eq!(opened.header, header());
+        assert_eq!(&bytes[opened.state_ranges[0].clone()], b"abcde");
+        assert_eq!(&bytes[opened.state_ranges[1].clone()], b"XY");
+        assert_eq!(opened.total_len, bytes.len());
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_corrupt() {
+        let bytes = encode(&header(), b"abcdeXY");
+        for len in 0..bytes.len() {
+            let err = open(&bytes[..len], "t").unwrap_err();
+            assert!(matches!(err, Error::SessionCorrupt { .. }), "{len}: {err}");
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let err = open(&flipped, "t").unwrap_err();
+            assert!(
+                matches!(err, Error::SessionCorrupt { .. }),
+                "bit {bit}: {err}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            open(&longer, "t"),
+            Err(Error::SessionCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_newer_format_version_is_a_version_error() {
+        let mut bytes = encode(&header(), b"abcdeXY");
+        bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let check = xxh3_64(&bytes[0..24]);
+        bytes[24..32].copy_from_slice(&check.to_le_bytes());
+        assert!(matches!(
+            open(&bytes, "t"),
+            Err(Error::SessionVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn state_sizes_must_add_up() {
+        let mut h = header();
+        h.sequences[1].state_bytes = 3;
+        let bytes = encode(&h, b"abcdeXY");
+        assert!(matches!(
+            open(&bytes, "t"),
+            Err(Error::SessionCorrupt { .. })
+        ));
+    }
+}
