@@ -14,7 +14,16 @@ call continues where the context stands.
 from __future__ import annotations
 
 from ._fetch import cache_dir, default_model_path
-from ._native import Context, ContextParams, GenerationStats, Model, TokenStream, __version__
+from ._native import (
+    Context,
+    ContextParams,
+    GenerationStats,
+    Model,
+    SessionInfo,
+    TokenStream,
+    __version__,
+    inspect_session,
+)
 from .errors import (
     ChatTemplateError,
     ContextCreateError,
@@ -25,6 +34,12 @@ from .errors import (
     LlamaSessionsError,
     ModelFetchError,
     ModelLoadError,
+    SessionCorruptError,
+    SessionError,
+    SessionInteropWarning,
+    SessionModelMismatchError,
+    SessionParamsMismatchError,
+    SessionVersionError,
     StreamInvalidatedError,
     TokenizeError,
 )
@@ -43,10 +58,18 @@ __all__ = [
     "Model",
     "ModelFetchError",
     "ModelLoadError",
+    "SessionCorruptError",
+    "SessionError",
+    "SessionInfo",
+    "SessionInteropWarning",
+    "SessionModelMismatchError",
+    "SessionParamsMismatchError",
+    "SessionVersionError",
     "StreamInvalidatedError",
     "TokenStream",
     "TokenizeError",
     "__version__",
     "cache_dir",
     "default_model_path",
+    "inspect_session",
 ]

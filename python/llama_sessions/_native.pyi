@@ -1,14 +1,16 @@
 """Native core of llama_sessions (Rust, through PyO3). Import these names from ``llama_sessions``."""
 
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import Literal, final
+from typing import Any, Literal, final
 
 __version__: str
 
 KvType = Literal["f16", "q8_0", "q4_0"]
 StopReason = Literal["eog", "stop", "length", "context_full"]
+SessionFileFormat = Literal["llama-sessions", "llama.cpp"]
 
 @final
 class Model:
@@ -203,19 +205,25 @@ class Context:
     def n_ctx(self) -> int:
         """Most tokens the context can hold."""
     @property
+    def n_seq_max(self) -> int:
+        """Independent sequences in the context (``seq`` arguments run from 0 to n_seq_max - 1)."""
+    @property
     def tokens(self) -> list[int]:
-        """The token ids in the context, in position order."""
+        """The token ids in sequence 0, in position order."""
+    def sequence_tokens(self, seq: int) -> list[int]:
+        """The token ids in sequence ``seq``, in position order."""
     @property
     def last_stats(self) -> GenerationStats | None:
         """Counts and times of the last generate() or finished stream(), or None."""
-    def token_count(self) -> int:
-        """How many tokens the context holds; the next token goes to this position."""
+    def token_count(self, seq: int = 0) -> int:
+        """How many tokens sequence ``seq`` holds; the next token goes to this position."""
     def reset(self) -> None:
-        """Empty the context."""
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens and drop the rest; the next call continues at position ``n``.
+        """Empty every sequence of the context."""
+    def truncate(self, n: int, *, seq: int = 0) -> None:
+        """Keep the first ``n`` tokens of sequence ``seq`` and drop the rest; the next call continues at
+        position ``n``.
 
-        Raises InvalidParameterError when ``n`` is negative or above token_count().
+        Raises InvalidParameterError when ``n`` is negative or above token_count(seq).
         """
     def generate(
         self,
@@ -229,6 +237,7 @@ class Context:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        seq: int = 0,
     ) -> str:
         """Append ``prompt`` after what the context holds and generate up to ``max_tokens`` tokens.
 
@@ -239,7 +248,7 @@ class Context:
         continues after them. ``temperature=0`` is greedy and deterministic.
 
         Raises ContextFullError, before decoding anything, when the prompt does not fit; the context is then
-        unchanged.
+        unchanged. ``seq`` picks the sequence of a context with n_seq_max > 1.
         """
     def stream(
         self,
@@ -253,9 +262,119 @@ class Context:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        seq: int = 0,
     ) -> TokenStream:
         """Like generate(), but yield text pieces as they are produced.
 
         The prompt is encoded by this call (ContextFullError is raised here, not on the first step). Pieces
         never split a multi-byte character and never contain (part of) a stop string.
         """
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Replace sequence ``dst`` by a copy of sequence ``src`` (tokens and KV cache), decoding nothing.
+
+        A prefix encoded once (a long system prompt) then serves many sequences; each continues exactly as
+        ``src`` would.
+        """
+    def save_session(
+        self,
+        path: str | PathLike[str],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        seq: int | None = None,
+        format: SessionFileFormat = "llama-sessions",
+    ) -> SessionInfo:
+        """Save the context's state (or only sequence ``seq``) to ``path``.
+
+        The file records the model fingerprint, the state-relevant parameters, the tokens, ``metadata`` (a
+        dict of JSON values, at most 1 MiB) and a checksum; see docs/session-format.md. It is written to a
+        temporary file, fsynced and renamed over ``path``: a crash leaves the old file or the new one.
+        ``format="llama.cpp"`` writes llama.cpp's own session file instead (what ``llama_state_save_file``
+        writes), for a context with n_seq_max == 1.
+        """
+    def load_session(self, path: str | PathLike[str], *, seq: int | None = None) -> SessionInfo:
+        """Replace the context's state by the session at ``path``; the next call continues after its tokens.
+
+        Everything is checked before llama.cpp sees a byte: SessionCorruptError (not a session, truncated,
+        changed), SessionModelMismatchError (another model or other weights), SessionParamsMismatchError (a
+        state-relevant parameter differs), SessionVersionError (newer format, other llama.cpp build). A failed
+        load leaves the context exactly as it was. With ``seq``, the file must hold one sequence, which
+        replaces sequence ``seq``; without, every other sequence is emptied. A llama.cpp session file is
+        loaded too, with a SessionInteropWarning.
+        """
+    def snapshot(self, *, seq: int | None = None, metadata: Mapping[str, Any] | None = None) -> bytes:
+        """The context's state (or sequence ``seq``) as session bytes, in the file format.
+
+        Store them anywhere (memory, a database, another process) and give them to restore(): cheap enough for
+        undo checkpoints.
+        """
+    def restore(self, data: bytes | bytearray, *, seq: int | None = None) -> SessionInfo:
+        """Replace the context's state by session bytes from snapshot() or a file, with the checks of
+        load_session(); a failed restore leaves the context exactly as it was."""
+    @staticmethod
+    def from_session(model: Model, path: str | PathLike[str], *, n_threads: int | None = None) -> Context:
+        """Create a Context with the parameters recorded in the session at ``path`` and load it.
+
+        Raises the errors of load_session(); InvalidParameterError for a llama.cpp session file (it records
+        no parameters).
+        """
+
+@final
+class SessionInfo:
+    """What a session holds, read from its verified header (see inspect_session())."""
+
+    @property
+    def format(self) -> SessionFileFormat:
+        """"llama-sessions", or "llama.cpp" for llama.cpp's own session file."""
+    @property
+    def format_version(self) -> int:
+        """Version of that format."""
+    @property
+    def library_version(self) -> str | None:
+        """Version of llama-sessions that wrote it (None for a llama.cpp file)."""
+    @property
+    def llama_cpp_build(self) -> str | None:
+        """The llama.cpp build whose state layout the bytes have (None for a llama.cpp file)."""
+    @property
+    def created_at(self) -> datetime | None:
+        """When it was written, an aware UTC datetime (None for a llama.cpp file)."""
+    @property
+    def model_fingerprint(self) -> str | None:
+        """Fingerprint of the model it belongs to (None for a llama.cpp file)."""
+    @property
+    def model_name(self) -> str | None:
+        """``general.name`` of that model, if it has one."""
+    @property
+    def model_architecture(self) -> str | None:
+        """Architecture of that model (None for a llama.cpp file)."""
+    @property
+    def model_file_name(self) -> str | None:
+        """File name the model was loaded from."""
+    @property
+    def params(self) -> ContextParams | None:
+        """The parameters it was saved with (n_threads is this machine's default); None for a llama.cpp
+        file."""
+    @property
+    def sequences(self) -> dict[int, list[int]]:
+        """The tokens of each saved sequence, by sequence id."""
+    @property
+    def token_count(self) -> int:
+        """Tokens held, over all sequences."""
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The metadata given to save_session() or snapshot()."""
+    @property
+    def header_bytes(self) -> int:
+        """Bytes of header."""
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of llama.cpp state: the KV cache rows of the tokens held, nothing else."""
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole session."""
+
+def inspect_session(source: str | PathLike[str] | bytes | bytearray) -> SessionInfo:
+    """Read and verify a session file or session bytes without a model.
+
+    A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); of a llama.cpp
+    session file only the header can be checked.
+    """

@@ -20,6 +20,12 @@ __all__ = [
     "LlamaSessionsError",
     "ModelFetchError",
     "ModelLoadError",
+    "SessionCorruptError",
+    "SessionError",
+    "SessionInteropWarning",
+    "SessionModelMismatchError",
+    "SessionParamsMismatchError",
+    "SessionVersionError",
     "StreamInvalidatedError",
     "TokenizeError",
 ]
@@ -73,3 +79,43 @@ class StreamInvalidatedError(LlamaSessionsError, RuntimeError):
 
 class InternalError(LlamaSessionsError, RuntimeError):
     """The KV cache and the bookkeeping disagreed: a bug in llama-sessions. The context was reset."""
+
+
+class SessionError(LlamaSessionsError):
+    """A session could not be loaded or restored. Nothing was loaded: the context is exactly as it was.
+
+    Every check runs before a byte of the session reaches llama.cpp.
+    """
+
+
+class SessionCorruptError(SessionError):
+    """Not a session, truncated, or changed after it was written (the checksum does not match)."""
+
+
+class SessionModelMismatchError(SessionError):
+    """The session was saved with another model: another file, or the same architecture and shapes with other
+    weights (the case llama.cpp itself loads silently into garbage). The message names both models."""
+
+
+class SessionParamsMismatchError(SessionError):
+    """The session was saved by a context whose state-relevant parameters differ from this one's.
+
+    The message names each parameter with its saved and current value; ``mismatches`` maps each name to
+    ``(saved, current)`` as text. ``Context.from_session`` creates a context with the saved parameters.
+    """
+
+    mismatches: dict[str, tuple[str, str]]
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.mismatches = {}
+
+
+class SessionVersionError(SessionError):
+    """The session was written in a newer format version, or by a llama.cpp build whose state layout this
+    build cannot vouch for."""
+
+
+class SessionInteropWarning(UserWarning):
+    """A llama.cpp session file was loaded: it records neither the model nor the context parameters and has no
+    checksum, so only llama.cpp's own checks applied."""

@@ -165,11 +165,8 @@ fn describe_mismatches(mismatches: &[ParamMismatch]) -> String {
 }
 
 impl Error {
-    pub(crate) fn invalid(
-        name: &'static str,
-        expected: impl Into<String>,
-        found: impl ToString,
-    ) -> Self {
+    /// An [`Error::InvalidParameter`] for parameter `name`.
+    pub fn invalid(name: &'static str, expected: impl Into<String>, found: impl ToString) -> Self {
         Error::InvalidParameter {
             name,
             expected: expected.into(),

@@ -7,15 +7,21 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use std::path::PathBuf;
+
 use llama_sessions::{
-    Context, Error, GenerateOptions, GenerationStats, Generator, SamplingParams, StopReason,
+    default_threads, Context, Error, GenerateOptions, GenerationStats, Generator, SamplingParams,
+    SessionFormat, StopReason,
 };
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyBytes;
 
 use crate::errors::to_py;
 use crate::interrupt::SignalCheck;
 use crate::model::{tokens_to_py, PyModel};
 use crate::params::PyContextParams;
+use crate::session::{metadata_from_py, seq_arg, seq_id, warn_all, PySessionInfo};
 
 /// Counts and times of the last generation (or stream) on a Context.
 #[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen)]
@@ -221,9 +227,24 @@ impl PyContext {
             .map_err(to_py)
     }
 
-    /// How many tokens the context holds; the next token goes to this position.
-    fn token_count(&self, py: Python<'_>) -> PyResult<usize> {
-        py.detach(|| lock(&self.inner).token_count(0))
+    /// The token ids in sequence `seq`, in position order.
+    fn sequence_tokens(&self, py: Python<'_>, seq: i64) -> PyResult<Vec<i32>> {
+        let seq = seq_id(seq)?;
+        py.detach(|| lock(&self.inner).tokens(seq).map(tokens_to_py))
+            .map_err(to_py)
+    }
+
+    /// Independent sequences in the context.
+    #[getter]
+    fn n_seq_max(&self, py: Python<'_>) -> u32 {
+        py.detach(|| lock(&self.inner).params().n_seq_max)
+    }
+
+    /// How many tokens sequence `seq` holds; the next token goes to this position.
+    #[pyo3(signature = (seq = 0))]
+    fn token_count(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
+        let seq = seq_id(seq)?;
+        py.detach(|| lock(&self.inner).token_count(seq))
             .map_err(to_py)
     }
 
@@ -238,14 +259,17 @@ impl PyContext {
         py.detach(|| lock(&self.inner).reset());
     }
 
-    /// Keeps the first `n` tokens and drops the rest; the next call continues at position `n`.
-    fn truncate(&self, py: Python<'_>, n: i64) -> PyResult<()> {
+    /// Keeps the first `n` tokens of sequence `seq` and drops the rest; the next call continues at position
+    /// `n`.
+    #[pyo3(signature = (n, *, seq = 0))]
+    fn truncate(&self, py: Python<'_>, n: i64, seq: i64) -> PyResult<()> {
+        let seq = seq_id(seq)?;
         let n = usize::try_from(n).map_err(|_| {
             crate::errors::InvalidParameterError::new_err(format!(
                 "invalid n: expected an integer >= 0, found {n}"
             ))
         })?;
-        py.detach(|| lock(&self.inner).truncate(0, n))
+        py.detach(|| lock(&self.inner).truncate(seq, n))
             .map_err(to_py)
     }
 
@@ -254,7 +278,7 @@ impl PyContext {
     /// ends at an end-of-generation token, at any `stop` string (not returned), at `max_tokens` or when the
     /// context is full. Generated tokens stay in the context. `temperature=0` is greedy and deterministic.
     /// Raises ContextFullError, before decoding anything, when the prompt does not fit.
-    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -268,7 +292,9 @@ impl PyContext {
         repeat_penalty: f32,
         seed: Option<u32>,
         stop: Option<Vec<String>>,
+        seq: i64,
     ) -> PyResult<String> {
+        let seq = seq_id(seq)?;
         let options = options(
             max_tokens,
             temperature,
@@ -280,7 +306,7 @@ impl PyContext {
             stop,
         )?;
         let mut signals = SignalCheck::new();
-        let result = py.detach(|| lock(&self.inner).generate(0, prompt, options, &mut signals));
+        let result = py.detach(|| lock(&self.inner).generate(seq, prompt, options, &mut signals));
         let generation = finish(result, &mut signals)?;
         self.record(PyGenerationStats::new(
             generation.stats,
@@ -292,7 +318,7 @@ impl PyContext {
     /// Like generate(), but returns an iterator of text pieces as they are produced. The prompt is encoded
     /// by this call (so ContextFullError is raised here); generation happens as the iterator is advanced.
     /// Pieces never split a multi-byte character.
-    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         slf: &Bound<'_, Self>,
@@ -305,8 +331,10 @@ impl PyContext {
         repeat_penalty: f32,
         seed: Option<u32>,
         stop: Option<Vec<String>>,
+        seq: i64,
     ) -> PyResult<TokenStream> {
         let py = slf.py();
+        let seq = seq_id(seq)?;
         let options = options(
             max_tokens,
             temperature,
@@ -320,11 +348,139 @@ impl PyContext {
         let this = slf.get();
         let mut signals = SignalCheck::new();
         let result =
-            py.detach(|| lock(&this.inner).start_generation(0, prompt, options, &mut signals));
+            py.detach(|| lock(&this.inner).start_generation(seq, prompt, options, &mut signals));
         let generator = finish(result, &mut signals)?;
         Ok(TokenStream {
             context: slf.clone().unbind(),
             generator: Mutex::new(Some(generator)),
+        })
+    }
+
+    /// Replaces sequence `dst` by a copy of sequence `src` (tokens and KV cache) without decoding anything.
+    fn copy_sequence(&self, py: Python<'_>, src: i64, dst: i64) -> PyResult<()> {
+        let (src, dst) = (seq_id(src)?, seq_id(dst)?);
+        py.detach(|| lock(&self.inner).copy_sequence(src, dst))
+            .map_err(to_py)
+    }
+
+    /// Saves the context (or sequence `seq`) to `path`, atomically and durably.
+    #[pyo3(signature = (path, *, metadata = None, seq = None, format = "llama-sessions"))]
+    fn save_session(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        metadata: Option<Bound<'_, PyAny>>,
+        seq: Option<i64>,
+        format: &str,
+    ) -> PyResult<PySessionInfo> {
+        let format = SessionFormat::parse(format).map_err(to_py)?;
+        let seq = seq_arg(seq)?;
+        let metadata = metadata_from_py(py, metadata)?;
+        let info = py.detach(|| {
+            let ctx = lock(&self.inner);
+            match format {
+                SessionFormat::LlamaSessions => ctx.save_session(&path, seq, &metadata),
+                SessionFormat::LlamaCpp => {
+                    if seq.is_some() || !metadata.is_empty() {
+                        return Err(Error::invalid(
+                            "format",
+                            "\"llama-sessions\" to save a single sequence or metadata (a llama.cpp session \
+                             holds neither)",
+                            "\"llama.cpp\"",
+                        ));
+                    }
+                    ctx.save_llama_cpp_session(&path)
+                }
+            }
+        });
+        info.map(|info| PySessionInfo { info }).map_err(to_py)
+    }
+
+    /// Loads a session file (ours, or llama.cpp's own with a SessionInteropWarning) into the context, or into
+    /// sequence `seq`.
+    #[pyo3(signature = (path, *, seq = None))]
+    fn load_session(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        seq: Option<i64>,
+    ) -> PyResult<PySessionInfo> {
+        let seq = seq_arg(seq)?;
+        let loaded = py
+            .detach(|| lock(&self.inner).load_session(&path, seq))
+            .map_err(to_py)?;
+        warn_all(py, &loaded.warnings)?;
+        Ok(PySessionInfo { info: loaded.info })
+    }
+
+    /// The context (or sequence `seq`) as session bytes.
+    #[pyo3(signature = (*, seq = None, metadata = None))]
+    fn snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        seq: Option<i64>,
+        metadata: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let seq = seq_arg(seq)?;
+        let metadata = metadata_from_py(py, metadata)?;
+        let bytes = py.detach(|| -> PyResult<Py<PyBytes>> {
+            let mut guard = lock(&self.inner);
+            let ctx: &mut Context = &mut guard;
+            let plan = ctx.plan_session(seq, &metadata).map_err(to_py)?;
+            // The state is copied by llama.cpp straight into the new `bytes` object, with the GIL released
+            // again while it does; the context stays locked from planning to writing.
+            let len = plan.len();
+            Python::attach(move |py| {
+                PyBytes::new_with(py, len, move |buf| {
+                    py.detach(move || ctx.write_session(&plan, buf))
+                        .map_err(to_py)
+                })
+                .map(Bound::unbind)
+            })
+        })?;
+        Ok(bytes.into_bound(py))
+    }
+
+    /// Restores session bytes from snapshot() (or a file's contents) into the context, or into sequence `seq`.
+    #[pyo3(signature = (data, *, seq = None))]
+    fn restore(
+        &self,
+        py: Python<'_>,
+        data: PyBackedBytes,
+        seq: Option<i64>,
+    ) -> PyResult<PySessionInfo> {
+        let seq = seq_arg(seq)?;
+        py.detach(|| lock(&self.inner).restore(&data, seq))
+            .map(|info| PySessionInfo { info })
+            .map_err(to_py)
+    }
+
+    /// Creates a context with the parameters recorded in the session at `path` and loads it.
+    #[staticmethod]
+    #[pyo3(signature = (model, path, *, n_threads = None))]
+    fn from_session(
+        py: Python<'_>,
+        model: Py<PyModel>,
+        path: PathBuf,
+        n_threads: Option<i64>,
+    ) -> PyResult<PyContext> {
+        let n_threads = match n_threads {
+            None => default_threads(),
+            Some(n) => u32::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
+                crate::errors::InvalidParameterError::new_err(format!(
+                    "invalid n_threads: expected an integer >= 1, found {n}"
+                ))
+            })?,
+        };
+        let core_model = model.get().inner.clone();
+        let (context, loaded) = py
+            .detach(|| Context::from_session(&core_model, &path, n_threads))
+            .map_err(to_py)?;
+        warn_all(py, &loaded.warnings)?;
+        Ok(PyContext {
+            inner: Mutex::new(context),
+            model,
+            last_stats: Mutex::new(None),
         })
     }
 

@@ -3,7 +3,8 @@
 
 use llama_sessions::Error;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError};
-use pyo3::PyErr;
+use pyo3::types::{PyAnyMethods, PyDictMethods};
+use pyo3::{PyErr, Python};
 
 pyo3::import_exception!(llama_sessions.errors, ModelLoadError);
 pyo3::import_exception!(llama_sessions.errors, InvalidParameterError);
@@ -14,6 +15,11 @@ pyo3::import_exception!(llama_sessions.errors, DecodeError);
 pyo3::import_exception!(llama_sessions.errors, ChatTemplateError);
 pyo3::import_exception!(llama_sessions.errors, StreamInvalidatedError);
 pyo3::import_exception!(llama_sessions.errors, InternalError);
+pyo3::import_exception!(llama_sessions.errors, SessionCorruptError);
+pyo3::import_exception!(llama_sessions.errors, SessionModelMismatchError);
+pyo3::import_exception!(llama_sessions.errors, SessionParamsMismatchError);
+pyo3::import_exception!(llama_sessions.errors, SessionVersionError);
+pyo3::import_exception!(llama_sessions.errors, SessionInteropWarning);
 
 /// Converts a core error into the Python exception users catch.
 pub fn to_py(error: Error) -> PyErr {
@@ -33,6 +39,27 @@ pub fn to_py(error: Error) -> PyErr {
             std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
             _ => PyOSError::new_err(message),
         },
+        Error::SessionCorrupt { .. } => SessionCorruptError::new_err(message),
+        Error::SessionModelMismatch { .. } => SessionModelMismatchError::new_err(message),
+        Error::SessionParamsMismatch { mismatches, .. } => {
+            let error = SessionParamsMismatchError::new_err(message);
+            // `mismatches`: {name: (saved, current)}, for code that wants to react to a specific parameter.
+            Python::attach(|py| {
+                let pairs: Vec<(&str, (String, String))> = mismatches
+                    .into_iter()
+                    .map(|m| (m.name, (m.saved, m.current)))
+                    .collect();
+                let dict = pyo3::types::PyDict::new(py);
+                for (name, pair) in pairs {
+                    if dict.set_item(name, pair).is_err() {
+                        return;
+                    }
+                }
+                let _ = error.value(py).setattr("mismatches", dict);
+            });
+            error
+        }
+        Error::SessionVersion { .. } => SessionVersionError::new_err(message),
         Error::Internal(_) => InternalError::new_err(message),
     }
 }

@@ -6,6 +6,7 @@ mod errors;
 mod interrupt;
 mod model;
 mod params;
+mod session;
 
 use pyo3::prelude::*;
 
@@ -17,6 +18,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<context::PyContext>()?;
     m.add_class::<context::TokenStream>()?;
     m.add_class::<context::PyGenerationStats>()?;
+    m.add_class::<session::PySessionInfo>()?;
+    m.add_function(wrap_pyfunction!(session::inspect_session, m)?)?;
     m.add("__version__", llama_sessions::VERSION)?;
     Ok(())
 }
