@@ -324,7 +324,7 @@ class SessionInfo:
 
     @property
     def format(self) -> SessionFileFormat:
-        """"llama-sessions", or "llama.cpp" for llama.cpp's own session file."""
+        """ "llama-sessions", or "llama.cpp" for llama.cpp's own session file."""
     @property
     def format_version(self) -> int:
         """Version of that format."""

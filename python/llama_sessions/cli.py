@@ -1,19 +1,24 @@
 """The ``llama-sessions`` command line.
 
-``llama-sessions demo`` runs the main job on the default model; ``llama-sessions fetch-model`` only puts the
-default model in the cache and prints its path.
+``llama-sessions demo`` runs the main job on the default model: encode a long system prompt, save it, load it
+into a fresh context and answer, printing the prefill time against the restore time.
+``llama-sessions inspect FILE`` shows what a session holds; ``llama-sessions verify FILE [--model PATH]``
+checks that it is intact (and loadable with that model). ``llama-sessions fetch-model`` only puts the default
+model in the cache and prints its path.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ._fetch import default_model_path
-from ._native import Context, Model
+from ._native import Context, Model, SessionInfo, inspect_session
 from .errors import LlamaSessionsError
 
 #: A long system prompt, as a real assistant would have: the cost of reading it is what sessions save.
@@ -46,23 +51,39 @@ def _model_path(given: str | None) -> Path:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Encode a long system prompt, answer a question, and print prefill and generation speed."""
+    """Encode a long system prompt, save it, load it into a fresh Context, answer, and compare the times."""
     path = _model_path(args.model)
     started = time.perf_counter()
     model = Model.load(path)
     print(f"model     {path.name}  ({model.architecture}, {model.n_layer} layers)")
     print(f"          fingerprint {model.fingerprint}")
     print(f"loaded in {time.perf_counter() - started:.2f} s")
-    ctx = Context(model, n_ctx=args.n_ctx)
     system = model.apply_chat_template(
         [{"role": "system", "content": DEMO_SYSTEM_PROMPT}], add_generation_prompt=False
     )
-    ctx.generate(system, max_tokens=0)
-    prefill = ctx.last_stats
+    first = Context(model, n_ctx=args.n_ctx)
+    first.generate(system, max_tokens=0)
+    prefill = first.last_stats
     assert prefill is not None
     print(
-        f"prefill   {prefill.prompt_tokens} tokens of system prompt in {prefill.prompt_seconds:.2f} s "
+        f"prefill   {prefill.prompt_tokens} tokens of system prompt in "
+        f"{prefill.prompt_seconds * 1000:.0f} ms "
         f"({prefill.prompt_tokens_per_second:.0f} tokens/s)"
+    )
+    with tempfile.TemporaryDirectory(prefix="llama-sessions-demo-") as directory:
+        session = Path(directory) / "system-prompt.session"
+        started = time.perf_counter()
+        info = first.save_session(session, metadata={"demo": "system prompt"})
+        saved = time.perf_counter() - started
+        print(f"save      {info.total_bytes / 1e6:.1f} MB to {session.name} in {saved * 1000:.1f} ms")
+        ctx = Context(model, n_ctx=args.n_ctx)
+        started = time.perf_counter()
+        ctx.load_session(session)
+        restored = time.perf_counter() - started
+    speedup = prefill.prompt_seconds / restored if restored > 0 else float("inf")
+    print(
+        f"restore   {ctx.token_count()} tokens into a fresh context in {restored * 1000:.1f} ms: "
+        f"{speedup:.0f}x faster than the prefill"
     )
     turn = model.apply_chat_template([{"role": "user", "content": DEMO_QUESTION}])
     print(f"\nuser      {DEMO_QUESTION}\nassistant ", end="", flush=True)
@@ -83,6 +104,119 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n:,} bytes ({n / size:.1f} {unit})"
+    return f"{n:,} bytes"
+
+
+def _describe(info: SessionInfo) -> list[str]:
+    lines = [f"format        {info.format} version {info.format_version}"]
+    if info.format == "llama.cpp":
+        lines.append("              (no model identity, parameters or checksum are recorded)")
+    else:
+        lines.append(f"written by    llama-sessions {info.library_version}, llama.cpp {info.llama_cpp_build}")
+        created = info.created_at
+        lines.append(f"created       {created.isoformat() if created else '-'}")
+        lines.append(
+            f"model         {info.model_name or info.model_file_name or '-'} "
+            f"({info.model_architecture}, file {info.model_file_name or '-'})"
+        )
+        lines.append(f"              fingerprint {info.model_fingerprint}")
+        params = info.params
+        if params is not None:
+            lines.append(
+                f"parameters    n_ctx={params.n_ctx} n_batch={params.n_batch} type_k={params.type_k} "
+                f"type_v={params.type_v} flash_attn={params.flash_attn} n_seq_max={params.n_seq_max}"
+            )
+    for seq, tokens in info.sequences.items():
+        lines.append(f"sequence {seq:<4} {len(tokens)} tokens")
+    lines.append(f"tokens        {info.token_count}")
+    lines.append(
+        f"size          {_format_bytes(info.total_bytes)}: header {info.header_bytes:,}, "
+        f"state {info.state_bytes:,}"
+    )
+    if info.format != "llama.cpp":
+        lines.append(f"metadata      {json.dumps(info.metadata, ensure_ascii=False, sort_keys=True)}")
+    return lines
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Print what a session file holds (verifying it), and with --text its tokens as text."""
+    info = inspect_session(args.file)
+    if args.json:
+        print(json.dumps(_as_json(info), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(_describe(info)))
+    if args.text:
+        model = Model.load(_model_path(args.model))
+        if info.model_fingerprint is not None and info.model_fingerprint != model.fingerprint:
+            print(
+                f"llama-sessions: the session belongs to model {info.model_fingerprint}, "
+                f"{model.path.name} is {model.fingerprint}: pass its model with --model",
+                file=sys.stderr,
+            )
+            return 2
+        for seq, tokens in info.sequences.items():
+            print(f"\n--- sequence {seq} ---")
+            print(model.detokenize(tokens, special=True))
+    return 0
+
+
+def _as_json(info: SessionInfo) -> dict[str, object]:
+    created = info.created_at
+    params = info.params
+    return {
+        "format": info.format,
+        "format_version": info.format_version,
+        "library_version": info.library_version,
+        "llama_cpp_build": info.llama_cpp_build,
+        "created_at": created.isoformat() if created else None,
+        "model": {
+            "name": info.model_name,
+            "architecture": info.model_architecture,
+            "file_name": info.model_file_name,
+            "fingerprint": info.model_fingerprint,
+        },
+        "params": None
+        if params is None
+        else {
+            "n_ctx": params.n_ctx,
+            "n_batch": params.n_batch,
+            "type_k": params.type_k,
+            "type_v": params.type_v,
+            "flash_attn": params.flash_attn,
+            "n_seq_max": params.n_seq_max,
+        },
+        "sequences": {str(seq): len(tokens) for seq, tokens in info.sequences.items()},
+        "token_count": info.token_count,
+        "header_bytes": info.header_bytes,
+        "state_bytes": info.state_bytes,
+        "total_bytes": info.total_bytes,
+        "metadata": info.metadata,
+    }
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the session is intact (and, with --model, loadable with that model); 1 with the reason."""
+    info = inspect_session(args.file)
+    if args.model is None:
+        what = "intact" if info.format == "llama-sessions" else "a llama.cpp session with a valid header"
+        print(f"OK: {args.file} is {what} ({info.token_count} tokens)")
+        return 0
+    model = Model.load(args.model)
+    if info.format == "llama.cpp":
+        # llama.cpp's file records no parameters: try llama.cpp's defaults with room for the tokens.
+        n_ctx = min(model.n_ctx_train, max(512, -(-info.token_count // 256) * 256))
+        ctx = Context(model, n_ctx=n_ctx)
+        ctx.load_session(args.file)
+    else:
+        ctx = Context.from_session(model, args.file)
+    print(f"OK: {args.file} loads with {Path(args.model).name} ({ctx.token_count()} tokens)")
+    return 0
+
+
 def fetch_model(args: argparse.Namespace) -> int:
     """Put the default model in the cache and print its path."""
     print(default_model_path(progress=True))
@@ -94,11 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llama-sessions", description="Resumable local LLM inference with llama.cpp."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="encode a long system prompt, answer, report speed")
+    demo_parser = commands.add_parser(
+        "demo", help="encode a long system prompt, save and restore it, answer; compare the times"
+    )
     demo_parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
     demo_parser.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
     demo_parser.add_argument("--max-tokens", type=int, default=96, help="most tokens to answer with")
     demo_parser.set_defaults(run=demo)
+    inspect_parser = commands.add_parser("inspect", help="show what a session file holds")
+    inspect_parser.add_argument("file", help="a session file (llama-sessions or llama.cpp format)")
+    inspect_parser.add_argument("--text", action="store_true", help="also print the tokens as text")
+    inspect_parser.add_argument("--json", action="store_true", help="print the header as JSON")
+    inspect_parser.add_argument("--model", help="GGUF file for --text (default: the default model)")
+    inspect_parser.set_defaults(run=inspect)
+    verify_parser = commands.add_parser(
+        "verify", help="check that a session file is intact (and loadable with --model)"
+    )
+    verify_parser.add_argument("file", help="a session file")
+    verify_parser.add_argument("--model", help="also load the session into a context of this GGUF model")
+    verify_parser.set_defaults(run=verify)
     fetch_parser = commands.add_parser("fetch-model", help="cache the default model and print its path")
     fetch_parser.set_defaults(run=fetch_model)
     return parser
@@ -109,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.run(args)
-    except LlamaSessionsError as error:
+    except (LlamaSessionsError, OSError) as error:
         print(f"llama-sessions: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
