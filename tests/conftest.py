@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +44,15 @@ def variant_model_path(model_path: pathlib.Path, tmp_path_factory: pytest.TempPa
     dst = tmp_path_factory.mktemp("variant") / "smollm2-variant.gguf"
     make_variant(model_path, dst)
     return dst
+
+
+def run_cli(*args: str, model_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
+    return subprocess.run(
+        [sys.executable, "-m", "llama_sessions", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from llama_sessions import ModelFetchError, default_model_path
 from llama_sessions._fetch import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SIZE
+
+from conftest import run_cli
 
 
 def test_an_override_path_is_returned_as_is(
@@ -58,18 +57,6 @@ def test_an_unwritable_cache_is_a_clear_error(
     monkeypatch.setenv("LLAMA_SESSIONS_CACHE", str(blocker))
     with pytest.raises(ModelFetchError, match="cannot create model cache directory"):
         default_model_path()
-
-
-def run_cli(*args: str, model_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
-    return subprocess.run(
-        [sys.executable, "-m", "llama_sessions", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_demo_prints_prefill_and_generation_speed(model_path: pathlib.Path) -> None:
