@@ -144,6 +144,7 @@ pub struct Loaded {
 /// so the caller can provide a buffer of exactly [`SessionPlan::len`] bytes (a Python `bytes` object, say).
 #[derive(Debug, Clone)]
 pub struct SessionPlan {
+    header: SessionHeader,
     header_json: Vec<u8>,
     sequences: Vec<(SeqId, usize)>,
     total_len: usize,
@@ -159,6 +160,19 @@ impl SessionPlan {
     /// Never true: a session has at least its prelude and checksum.
     pub fn is_empty(&self) -> bool {
         self.total_len == 0
+    }
+
+    /// What the written session will hold.
+    pub fn info(&self) -> SessionInfo {
+        let state_bytes = self.sequences.iter().map(|&(_, len)| len).sum();
+        SessionInfo {
+            format: SessionFormat::LlamaSessions,
+            format_version: format::FORMAT_VERSION,
+            header: self.header.clone(),
+            header_bytes: self.header_json.len(),
+            state_bytes,
+            total_bytes: self.total_len,
+        }
     }
 }
 
@@ -355,6 +369,7 @@ impl Context {
         let state_len = sequences.iter().map(|&(_, len)| len).sum();
         Ok(SessionPlan {
             total_len: format::encoded_len(header_json.len(), state_len),
+            header,
             header_json,
             sequences,
             epoch: self.epoch,
@@ -428,10 +443,11 @@ impl Context {
         seq: Option<SeqId>,
         metadata: &Metadata,
     ) -> Result<SessionInfo> {
-        let bytes = self.snapshot(seq, metadata)?;
+        let plan = self.plan_session(seq, metadata)?;
+        let mut bytes = vec![0; plan.len()];
+        self.write_session(&plan, &mut bytes)?;
         durable::write_atomically(path, &[&bytes])?;
-        let opened = format::open(&bytes, &path.display().to_string())?;
-        Ok(SessionInfo::from_opened(opened))
+        Ok(plan.info())
     }
 
     /// Restores a session produced by [`Context::snapshot`] or read from a file. With `seq`, the session must

@@ -63,6 +63,7 @@ fn file_round_trip_continues_identically_for_every_kv_type() {
             .save_session(&path, None, &Metadata::new())
             .unwrap();
         assert_eq!(info.token_count(), original.token_count(0).unwrap());
+        assert_eq!(info, inspect_session(&path).unwrap());
         assert_eq!(
             std::fs::metadata(&path).unwrap().len() as usize,
             info.total_bytes
