@@ -286,7 +286,7 @@ class Context:
         """Save the context's state (or only sequence ``seq``) to ``path``.
 
         The file records the model fingerprint, the state-relevant parameters, the tokens, ``metadata`` (a
-        dict of JSON values, at most 1 MiB) and a checksum; see docs/session-format.md. It is written to a
+        dict of JSON values, at most 16 MiB) and a checksum; see docs/session-format.md. It is written to a
         temporary file, fsynced and renamed over ``path``: a crash leaves the old file or the new one.
         ``format="llama.cpp"`` writes llama.cpp's own session file instead (what ``llama_state_save_file``
         writes), for a context with n_seq_max == 1.

@@ -151,6 +151,17 @@ impl Context {
         self.capacity_per_sequence
     }
 
+    /// Bytes of the KV cache this context allocated (all `n_ctx` cells of every layer, used or not): what a
+    /// live context costs in memory besides llama.cpp's compute buffers.
+    pub fn kv_cache_bytes(&self) -> usize {
+        let llama = &self.model.inner.llama;
+        let heads = llama.n_head().max(1) as usize;
+        let width = (llama.n_embd().max(0) as usize) * llama.n_head_kv() as usize / heads;
+        let row = |t: crate::params::KvType| t.row_bytes(width);
+        let n_ctx = self.cell.borrow_dependent().n_ctx() as usize;
+        n_ctx * llama.n_layer() as usize * (row(self.params.type_k) + row(self.params.type_v))
+    }
+
     /// The tokens held by sequence `seq`, in position order.
     pub fn tokens(&self, seq: SeqId) -> Result<&[LlamaToken]> {
         self.check_seq(seq)?;
@@ -407,6 +418,56 @@ impl Context {
             text.push_str(&piece);
         }
         Ok(generator.into_generation(text))
+    }
+
+    /// Starts generating after `full_prompt`, which is the *whole* text the sequence should hold (a
+    /// conversation formatted from its start, say): only the tokens after the longest common prefix with what
+    /// the sequence holds are decoded; the rest of the sequence is dropped first, as llama.cpp's server does.
+    /// Returns the generator and how many tokens were reused.
+    ///
+    /// Raises [`Error::ContextFull`] before changing anything when the prompt does not fit.
+    pub fn start_generation_reusing_prefix(
+        &mut self,
+        seq: SeqId,
+        full_prompt: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generator, usize)> {
+        self.check_seq(seq)?;
+        let tokens = self.model.tokenize(full_prompt, true, true)?;
+        if tokens.len() > self.capacity_per_sequence {
+            return Err(Error::ContextFull {
+                requested: tokens.len(),
+                available: self.capacity_per_sequence,
+                held: 0,
+                n_ctx: self.capacity_per_sequence,
+            });
+        }
+        options.sampling.validate()?;
+        self.model.check_tokens(&tokens)?;
+        let held = &self.sequences[seq as usize];
+        let reused = held.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        self.truncate(seq, reused)?;
+        let generator = Generator::start_tokens(self, seq, &tokens[reused..], options, interrupt)?;
+        Ok((generator, reused))
+    }
+
+    /// [`Context::start_generation_reusing_prefix`] run to the end; returns the generation and how many
+    /// tokens were reused.
+    pub fn generate_reusing_prefix(
+        &mut self,
+        seq: SeqId,
+        full_prompt: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generation, usize)> {
+        let (mut generator, reused) =
+            self.start_generation_reusing_prefix(seq, full_prompt, options, interrupt)?;
+        let mut text = String::new();
+        while let Some(piece) = generator.next_piece(self, interrupt)? {
+            text.push_str(&piece);
+        }
+        Ok((generator.into_generation(text), reused))
     }
 
     pub(crate) fn tokenize_prompt(&self, seq: SeqId, prompt: &str) -> Result<Vec<LlamaToken>> {

@@ -139,6 +139,35 @@ pub enum Error {
         reason: String,
     },
 
+    /// A session manager has no session of this id.
+    #[error("no session {id:?}")]
+    SessionNotFound {
+        /// The id asked for.
+        id: String,
+    },
+
+    /// A session of this id already exists (create_session does not overwrite).
+    #[error("session {id:?} already exists")]
+    SessionExists {
+        /// The id.
+        id: String,
+    },
+
+    /// The stored session changed since this copy was loaded (another process or another live copy saved a
+    /// newer version); nothing was written.
+    #[error(
+        "session {id:?} changed since it was loaded: this copy derives from version {expected}, the store \
+         holds version {found}; load it again to continue from the stored version"
+    )]
+    SessionConflict {
+        /// The id.
+        id: String,
+        /// The stored version this copy derives from.
+        expected: u64,
+        /// The version the store holds now.
+        found: u64,
+    },
+
     /// The KV cache and the token bookkeeping disagree. This is a bug in llama-sessions; the context has been
     /// cleared to a consistent (empty) state.
     #[error("internal error: {0}")]

@@ -52,15 +52,27 @@ impl Generator {
         options.sampling.validate()?;
         let tokens = ctx.tokenize_prompt(seq, prompt)?;
         ctx.check_room(seq, tokens.len())?;
+        Generator::start_tokens(ctx, seq, &tokens, options, interrupt)
+    }
+
+    /// Starts after `tokens`, which fit (checked by the caller).
+    pub(crate) fn start_tokens(
+        ctx: &mut Context,
+        seq: SeqId,
+        tokens: &[LlamaToken],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Generator> {
+        options.sampling.validate()?;
         let started = Instant::now();
         let prompt_tokens = if options.max_tokens == 0 {
-            ctx.append(seq, &tokens, false, interrupt)?;
+            ctx.append(seq, tokens, false, interrupt)?;
             tokens.len()
         } else if tokens.is_empty() {
             ctx.ensure_logits(seq, interrupt)?;
             0
         } else {
-            ctx.append(seq, &tokens, true, interrupt)?;
+            ctx.append(seq, tokens, true, interrupt)?;
             tokens.len()
         };
         let stats = GenerationStats {

@@ -24,11 +24,13 @@ mod durable;
 mod error;
 mod generation;
 pub mod gguf;
+pub mod manager;
 mod model;
 mod params;
 mod sampling;
 mod session;
 pub mod session_format;
+pub mod store;
 mod text;
 
 pub use context::{
@@ -38,6 +40,7 @@ pub use context::{
 pub use error::{Error, ParamMismatch, Result};
 pub use generation::Generator;
 pub use llama_cpp_2::token::LlamaToken;
+pub use manager::{ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager};
 pub use model::{ChatMessage, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
 pub use sampling::SamplingParams;
@@ -45,6 +48,7 @@ pub use session::{
     inspect_session, inspect_session_bytes, params_from_record, Loaded, Metadata, SessionFormat,
     SessionInfo, SessionPlan,
 };
+pub use store::{DirectoryStore, SessionStore};
 
 /// This crate's version, as recorded in what it writes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

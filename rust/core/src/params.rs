@@ -34,6 +34,16 @@ impl KvType {
         }
     }
 
+    /// Bytes of one cache row of `width` values (ggml's block sizes: q8_0 stores 32 values in 34 bytes, q4_0
+    /// in 18).
+    pub fn row_bytes(self, width: usize) -> usize {
+        match self {
+            KvType::F16 => 2 * width,
+            KvType::Q8_0 => width.div_ceil(32) * 34,
+            KvType::Q4_0 => width.div_ceil(32) * 18,
+        }
+    }
+
     fn to_llama(self) -> KvCacheType {
         match self {
             KvType::F16 => KvCacheType::F16,

@@ -459,6 +459,16 @@ impl Context {
         self.restore_from(bytes, seq, "session bytes")
     }
 
+    /// [`Context::restore`] with `origin` naming the bytes in error messages (a file name, a store key).
+    pub fn restore_named(
+        &mut self,
+        bytes: &[u8],
+        seq: Option<SeqId>,
+        origin: &str,
+    ) -> Result<SessionInfo> {
+        self.restore_from(bytes, seq, origin)
+    }
+
     fn restore_from(
         &mut self,
         bytes: &[u8],

@@ -34,7 +34,7 @@ pub const CHECKSUM_LEN: usize = 16;
 /// Largest JSON header accepted (a header holds the token ids, about 7 bytes per token).
 pub const MAX_HEADER_LEN: usize = 256 << 20;
 /// Largest user metadata object, serialized.
-pub const MAX_METADATA_LEN: usize = 1 << 20;
+pub const MAX_METADATA_LEN: usize = 16 << 20;
 
 /// The llama.cpp build this crate is compiled against, as recorded in sessions. llama.cpp's state layout can
 /// change between builds without a version bump, so a session is only loaded by the build that wrote it
@@ -326,6 +326,62 @@ pub fn open(bytes: &[u8], origin: &str) -> Result<OpenedSession> {
         header_len,
         state_ranges,
         total_len: expected_len,
+    })
+}
+
+/// Length of the prelude plus the header announced by `prelude` (the first [`PRELUDE_LEN`] bytes), after
+/// checking the prelude; reading that many bytes gives [`read_header`] what it needs.
+pub fn header_end(prelude: &[u8], origin: &str) -> Result<usize> {
+    check_prelude(prelude, origin)?;
+    let header_len = u32::from_le_bytes(prelude[12..16].try_into().expect("4 bytes")) as usize;
+    Ok(PRELUDE_LEN + header_len)
+}
+
+fn check_prelude(bytes: &[u8], origin: &str) -> Result<()> {
+    let corrupt = |reason: String| Error::SessionCorrupt {
+        origin: origin.to_owned(),
+        reason,
+    };
+    if !bytes.starts_with(&MAGIC) || bytes.len() < PRELUDE_LEN {
+        return Err(corrupt(
+            "not a llama-sessions session, or truncated".to_owned(),
+        ));
+    }
+    let stored_check = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+    if xxh3_64(&bytes[0..24]) != stored_check {
+        return Err(corrupt(
+            "the prelude (version and lengths) does not match its check".to_owned(),
+        ));
+    }
+    let format_version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if format_version == 0 || format_version > FORMAT_VERSION {
+        return Err(Error::SessionVersion {
+            origin: origin.to_owned(),
+            reason: format!(
+                "written in session format version {format_version}, this build reads versions 1 to \
+                 {FORMAT_VERSION}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Parses the header from the first [`header_end`] bytes of a session, *without* the checksum over the state
+/// (for listings: a load still verifies everything).
+pub fn read_header(prefix: &[u8], origin: &str) -> Result<SessionHeader> {
+    let end = header_end(prefix, origin)?;
+    let header = prefix
+        .get(PRELUDE_LEN..end)
+        .ok_or_else(|| Error::SessionCorrupt {
+            origin: origin.to_owned(),
+            reason: format!(
+                "truncated inside the header ({} of {end} bytes)",
+                prefix.len()
+            ),
+        })?;
+    serde_json::from_slice(header).map_err(|e| Error::SessionCorrupt {
+        origin: origin.to_owned(),
+        reason: format!("the header is not a valid session header: {e}"),
     })
 }
 
