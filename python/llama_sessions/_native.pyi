@@ -1,10 +1,13 @@
 """Native core of llama_sessions (Rust, through PyO3). Import these names from ``llama_sessions``."""
 
+import builtins
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal, final
+
+from typing_extensions import disjoint_base
 
 __version__: str
 
@@ -378,3 +381,180 @@ def inspect_session(source: str | PathLike[str] | bytes | bytearray) -> SessionI
     A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); of a llama.cpp
     session file only the header can be checked.
     """
+
+@final
+class StoredSession:
+    """One stored session, as SessionManager.list() reports it. A file that cannot be read is listed with
+    ``error`` set and the other fields None."""
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+    @property
+    def file_size(self) -> int:
+        """Bytes of its file."""
+    @property
+    def token_count(self) -> int | None:
+        """Tokens held."""
+    @property
+    def created_at(self) -> datetime | None:
+        """When the session was created (aware UTC datetime)."""
+    @property
+    def updated_at(self) -> datetime | None:
+        """When it was last saved (aware UTC datetime)."""
+    @property
+    def version(self) -> int | None:
+        """The stored version: 1 after the first save, +1 per save."""
+    @property
+    def message_count(self) -> int | None:
+        """Chat messages in its history."""
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        """The metadata given to create_session()."""
+    @property
+    def error(self) -> str | None:
+        """Why the file could not be read (a corrupt file is reported here, not raised)."""
+
+@final
+class ChatStream(Iterator[str]):
+    """The answer of a chat turn, piece by piece, from SessionManager.stream_chat(). When it ends, the user
+    message and the answer join the session's history (and the session is saved if the manager autosaves)."""
+
+    def __iter__(self) -> ChatStream: ...
+    def __next__(self) -> str: ...
+
+@disjoint_base
+class SessionManager:
+    """Many named, persistent sessions for many users on one model. Use ``llama_sessions.SessionManager``
+    (this class plus asyncio variants)."""
+
+    def __new__(
+        cls,
+        model: Model,
+        session_dir: str | PathLike[str] = "./sessions",
+        params: ContextParams | None = None,
+        *,
+        max_live: int = 8,
+        autosave: bool = False,
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
+        n_threads: int | None = None,
+        type_k: KvType | None = None,
+        type_v: KvType | None = None,
+        flash_attn: bool | None = None,
+    ) -> SessionManager:
+        """Manage the sessions in ``session_dir`` (created if missing); every session's context uses
+        ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded; with ``autosave``
+        every chat turn is saved as it ends."""
+    @property
+    def model(self) -> Model:
+        """The model."""
+    @property
+    def session_dir(self) -> Path:
+        """The directory of the session files."""
+    @property
+    def params(self) -> ContextParams:
+        """The parameters of every session's context."""
+    @property
+    def max_live(self) -> int:
+        """Most sessions kept loaded in memory."""
+    @property
+    def autosave(self) -> bool:
+        """Whether every chat turn is saved as it ends."""
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
+        encoded system prompt instead), store_loads, store_saves, evictions."""
+    def create_session(
+        self, session_id: str, system_prompt: str | None = None, *, metadata: Mapping[str, Any] | None = None
+    ) -> Context:
+        """Create a session starting from ``system_prompt`` (formatted with the model's chat template), store
+        it and return its live Context. A system prompt this manager encoded before is restored, not decoded.
+
+        Raises SessionExistsError for an existing id, InvalidParameterError (a ValueError) for an invalid id:
+        1 to 128 bytes, no "/", "\\", ":", "@" or control characters, not starting with a dot.
+        """
+    def load(self, session_id: str) -> Context:
+        """The live Context of a session: from memory (no I/O), or read, verified and restored from its file.
+
+        Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session.
+        """
+    def load_or_create(self, session_id: str, system_prompt: str | None = None) -> Context:
+        """load(), or create_session() when the session does not exist."""
+    def save(self, session_id: str, context: Context | None = None) -> None:
+        """Save a session's live copy; raises SessionConflictError (writing nothing) if the stored version
+        changed since that copy was loaded. With ``context`` (not the live one), store that context under the
+        id instead, replacing what is stored."""
+    def delete(self, session_id: str) -> None:
+        """Delete a session and its checkpoints (SessionNotFoundError if there is none)."""
+    def exists(self, session_id: str) -> bool:
+        """Whether the session exists (live or stored)."""
+    def list(self) -> builtins.list[StoredSession]:
+        """Every stored session, sorted by id. Files that are not sessions are ignored; a corrupt session file
+        is listed with its error."""
+    def session_path(self, session_id: str) -> Path:
+        """The file of a session."""
+    def history(self, session_id: str) -> builtins.list[dict[str, str]]:
+        """The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``."""
+    def system_prompt(self, session_id: str) -> str | None:
+        """The system prompt the session started from."""
+    def chat(
+        self,
+        session_id: str,
+        user_message: str,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> str:
+        """One chat turn: the conversation is formatted with the model's chat template, only what the context
+        does not hold yet is decoded, the answer is generated and both messages join the history (saved when
+        the manager autosaves)."""
+    def stream_chat(
+        self,
+        session_id: str,
+        user_message: str,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> ChatStream:
+        """Like chat(), the answer arriving piece by piece."""
+    def generate_reusing_prefix(
+        self,
+        session_id: str,
+        prompt: str,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> tuple[str, int]:
+        """Generate after ``prompt``, the *whole* text the session's context should hold (a conversation
+        formatted from its start): only the part after the longest common prefix with what the context holds
+        is decoded, the rest of the context is dropped, as llama.cpp's server does. Returns the text and the
+        number of tokens reused. The chat history is not changed."""
+    def checkpoint(self, session_id: str, label: str) -> None:
+        """Store the session's state and history as checkpoint ``label``."""
+    def revert(self, session_id: str, label: str) -> None:
+        """Put the session back to checkpoint ``label``: state and history (SessionNotFoundError if none)."""
+    def checkpoints(self, session_id: str) -> builtins.list[str]:
+        """Labels of the session's checkpoints, sorted."""
+    def live_sessions(self) -> builtins.list[str]:
+        """Ids of the sessions loaded in memory, least recently used first."""
+    def live_kv_bytes(self) -> int:
+        """Bytes of KV cache allocated by the live sessions' contexts (n_ctx cells each, used or not)."""

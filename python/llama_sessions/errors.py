@@ -20,10 +20,13 @@ __all__ = [
     "LlamaSessionsError",
     "ModelFetchError",
     "ModelLoadError",
+    "SessionConflictError",
     "SessionCorruptError",
     "SessionError",
+    "SessionExistsError",
     "SessionInteropWarning",
     "SessionModelMismatchError",
+    "SessionNotFoundError",
     "SessionParamsMismatchError",
     "SessionVersionError",
     "StreamInvalidatedError",
@@ -82,9 +85,10 @@ class InternalError(LlamaSessionsError, RuntimeError):
 
 
 class SessionError(LlamaSessionsError):
-    """A session could not be loaded or restored. Nothing was loaded: the context is exactly as it was.
+    """A session could not be loaded, restored, found or saved.
 
-    Every check runs before a byte of the session reaches llama.cpp.
+    A failed load or restore loaded nothing: the context is exactly as it was (every check runs before a byte
+    of the session reaches llama.cpp). A failed save wrote nothing.
     """
 
 
@@ -119,3 +123,16 @@ class SessionVersionError(SessionError):
 class SessionInteropWarning(UserWarning):
     """A llama.cpp session file was loaded: it records neither the model nor the context parameters and has no
     checksum, so only llama.cpp's own checks applied."""
+
+
+class SessionNotFoundError(SessionError, LookupError):
+    """A SessionManager has no session (or checkpoint) of that id."""
+
+
+class SessionExistsError(SessionError):
+    """SessionManager.create_session was given the id of an existing session (use load_or_create)."""
+
+
+class SessionConflictError(SessionError):
+    """The stored session changed since this live copy was loaded: another process, or another copy, saved a
+    newer version. Nothing was written; load the session again to continue from the stored version."""

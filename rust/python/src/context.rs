@@ -5,7 +5,7 @@
 //! with the GIL released (inside `py.detach`), so a thread waiting for it never blocks the thread holding it,
 //! which needs the GIL briefly to check for Ctrl-C.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::path::PathBuf;
 
@@ -99,12 +99,13 @@ impl PyGenerationStats {
 /// continues where the context stands.
 #[pyclass(name = "Context", module = "llama_sessions._native", frozen)]
 pub struct PyContext {
-    inner: Mutex<Context>,
+    /// Shared with a SessionManager when the context is one of its live sessions.
+    pub(crate) inner: Arc<Mutex<Context>>,
     model: Py<PyModel>,
     last_stats: Mutex<Option<PyGenerationStats>>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic inside the core is turned into a Python exception by PyO3; the bookkeeping is checked after
     // every change to the KV cache, so the data behind a poisoned lock is still consistent.
     mutex
@@ -113,7 +114,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Turns a core result into a Python one; an interruption raises the exception the signal handler raised.
-fn finish<T>(result: Result<T, Error>, signals: &mut SignalCheck) -> PyResult<T> {
+pub(crate) fn finish<T>(result: Result<T, Error>, signals: &mut SignalCheck) -> PyResult<T> {
     result.map_err(|e| match e {
         Error::Interrupted => signals
             .take_raised()
@@ -123,7 +124,7 @@ fn finish<T>(result: Result<T, Error>, signals: &mut SignalCheck) -> PyResult<T>
 }
 
 #[allow(clippy::too_many_arguments)]
-fn options(
+pub(crate) fn options(
     max_tokens: i64,
     temperature: f32,
     top_k: i64,
@@ -159,6 +160,15 @@ fn options(
 }
 
 impl PyContext {
+    /// A Python Context over a context shared with the core (a SessionManager's live session).
+    pub(crate) fn shared(inner: Arc<Mutex<Context>>, model: Py<PyModel>) -> PyContext {
+        PyContext {
+            inner,
+            model,
+            last_stats: Mutex::new(None),
+        }
+    }
+
     fn record(&self, stats: PyGenerationStats) {
         *lock(&self.last_stats) = Some(stats);
     }
@@ -194,11 +204,7 @@ impl PyContext {
         let context = py
             .detach(|| Context::new(&core_model, params))
             .map_err(to_py)?;
-        Ok(PyContext {
-            inner: Mutex::new(context),
-            model,
-            last_stats: Mutex::new(None),
-        })
+        Ok(PyContext::shared(Arc::new(Mutex::new(context)), model))
     }
 
     /// The model this context reads with.
@@ -477,11 +483,7 @@ impl PyContext {
             .detach(|| Context::from_session(&core_model, &path, n_threads))
             .map_err(to_py)?;
         warn_all(py, &loaded.warnings)?;
-        Ok(PyContext {
-            inner: Mutex::new(context),
-            model,
-            last_stats: Mutex::new(None),
-        })
+        Ok(PyContext::shared(Arc::new(Mutex::new(context)), model))
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {

@@ -20,6 +20,9 @@ pyo3::import_exception!(llama_sessions.errors, SessionModelMismatchError);
 pyo3::import_exception!(llama_sessions.errors, SessionParamsMismatchError);
 pyo3::import_exception!(llama_sessions.errors, SessionVersionError);
 pyo3::import_exception!(llama_sessions.errors, SessionInteropWarning);
+pyo3::import_exception!(llama_sessions.errors, SessionNotFoundError);
+pyo3::import_exception!(llama_sessions.errors, SessionExistsError);
+pyo3::import_exception!(llama_sessions.errors, SessionConflictError);
 
 /// Converts a core error into the Python exception users catch.
 pub fn to_py(error: Error) -> PyErr {
@@ -60,6 +63,9 @@ pub fn to_py(error: Error) -> PyErr {
             error
         }
         Error::SessionVersion { .. } => SessionVersionError::new_err(message),
+        Error::SessionNotFound { .. } => SessionNotFoundError::new_err(message),
+        Error::SessionExists { .. } => SessionExistsError::new_err(message),
+        Error::SessionConflict { .. } => SessionConflictError::new_err(message),
         Error::Internal(_) => InternalError::new_err(message),
     }
 }

@@ -4,6 +4,7 @@
 mod context;
 mod errors;
 mod interrupt;
+mod manager;
 mod model;
 mod params;
 mod session;
@@ -19,6 +20,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<context::TokenStream>()?;
     m.add_class::<context::PyGenerationStats>()?;
     m.add_class::<session::PySessionInfo>()?;
+    m.add_class::<manager::PySessionManager>()?;
+    m.add_class::<manager::PyStoredSession>()?;
+    m.add_class::<manager::ChatStream>()?;
     m.add_function(wrap_pyfunction!(session::inspect_session, m)?)?;
     m.add("__version__", llama_sessions::VERSION)?;
     Ok(())

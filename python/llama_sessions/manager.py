@@ -1,0 +1,131 @@
+"""SessionManager: many named, persistent sessions for many users on one model, with asyncio variants.
+
+The logic lives in the Rust core (``llama_sessions._native.SessionManager``); this subclass adds the ``a*``
+coroutines, which run the native calls in worker threads (they release the GIL), so an event loop is never
+blocked by inference or I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from ._native import Context, StoredSession
+from ._native import SessionManager as _NativeSessionManager
+
+__all__ = ["SessionManager"]
+
+
+class SessionManager(_NativeSessionManager):
+    """Many named, persistent sessions on one model (see docs/manager.md).
+
+    Each session is a file ``<session_id>.session`` in ``session_dir`` holding the context's state, the chat
+    history and a version number. Up to ``max_live`` sessions stay loaded (least recently used first out,
+    saved before they go); a system prompt is encoded once per manager however many sessions start from it.
+    Saves are atomic and version-checked: a save over a version it did not load raises SessionConflictError
+    instead of silently dropping someone else's turn. Safe to share between threads and between processes
+    using one directory.
+    """
+
+    async def acreate_session(
+        self,
+        session_id: str,
+        system_prompt: str | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Context:
+        """create_session() without blocking the event loop."""
+        return await asyncio.to_thread(self.create_session, session_id, system_prompt, metadata=metadata)
+
+    async def aload(self, session_id: str) -> Context:
+        """load() without blocking the event loop."""
+        return await asyncio.to_thread(self.load, session_id)
+
+    async def aload_or_create(self, session_id: str, system_prompt: str | None = None) -> Context:
+        """load_or_create() without blocking the event loop."""
+        return await asyncio.to_thread(self.load_or_create, session_id, system_prompt)
+
+    async def asave(self, session_id: str, context: Context | None = None) -> None:
+        """save() without blocking the event loop."""
+        await asyncio.to_thread(self.save, session_id, context)
+
+    async def adelete(self, session_id: str) -> None:
+        """delete() without blocking the event loop."""
+        await asyncio.to_thread(self.delete, session_id)
+
+    async def alist(self) -> builtins.list[StoredSession]:
+        """list() without blocking the event loop."""
+        return await asyncio.to_thread(self.list)
+
+    async def acheckpoint(self, session_id: str, label: str) -> None:
+        """checkpoint() without blocking the event loop."""
+        await asyncio.to_thread(self.checkpoint, session_id, label)
+
+    async def arevert(self, session_id: str, label: str) -> None:
+        """revert() without blocking the event loop."""
+        await asyncio.to_thread(self.revert, session_id, label)
+
+    async def achat(
+        self,
+        session_id: str,
+        user_message: str,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> str:
+        """chat() without blocking the event loop."""
+        return await asyncio.to_thread(
+            self.chat,
+            session_id,
+            user_message,
+            max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+        )
+
+    async def astream_chat(
+        self,
+        session_id: str,
+        user_message: str,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> AsyncIterator[str]:
+        """stream_chat() as an async iterator: each piece is generated in a worker thread."""
+        stream = await asyncio.to_thread(
+            self.stream_chat,
+            session_id,
+            user_message,
+            max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+        )
+        while True:
+            piece = await asyncio.to_thread(next, stream, None)
+            if piece is None:
+                return
+            yield piece

@@ -1,0 +1,516 @@
+//! `llama_sessions._native.SessionManager` and its chat stream: conversions around the core's manager.
+//! The Python class `llama_sessions.SessionManager` subclasses it and adds the asyncio variants.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use llama_sessions::{
+    ChatTurn, DirectoryStore, Error, ListedSession, SessionManager, SessionStore,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::context::{finish, lock, options, PyContext};
+use crate::errors::to_py;
+use crate::interrupt::SignalCheck;
+use crate::model::PyModel;
+use crate::params::PyContextParams;
+use crate::session::metadata_from_py;
+
+/// Many named, persistent sessions for many users on one model.
+#[pyclass(
+    name = "SessionManager",
+    module = "llama_sessions._native",
+    subclass,
+    frozen
+)]
+pub struct PySessionManager {
+    inner: Arc<SessionManager>,
+    model: Py<PyModel>,
+    session_dir: PathBuf,
+}
+
+impl PySessionManager {
+    fn context(&self, py: Python<'_>, session: &llama_sessions::ManagedSession) -> PyContext {
+        PyContext::shared(Arc::clone(session.context()), self.model.clone_ref(py))
+    }
+}
+
+/// One stored session as `SessionManager.list()` reports it.
+#[pyclass(name = "StoredSession", module = "llama_sessions._native", frozen)]
+pub struct PyStoredSession {
+    listed: ListedSession,
+}
+
+fn datetime<'py>(py: Python<'py>, text: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    py.import("datetime")?
+        .getattr("datetime")?
+        .call_method1("fromisoformat", (text,))
+        .map(Some)
+}
+
+#[pymethods]
+impl PyStoredSession {
+    /// The session id.
+    #[getter]
+    fn id(&self) -> &str {
+        &self.listed.id
+    }
+
+    /// Bytes of its file.
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.listed.size
+    }
+
+    /// Tokens held, or None if the file could not be read.
+    #[getter]
+    fn token_count(&self) -> Option<usize> {
+        self.listed
+            .header
+            .as_ref()
+            .ok()
+            .map(|h| h.sequences.iter().map(|s| s.tokens.len()).sum())
+    }
+
+    /// When it was created (aware UTC datetime), or None.
+    #[getter]
+    fn created_at<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match self.listed.record() {
+            Some(record) if !record.created_at.is_empty() => datetime(py, &record.created_at),
+            _ => match &self.listed.header {
+                Ok(header) => datetime(py, &header.created_at),
+                Err(_) => Ok(None),
+            },
+        }
+    }
+
+    /// When it was last saved (aware UTC datetime), or None.
+    #[getter]
+    fn updated_at<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        match &self.listed.header {
+            Ok(header) => datetime(py, &header.created_at),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The stored version (1 after the first save), or None.
+    #[getter]
+    fn version(&self) -> Option<u64> {
+        self.listed.record().map(|r| r.version)
+    }
+
+    /// Chat messages in its history, or None.
+    #[getter]
+    fn message_count(&self) -> Option<usize> {
+        self.listed.record().map(|r| r.history.len())
+    }
+
+    /// The user's metadata, or None.
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Ok(header) = &self.listed.header else {
+            return Ok(None);
+        };
+        let mut metadata = header.metadata.clone();
+        metadata.remove(llama_sessions::manager::MANAGER_METADATA_KEY);
+        let text =
+            serde_json::to_string(&metadata).map_err(|e| to_py(Error::Internal(e.to_string())))?;
+        py.import("json")?.call_method1("loads", (text,)).map(Some)
+    }
+
+    /// Why the file could not be read (a corrupt file is reported here, not raised), or None.
+    #[getter]
+    fn error(&self) -> Option<&str> {
+        self.listed.header.as_ref().err().map(String::as_str)
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.listed.header {
+            Ok(_) => format!(
+                "StoredSession(id={:?}, tokens={}, file_size={})",
+                self.listed.id,
+                self.token_count().unwrap_or(0),
+                self.listed.size
+            ),
+            Err(e) => format!("StoredSession(id={:?}, error={e:?})", self.listed.id),
+        }
+    }
+}
+
+#[pymethods]
+impl PySessionManager {
+    /// Creates a manager of the sessions in `session_dir` (created if missing).
+    #[new]
+    #[pyo3(
+        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = false, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=False, n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        model: Py<PyModel>,
+        session_dir: PathBuf,
+        params: Option<&PyContextParams>,
+        max_live: i64,
+        autosave: bool,
+        n_ctx: Option<i64>,
+        n_batch: Option<i64>,
+        n_threads: Option<Bound<'_, PyAny>>,
+        type_k: Option<String>,
+        type_v: Option<String>,
+        flash_attn: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let base = PyContextParams {
+            inner: params.map(|p| p.inner.clone()).unwrap_or_default(),
+        };
+        let params = base
+            .replace(n_ctx, n_batch, n_threads, type_k, type_v, flash_attn, None)?
+            .inner;
+        let max_live = usize::try_from(max_live)
+            .map_err(|_| to_py(Error::invalid("max_live", "max_live >= 1", max_live)))?;
+        let core_model = model.get().inner.clone();
+        let dir = session_dir.clone();
+        let manager = py
+            .detach(|| -> Result<SessionManager, Error> {
+                let store: Arc<dyn SessionStore> = Arc::new(DirectoryStore::open(dir)?);
+                SessionManager::new(&core_model, params, store, max_live, autosave)
+            })
+            .map_err(to_py)?;
+        Ok(PySessionManager {
+            inner: Arc::new(manager),
+            model,
+            session_dir,
+        })
+    }
+
+    /// The model.
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<PyModel> {
+        self.model.clone_ref(py)
+    }
+
+    /// The directory of the session files.
+    #[getter]
+    fn session_dir(&self) -> PathBuf {
+        self.session_dir.clone()
+    }
+
+    /// The parameters of every session's context.
+    #[getter]
+    fn params(&self) -> PyContextParams {
+        PyContextParams {
+            inner: self.inner.params().clone(),
+        }
+    }
+
+    /// Most sessions kept loaded in memory.
+    #[getter]
+    fn max_live(&self) -> usize {
+        self.inner.max_live()
+    }
+
+    /// Whether every chat turn is saved as it ends.
+    #[getter]
+    fn autosave(&self) -> bool {
+        self.inner.autosave()
+    }
+
+    /// Creates a session, stores it, and returns its live Context.
+    #[pyo3(signature = (session_id, system_prompt = None, *, metadata = None))]
+    fn create_session(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        system_prompt: Option<&str>,
+        metadata: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<PyContext> {
+        let metadata = metadata_from_py(py, metadata)?;
+        let session = py
+            .detach(|| {
+                self.inner
+                    .create_session(session_id, system_prompt, metadata)
+            })
+            .map_err(to_py)?;
+        Ok(self.context(py, &session))
+    }
+
+    /// The live Context of a session, from memory or from its file.
+    fn load(&self, py: Python<'_>, session_id: &str) -> PyResult<PyContext> {
+        let session = py.detach(|| self.inner.load(session_id)).map_err(to_py)?;
+        Ok(self.context(py, &session))
+    }
+
+    /// load(), or create_session() when the session does not exist.
+    #[pyo3(signature = (session_id, system_prompt = None))]
+    fn load_or_create(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        system_prompt: Option<&str>,
+    ) -> PyResult<PyContext> {
+        let session = py
+            .detach(|| self.inner.load_or_create(session_id, system_prompt))
+            .map_err(to_py)?;
+        Ok(self.context(py, &session))
+    }
+
+    /// Saves a session: its live copy, or `context` stored under that id.
+    #[pyo3(signature = (session_id, context = None))]
+    fn save(&self, py: Python<'_>, session_id: &str, context: Option<&PyContext>) -> PyResult<()> {
+        let shared = context.map(|c| Arc::clone(&c.inner));
+        py.detach(|| match &shared {
+            None => self.inner.save(session_id),
+            Some(context) => self.inner.save_context(session_id, context),
+        })
+        .map_err(to_py)
+    }
+
+    /// Deletes a session and its checkpoints.
+    fn delete(&self, py: Python<'_>, session_id: &str) -> PyResult<()> {
+        py.detach(|| self.inner.delete(session_id)).map_err(to_py)
+    }
+
+    /// Whether the session exists.
+    fn exists(&self, py: Python<'_>, session_id: &str) -> PyResult<bool> {
+        py.detach(|| self.inner.exists(session_id)).map_err(to_py)
+    }
+
+    /// Every stored session, sorted by id.
+    fn list(&self, py: Python<'_>) -> PyResult<Vec<PyStoredSession>> {
+        let listed = py.detach(|| self.inner.list()).map_err(to_py)?;
+        Ok(listed
+            .into_iter()
+            .map(|listed| PyStoredSession { listed })
+            .collect())
+    }
+
+    /// The file of a session.
+    fn session_path(&self, session_id: &str) -> PyResult<PathBuf> {
+        self.inner
+            .session_path(session_id)
+            .map_err(to_py)?
+            .ok_or_else(|| to_py(Error::Internal("the store has no paths".to_owned())))
+    }
+
+    /// The conversation of a session after its system prompt.
+    fn history<'py>(&self, py: Python<'py>, session_id: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let session = py.detach(|| self.inner.load(session_id)).map_err(to_py)?;
+        session
+            .history()
+            .into_iter()
+            .map(|m| {
+                let dict = PyDict::new(py);
+                dict.set_item("role", m.role)?;
+                dict.set_item("content", m.content)?;
+                Ok(dict)
+            })
+            .collect()
+    }
+
+    /// The system prompt a session started from.
+    fn system_prompt(&self, py: Python<'_>, session_id: &str) -> PyResult<Option<String>> {
+        let session = py.detach(|| self.inner.load(session_id)).map_err(to_py)?;
+        Ok(session.system_prompt())
+    }
+
+    /// One chat turn; returns the answer.
+    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        user_message: &str,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u32>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<String> {
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let mut signals = SignalCheck::new();
+        let result = py.detach(|| {
+            self.inner
+                .chat(session_id, user_message, options, &mut signals)
+        });
+        Ok(finish(result, &mut signals)?.text)
+    }
+
+    /// One chat turn whose answer arrives piece by piece.
+    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream_chat(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        user_message: &str,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u32>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<ChatStream> {
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let mut signals = SignalCheck::new();
+        let result = py.detach(|| {
+            self.inner
+                .start_chat(session_id, user_message, options, &mut signals)
+        });
+        let turn = finish(result, &mut signals)?;
+        Ok(ChatStream {
+            manager: Arc::clone(&self.inner),
+            turn: Mutex::new(Some(turn)),
+        })
+    }
+
+    /// Generates after `prompt`, the whole text the session's context should hold; only the part after the
+    /// longest common prefix with what it holds is decoded. Returns the text and the tokens reused.
+    #[pyo3(signature = (session_id, prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_reusing_prefix(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        prompt: &str,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<u32>,
+        stop: Option<Vec<String>>,
+    ) -> PyResult<(String, usize)> {
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let mut signals = SignalCheck::new();
+        let result = py.detach(|| {
+            self.inner
+                .generate_reusing_prefix(session_id, prompt, options, &mut signals)
+        });
+        let (generation, reused) = finish(result, &mut signals)?;
+        Ok((generation.text, reused))
+    }
+
+    /// Stores the session's state and history as checkpoint `label`.
+    fn checkpoint(&self, py: Python<'_>, session_id: &str, label: &str) -> PyResult<()> {
+        py.detach(|| self.inner.checkpoint(session_id, label))
+            .map_err(to_py)
+    }
+
+    /// Puts the session back to checkpoint `label` (state and history).
+    fn revert(&self, py: Python<'_>, session_id: &str, label: &str) -> PyResult<()> {
+        py.detach(|| self.inner.revert(session_id, label))
+            .map_err(to_py)
+    }
+
+    /// Labels of the session's checkpoints, sorted.
+    fn checkpoints(&self, py: Python<'_>, session_id: &str) -> PyResult<Vec<String>> {
+        py.detach(|| self.inner.checkpoints(session_id))
+            .map_err(to_py)
+    }
+
+    /// Ids of the sessions loaded in memory, least recently used first.
+    fn live_sessions(&self) -> Vec<String> {
+        self.inner.live_ids()
+    }
+
+    /// Bytes of KV cache allocated by the live sessions' contexts.
+    fn live_kv_bytes(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.inner.live_kv_bytes())
+    }
+
+    /// Counters: prefill_tokens, prefix_reuses, store_loads, store_saves, evictions.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.inner.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("prefill_tokens", stats.prefill_tokens)?;
+        dict.set_item("prefix_reuses", stats.prefix_reuses)?;
+        dict.set_item("store_loads", stats.store_loads)?;
+        dict.set_item("store_saves", stats.store_saves)?;
+        dict.set_item("evictions", stats.evictions)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SessionManager(session_dir={:?}, max_live={}, live={})",
+            self.session_dir.display().to_string(),
+            self.inner.max_live(),
+            self.inner.live_ids().len()
+        )
+    }
+}
+
+/// The answer of a chat turn, piece by piece; the turn joins the history when the stream ends.
+#[pyclass(module = "llama_sessions._native", frozen)]
+pub struct ChatStream {
+    manager: Arc<SessionManager>,
+    turn: Mutex<Option<ChatTurn>>,
+}
+
+#[pymethods]
+impl ChatStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let mut signals = SignalCheck::new();
+        let result = py.detach(|| {
+            let mut slot = lock(&self.turn);
+            let Some(turn) = slot.as_mut() else {
+                return Ok(None);
+            };
+            match turn.next_piece(&mut signals) {
+                Ok(Some(piece)) => Ok(Some(piece)),
+                Ok(None) => {
+                    let turn = slot.take().expect("checked above");
+                    turn.finish(&self.manager).map(|_| None)
+                }
+                Err(e) => {
+                    *slot = None;
+                    Err(e)
+                }
+            }
+        });
+        finish(result, &mut signals)
+    }
+}
