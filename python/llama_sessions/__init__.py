@@ -24,7 +24,10 @@ from ._native import (
     StoredSession,
     TokenStream,
     __version__,
+    delete_session,
     inspect_session,
+    list_sessions,
+    validate_session_id,
 )
 from .errors import (
     ChatTemplateError,
@@ -83,5 +86,8 @@ __all__ = [
     "__version__",
     "cache_dir",
     "default_model_path",
+    "delete_session",
     "inspect_session",
+    "list_sessions",
+    "validate_session_id",
 ]

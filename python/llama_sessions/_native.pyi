@@ -558,3 +558,15 @@ class SessionManager:
         """Ids of the sessions loaded in memory, least recently used first."""
     def live_kv_bytes(self) -> int:
         """Bytes of KV cache allocated by the live sessions' contexts (n_ctx cells each, used or not)."""
+
+def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
+    """Every stored session in ``session_dir``, sorted by id, read without a model (headers only; a load
+    verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error."""
+
+def delete_session(session_dir: str | PathLike[str], session_id: str) -> None:
+    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock),
+    without a model. SessionNotFoundError if there is none."""
+
+def validate_session_id(session_id: str) -> None:
+    """Raise InvalidParameterError (a ValueError) unless ``session_id`` can name a session: 1 to 128 bytes, no
+    "/", "\\", ":", "@" or control characters, not starting with a dot or a space."""

@@ -18,8 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._fetch import default_model_path
-from ._native import Context, Model, SessionInfo, inspect_session
-from .errors import LlamaSessionsError
+from ._native import (
+    Context,
+    Model,
+    SessionInfo,
+    delete_session,
+    inspect_session,
+    list_sessions,
+    validate_session_id,
+)
+from .errors import LlamaSessionsError, SessionNotFoundError
+from .manager import SessionManager
 
 #: A long system prompt, as a real assistant would have: the cost of reading it is what sessions save.
 DEMO_SYSTEM_PROMPT = """You are Atlas, the support assistant of a small company that builds weather stations.
@@ -217,6 +226,82 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat(args: argparse.Namespace) -> int:
+    """An interactive chat whose conversation persists in a session file, resumed when it exists."""
+    model = Model.load(_model_path(args.model))
+    manager = SessionManager(model, args.dir, n_ctx=args.n_ctx, autosave=True)
+    started = time.perf_counter()
+    if manager.exists(args.session):
+        ctx = manager.load(args.session)
+        turns = len(manager.history(args.session)) // 2
+        print(
+            f"resumed   {args.session}: {ctx.token_count()} tokens, {turns} turns, in "
+            f"{(time.perf_counter() - started) * 1000:.0f} ms",
+            file=sys.stderr,
+        )
+    else:
+        ctx = manager.create_session(args.session, args.system)
+        print(
+            f"created   {args.session} ({ctx.token_count()} tokens of system prompt) in "
+            f"{(time.perf_counter() - started) * 1000:.0f} ms",
+            file=sys.stderr,
+        )
+    print("Type a message; an empty line or end of input quits. Every turn is saved.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        print("assistant> ", end="", flush=True)
+        for piece in manager.stream_chat(args.session, line, args.max_tokens, temperature=args.temperature):
+            print(piece, end="", flush=True)
+        print()
+    print(f"saved     {manager.session_path(args.session)}", file=sys.stderr)
+    return 0
+
+
+def sessions(args: argparse.Namespace) -> int:
+    """List, show or delete the sessions in a directory."""
+    if not Path(args.dir).is_dir():
+        print(f"llama-sessions: no session directory {args.dir}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        print(f"{'id':<24} {'tokens':>7} {'messages':>8} {'bytes':>12}  updated")
+        for stored in list_sessions(args.dir):
+            if stored.error is not None:
+                print(f"{stored.id:<24} unreadable: {stored.error}")
+                continue
+            updated = stored.updated_at
+            print(
+                f"{stored.id:<24} {stored.token_count:>7} {stored.message_count:>8} {stored.file_size:>12,}  "
+                f"{updated.isoformat(timespec='seconds') if updated else '-'}"
+            )
+        return 0
+    if not args.session_id:
+        print(f"llama-sessions: sessions {args.action} needs a session id", file=sys.stderr)
+        return 2
+    validate_session_id(args.session_id)
+    if args.action == "show":
+        path = Path(args.dir) / f"{args.session_id}.session"
+        if not path.is_file():
+            raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
+        info = inspect_session(path)
+        print("\n".join(_describe(info)))
+        manager_record = info.metadata.get("llama_sessions.manager")
+        if isinstance(manager_record, dict):
+            print(f"version       {manager_record.get('version')}")
+            if manager_record.get("system_prompt"):
+                print(f"system        {manager_record['system_prompt']}")
+            for message in manager_record.get("history", []):
+                print(f"{message['role']:<13} {message['content']}")
+        return 0
+    delete_session(args.dir, args.session_id)
+    print(f"deleted   {args.session_id}")
+    return 0
+
+
 def fetch_model(args: argparse.Namespace) -> int:
     """Put the default model in the cache and print its path."""
     print(default_model_path(progress=True))
@@ -247,6 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify_parser.add_argument("file", help="a session file")
     verify_parser.add_argument("--model", help="also load the session into a context of this GGUF model")
     verify_parser.set_defaults(run=verify)
+    chat_parser = commands.add_parser("chat", help="an interactive chat that persists and resumes")
+    chat_parser.add_argument("--session", required=True, help="session id (its file: DIR/ID.session)")
+    chat_parser.add_argument("--system", help="system prompt of a new session")
+    chat_parser.add_argument("--model", help="GGUF file (default: the default model)")
+    chat_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
+    chat_parser.add_argument("--n-ctx", type=int, default=4096, help="context size of a new session")
+    chat_parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+    chat_parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    chat_parser.set_defaults(run=chat)
+    sessions_parser = commands.add_parser("sessions", help="list, show or delete stored sessions")
+    sessions_parser.add_argument("action", choices=["list", "show", "delete"])
+    sessions_parser.add_argument("session_id", nargs="?", help="for show and delete")
+    sessions_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
+    sessions_parser.set_defaults(run=sessions)
     fetch_parser = commands.add_parser("fetch-model", help="cache the default model and print its path")
     fetch_parser.set_defaults(run=fetch_model)
     return parser
@@ -257,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.run(args)
-    except (LlamaSessionsError, OSError) as error:
+    except (LlamaSessionsError, OSError, ValueError) as error:
         print(f"llama-sessions: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

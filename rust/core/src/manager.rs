@@ -632,49 +632,15 @@ impl SessionManager {
             live.retain(|s| s.id != id);
             before != live.len()
         };
-        let _key = self.store.lock(id)?;
-        let stored = self.store.delete(id)?;
-        for label in self.checkpoint_labels(id)? {
-            self.store.delete(&checkpoint_key(id, &label))?;
+        match delete_stored_session(self.store.as_ref(), id) {
+            Err(Error::SessionNotFound { .. }) if was_live => Ok(()),
+            other => other,
         }
-        if !stored && !was_live {
-            return Err(Error::SessionNotFound { id: id.to_owned() });
-        }
-        Ok(())
     }
 
-    /// Every stored session (checkpoints excluded), sorted by id. A file that cannot be read is listed with
-    /// the reason instead of a header; files that are not sessions are not listed.
+    /// Every stored session (checkpoints excluded), sorted by id; see [`list_stored_sessions`].
     pub fn list(&self) -> Result<Vec<ListedSession>> {
-        let mut out = Vec::new();
-        for entry in self.store.list()? {
-            if entry.key.contains(CHECKPOINT_SEPARATOR) || validate_session_id(&entry.key).is_err()
-            {
-                continue;
-            }
-            let header = self.read_stored_header(&entry.key);
-            out.push(ListedSession {
-                id: entry.key,
-                size: entry.size,
-                header: header.map_err(|e| e.to_string()),
-            });
-        }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
-    }
-
-    fn read_stored_header(&self, key: &str) -> Result<SessionHeader> {
-        let origin = self
-            .store
-            .location(key)
-            .map_or_else(|| key.to_owned(), |p| p.display().to_string());
-        let prelude = self
-            .store
-            .get_prefix(key, format::PRELUDE_LEN)?
-            .ok_or_else(|| Error::SessionNotFound { id: key.to_owned() })?;
-        let end = format::header_end(&prelude, &origin)?;
-        let prefix = self.store.get_prefix(key, end)?.unwrap_or_default();
-        format::read_header(&prefix, &origin)
+        list_stored_sessions(self.store.as_ref())
     }
 
     /// One chat turn on session `id`: `user_message` is formatted with the model's chat template after the
@@ -800,16 +766,66 @@ impl SessionManager {
     }
 
     fn checkpoint_labels(&self, id: &str) -> Result<Vec<String>> {
-        let prefix = format!("{id}{CHECKPOINT_SEPARATOR}");
-        let mut labels: Vec<String> = self
-            .store
-            .list()?
-            .into_iter()
-            .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_owned))
-            .collect();
-        labels.sort();
-        Ok(labels)
+        checkpoint_labels(self.store.as_ref(), id)
     }
+}
+
+fn checkpoint_labels(store: &dyn SessionStore, id: &str) -> Result<Vec<String>> {
+    let prefix = format!("{id}{CHECKPOINT_SEPARATOR}");
+    let mut labels: Vec<String> = store
+        .list()?
+        .into_iter()
+        .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    labels.sort();
+    Ok(labels)
+}
+
+/// Deletes stored session `id` and its checkpoints, holding its lock; no model needed (the CLI's
+/// `sessions delete`). A live copy in some manager is not affected.
+pub fn delete_stored_session(store: &dyn SessionStore, id: &str) -> Result<()> {
+    validate_session_id(id)?;
+    let _key = store.lock(id)?;
+    let stored = store.delete(id)?;
+    for label in checkpoint_labels(store, id)? {
+        store.delete(&checkpoint_key(id, &label))?;
+    }
+    if !stored {
+        return Err(Error::SessionNotFound { id: id.to_owned() });
+    }
+    Ok(())
+}
+
+/// Every stored session (checkpoints excluded), sorted by id, read from the headers only (a load still
+/// verifies everything). A file that cannot be read is listed with the reason; files that are not sessions
+/// are not listed. No model needed.
+pub fn list_stored_sessions(store: &dyn SessionStore) -> Result<Vec<ListedSession>> {
+    let mut out = Vec::new();
+    for entry in store.list()? {
+        if entry.key.contains(CHECKPOINT_SEPARATOR) || validate_session_id(&entry.key).is_err() {
+            continue;
+        }
+        let header = read_stored_header(store, &entry.key);
+        out.push(ListedSession {
+            id: entry.key,
+            size: entry.size,
+            header: header.map_err(|e| e.to_string()),
+        });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+fn read_stored_header(store: &dyn SessionStore, key: &str) -> Result<SessionHeader> {
+    let origin = store
+        .location(key)
+        .map_or_else(|| key.to_owned(), |p| p.display().to_string());
+    let prelude = store
+        .get_prefix(key, format::PRELUDE_LEN)?
+        .ok_or_else(|| Error::SessionNotFound { id: key.to_owned() })?;
+    let end = format::header_end(&prelude, &origin)?;
+    let prefix = store.get_prefix(key, end)?.unwrap_or_default();
+    format::read_header(&prefix, &origin)
 }
 
 fn checkpoint_key(id: &str, label: &str) -> String {

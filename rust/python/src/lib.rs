@@ -23,6 +23,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<manager::PySessionManager>()?;
     m.add_class::<manager::PyStoredSession>()?;
     m.add_class::<manager::ChatStream>()?;
+    m.add_function(wrap_pyfunction!(manager::list_sessions, m)?)?;
+    m.add_function(wrap_pyfunction!(manager::delete_session, m)?)?;
+    m.add_function(wrap_pyfunction!(manager::validate_session_id, m)?)?;
     m.add_function(wrap_pyfunction!(session::inspect_session, m)?)?;
     m.add("__version__", llama_sessions::VERSION)?;
     Ok(())

@@ -514,3 +514,34 @@ impl ChatStream {
         finish(result, &mut signals)
     }
 }
+
+/// Every stored session in `session_dir`, sorted by id, read without a model (headers only).
+#[pyfunction]
+pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PyStoredSession>> {
+    let listed = py
+        .detach(|| {
+            let store = DirectoryStore::open(session_dir)?;
+            llama_sessions::manager::list_stored_sessions(&store)
+        })
+        .map_err(to_py)?;
+    Ok(listed
+        .into_iter()
+        .map(|listed| PyStoredSession { listed })
+        .collect())
+}
+
+/// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock; no model needed.
+#[pyfunction]
+pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) -> PyResult<()> {
+    py.detach(|| {
+        let store = DirectoryStore::open(session_dir)?;
+        llama_sessions::manager::delete_stored_session(&store, session_id)
+    })
+    .map_err(to_py)
+}
+
+/// Raises InvalidParameterError (a ValueError) unless `session_id` can name a session.
+#[pyfunction]
+pub fn validate_session_id(session_id: &str) -> PyResult<()> {
+    llama_sessions::manager::validate_session_id(session_id).map_err(to_py)
+}
