@@ -1,0 +1,75 @@
+"""`llama-sessions chat` and `llama-sessions sessions`, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from llama_sessions import list_sessions
+
+from conftest import run_cli
+
+
+def chat(
+    directory: pathlib.Path, model_path: pathlib.Path, *args: str, lines: str
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
+    return subprocess.run(
+        [sys.executable, "-m", "llama_sessions", "chat", "--dir", str(directory), "--n-ctx", "1024", *args],
+        input=lines,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_chat_persists_and_resumes(tmp_path: pathlib.Path, model_path: pathlib.Path) -> None:
+    first = chat(
+        tmp_path,
+        model_path,
+        "--session",
+        "ada",
+        "--system",
+        "You are terse.",
+        "--max-tokens",
+        "8",
+        lines="Name a color.\nName an animal.\n",
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("assistant> ") == 2
+    assert "created   ada" in first.stderr
+    second = chat(tmp_path, model_path, "--session", "ada", "--max-tokens", "8", lines="Name a city.\n")
+    assert second.returncode == 0, second.stderr
+    assert "resumed   ada: " in second.stderr and ", 2 turns, in " in second.stderr
+    [stored] = list_sessions(tmp_path)
+    assert stored.id == "ada" and stored.message_count == 6 and stored.version == 4
+
+    listed = run_cli("sessions", "list", "--dir", str(tmp_path), model_path=model_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:3] == ["ada", str(stored.token_count), "6"]
+    shown = run_cli("sessions", "show", "ada", "--dir", str(tmp_path), model_path=model_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "system        You are terse." in shown.stdout
+    assert "user          Name a city." in shown.stdout
+    deleted = run_cli("sessions", "delete", "ada", "--dir", str(tmp_path), model_path=model_path)
+    assert deleted.returncode == 0 and deleted.stdout.strip() == "deleted   ada"
+    assert list_sessions(tmp_path) == []
+    again = run_cli("sessions", "delete", "ada", "--dir", str(tmp_path), model_path=model_path)
+    assert again.returncode == 1
+    assert again.stderr.startswith("llama-sessions: SessionNotFoundError: ")
+
+
+def test_sessions_rejects_hostile_ids(tmp_path: pathlib.Path, model_path: pathlib.Path) -> None:
+    (tmp_path / "x.session").write_bytes(b"not a session")
+    for bad in ("../x", "/etc/passwd", "a/b"):
+        result = run_cli("sessions", "delete", bad, "--dir", str(tmp_path), model_path=model_path)
+        assert result.returncode == 1
+        assert result.stderr.startswith("llama-sessions: InvalidParameterError: invalid session_id")
+    assert (tmp_path / "x.session").exists()
+    listed = run_cli("sessions", "list", "--dir", str(tmp_path), model_path=model_path)
+    assert listed.returncode == 0
+    assert "x                        unreadable: " in listed.stdout
