@@ -1,8 +1,11 @@
 //! Files that are either entirely the old version or entirely the new one.
 //!
-//! A write goes to a temporary file in the target's directory (on Linux an unnamed `O_TMPFILE`, so a killed
-//! writer leaves nothing behind), is fsynced, renamed over the target, and the directory is fsynced:
-//! `atomic-write-file` does exactly that.
+//! A write goes to a temporary file in the target's directory (on Linux an unnamed `O_TMPFILE`, so a writer
+//! killed while writing leaves nothing behind), is fsynced, renamed over the target, and the directory is
+//! fsynced: `atomic-write-file` does exactly that. To rename, it first links the file under a random name
+//! (`.<name>.XXXXXX`) and renames that a moment later; a writer killed in between leaves that name behind
+//! (the target is intact). Such leftovers never collide with a later write (names are random, created
+//! exclusively), and every write removes the stale ones of its target.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -36,7 +39,70 @@ pub(crate) fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<()> {
     }
     // An error here drops `file`, which discards the temporary file and leaves the target as it was.
     file.commit()
-        .map_err(io_error("commit (fsync and rename)", path))
+        .map_err(io_error("commit (fsync and rename)", path))?;
+    remove_stale_temporaries(path);
+    Ok(())
+}
+
+/// A temporary name is linked and renamed within microseconds; one whose inode changed longer ago than this
+/// belongs to a writer that died between the two calls.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Removes what killed writers left of `path`: `.<name>.XXXXXX` files (`atomic-write-file`'s temporary names)
+/// whose inode has not changed for [`STALE_AFTER`]. Best effort: errors are ignored.
+fn remove_stale_temporaries(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(suffix) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if suffix.len() != 6 || !suffix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            continue;
+        }
+        if is_stale(&entry) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(unix)]
+fn is_stale(entry: &std::fs::DirEntry) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = entry.metadata() else {
+        return false;
+    };
+    // ctime changes when the name is linked, so it dates the link, not the (possibly long) write before it.
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(meta.ctime()).unwrap_or(0),
+            u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+        );
+    meta.is_file()
+        && std::time::SystemTime::now()
+            .duration_since(changed)
+            .is_ok_and(|age| age > STALE_AFTER)
+}
+
+#[cfg(not(unix))]
+fn is_stale(entry: &std::fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age > STALE_AFTER)
 }
 
 /// Reads the whole file into one buffer.

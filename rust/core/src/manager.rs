@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -151,6 +151,38 @@ pub struct ManagedSession {
     id: String,
     context: Arc<Mutex<Context>>,
     record: Mutex<Record>,
+    /// True while a chat turn runs: turns of one session take turns, even when a turn is streamed over many
+    /// calls from different threads.
+    turn_in_progress: Mutex<bool>,
+    turn_ended: Condvar,
+}
+
+/// The right to run a chat turn on a session; released when dropped.
+struct TurnPermit {
+    session: Arc<ManagedSession>,
+}
+
+impl TurnPermit {
+    fn acquire(session: &Arc<ManagedSession>) -> TurnPermit {
+        let mut busy = lock(&session.turn_in_progress);
+        while *busy {
+            busy = session
+                .turn_ended
+                .wait(busy)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *busy = true;
+        TurnPermit {
+            session: Arc::clone(session),
+        }
+    }
+}
+
+impl Drop for TurnPermit {
+    fn drop(&mut self) {
+        *lock(&self.session.turn_in_progress) = false;
+        self.session.turn_ended.notify_one();
+    }
 }
 
 impl std::fmt::Debug for ManagedSession {
@@ -379,6 +411,8 @@ impl SessionManager {
         let session = Arc::new(ManagedSession {
             id: id.to_owned(),
             context: Arc::new(Mutex::new(context)),
+            turn_in_progress: Mutex::new(false),
+            turn_ended: Condvar::new(),
             record: Mutex::new(Record {
                 manager: ManagerRecord {
                     version: 0,
@@ -461,6 +495,8 @@ impl SessionManager {
         let session = Arc::new(ManagedSession {
             id: id.to_owned(),
             context: Arc::new(Mutex::new(context)),
+            turn_in_progress: Mutex::new(false),
+            turn_ended: Condvar::new(),
             record: Mutex::new(Record {
                 stored_version: manager.version,
                 manager,
@@ -535,7 +571,19 @@ impl SessionManager {
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let mut record = lock(&session.record);
         let context = lock(&session.context);
-        self.store_locked(id, &mut record, &context)
+        let stored = self.store_locked(id, &mut record, &context);
+        drop(context);
+        drop(record);
+        self.forget_if_conflict(&session, stored)
+    }
+
+    /// After a conflict the live copy is stale: it leaves the live set, so that the next `load` reads the
+    /// stored version (the error tells the caller; nothing is dropped silently).
+    fn forget_if_conflict(&self, session: &Arc<ManagedSession>, result: Result<()>) -> Result<()> {
+        if let Err(Error::SessionConflict { .. }) = &result {
+            lock(&self.live).retain(|s| !Arc::ptr_eq(s, session));
+        }
+        result
     }
 
     /// Saves `context` as session `id`, replacing what is stored (whatever its version) and the live copy:
@@ -559,15 +607,27 @@ impl SessionManager {
                     dirty: true,
                 }
             }
-            None => Record {
-                manager: ManagerRecord {
-                    created_at: now(),
-                    ..ManagerRecord::default()
-                },
-                user_metadata: Metadata::new(),
-                stored_version: 0,
-                dirty: true,
-            },
+            None => {
+                // Keep what the stored session recorded (history, system prompt, metadata, creation time).
+                let (manager, user_metadata) = match read_stored_header(self.store.as_ref(), id) {
+                    Ok(header) => split_metadata(header.metadata),
+                    Err(_) => (ManagerRecord::default(), Metadata::new()),
+                };
+                let created_at = if manager.created_at.is_empty() {
+                    now()
+                } else {
+                    manager.created_at.clone()
+                };
+                Record {
+                    manager: ManagerRecord {
+                        created_at,
+                        ..manager
+                    },
+                    user_metadata,
+                    stored_version: 0,
+                    dirty: true,
+                }
+            }
         };
         {
             let _key = self.store.lock(id)?;
@@ -671,6 +731,7 @@ impl SessionManager {
         interrupt: &mut dyn Interrupt,
     ) -> Result<ChatTurn> {
         let session = self.load(id)?;
+        let permit = TurnPermit::acquire(&session);
         let generator = {
             let record = lock(&session.record);
             let mut context = lock(&session.context);
@@ -684,6 +745,7 @@ impl SessionManager {
             user_message: user_message.to_owned(),
             generator,
             text: String::new(),
+            _permit: permit,
         })
     }
 
@@ -754,7 +816,10 @@ impl SessionManager {
         record.user_metadata = user_metadata;
         record.dirty = true;
         if self.autosave {
-            self.store_locked(id, &mut record, &context)?;
+            let stored = self.store_locked(id, &mut record, &context);
+            drop(context);
+            drop(record);
+            self.forget_if_conflict(&session, stored)?;
         }
         Ok(())
     }
@@ -838,6 +903,8 @@ pub struct ChatTurn {
     user_message: String,
     generator: Generator,
     text: String,
+    /// Held until the turn is finished or dropped, so that turns of one session never interleave.
+    _permit: TurnPermit,
 }
 
 impl std::fmt::Debug for ChatTurn {
@@ -875,7 +942,10 @@ impl ChatTurn {
         record.dirty = true;
         if manager.autosave {
             let context = lock(&self.session.context);
-            manager.store_locked(&self.session.id, &mut record, &context)?;
+            let stored = manager.store_locked(&self.session.id, &mut record, &context);
+            drop(context);
+            drop(record);
+            manager.forget_if_conflict(&self.session, stored)?;
         }
         Ok(self.generator.into_generation(self.text))
     }

@@ -280,16 +280,8 @@ fn param_mismatches(saved: &ParamsRecord, current: &ParamsRecord) -> Vec<ParamMi
         saved.n_batch.to_string(),
         current.n_batch.to_string(),
     );
-    check(
-        "type_k",
-        format!("{:?}", saved.type_k),
-        format!("{:?}", current.type_k),
-    );
-    check(
-        "type_v",
-        format!("{:?}", saved.type_v),
-        format!("{:?}", current.type_v),
-    );
+    check("type_k", saved.type_k.clone(), current.type_k.clone());
+    check("type_v", saved.type_v.clone(), current.type_v.clone());
     check(
         "flash_attn",
         py_bool(saved.flash_attn),
