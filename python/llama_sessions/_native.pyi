@@ -483,8 +483,9 @@ class SessionManager:
         """load(), or create_session() when the session does not exist."""
     def save(self, session_id: str, context: Context | None = None) -> None:
         """Save a session's live copy; raises SessionConflictError (writing nothing) if the stored version
-        changed since that copy was loaded. With ``context`` (not the live one), store that context under the
-        id instead, replacing what is stored."""
+        changed since that copy was loaded: the stale copy then leaves memory, so the next load() reads the
+        stored version. With ``context`` (not the live one), store that context under the id instead,
+        replacing what is stored (an existing session's history, system prompt and metadata are kept)."""
     def delete(self, session_id: str) -> None:
         """Delete a session and its checkpoints (SessionNotFoundError if there is none)."""
     def exists(self, session_id: str) -> bool:
@@ -514,7 +515,7 @@ class SessionManager:
     ) -> str:
         """One chat turn: the conversation is formatted with the model's chat template, only what the context
         does not hold yet is decoded, the answer is generated and both messages join the history (saved when
-        the manager autosaves)."""
+        the manager autosaves). Turns on one session from several threads take turns."""
     def stream_chat(
         self,
         session_id: str,

@@ -135,4 +135,5 @@ class SessionExistsError(SessionError):
 
 class SessionConflictError(SessionError):
     """The stored session changed since this live copy was loaded: another process, or another copy, saved a
-    newer version. Nothing was written; load the session again to continue from the stored version."""
+    newer version. Nothing was written, and the stale copy left the manager's memory: load the session again
+    to continue from the stored version."""
