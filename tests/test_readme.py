@@ -17,7 +17,7 @@ def test_quick_start_and_sessions_run(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 2, "the README has a quick start and a sessions example"
+    assert len(blocks) == 3, "the README has a quick start, a sessions and a SessionManager example"
     namespace: dict[str, object] = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
     out = capsys.readouterr().out
@@ -25,6 +25,9 @@ def test_quick_start_and_sessions_run(
     exec(compile(blocks[1], str(README), "exec"), namespace)
     assert "Paris" in capsys.readouterr().out  # the restored context answers like the original
     assert (tmp_path / "assistant.session").is_file()
+    exec(compile(blocks[2], str(README), "exec"), namespace)
+    assert "Paris" in capsys.readouterr().out
+    assert (tmp_path / "sessions" / "ada.session").is_file()
     restored, later = namespace["ctx"], namespace["later"]
     assert isinstance(restored, Context) and isinstance(later, Context)
     assert restored.tokens == later.tokens[: len(restored.tokens)]  # the undo went back to the saved state
