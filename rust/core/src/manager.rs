@@ -200,6 +200,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ManagedSession {
+    fn new(id: &str, context: Context, record: Record) -> Arc<ManagedSession> {
+        Arc::new(ManagedSession {
+            id: id.to_owned(),
+            context: Arc::new(Mutex::new(context)),
+            record: Mutex::new(record),
+            turn_in_progress: Mutex::new(false),
+            turn_ended: Condvar::new(),
+        })
+    }
+
     /// The session id.
     pub fn id(&self) -> &str {
         &self.id
@@ -408,12 +418,10 @@ impl SessionManager {
         }
         let context = self.context_with_system_prompt(system_prompt)?;
         let created_at = now();
-        let session = Arc::new(ManagedSession {
-            id: id.to_owned(),
-            context: Arc::new(Mutex::new(context)),
-            turn_in_progress: Mutex::new(false),
-            turn_ended: Condvar::new(),
-            record: Mutex::new(Record {
+        let session = ManagedSession::new(
+            id,
+            context,
+            Record {
                 manager: ManagerRecord {
                     version: 0,
                     system_prompt: system_prompt.map(str::to_owned),
@@ -424,8 +432,8 @@ impl SessionManager {
                 user_metadata: metadata,
                 stored_version: 0,
                 dirty: true,
-            }),
-        });
+            },
+        );
         {
             let mut record = lock(&session.record);
             let context = lock(&session.context);
@@ -492,18 +500,16 @@ impl SessionManager {
         let info = context.restore_named(&bytes, None, &origin)?;
         lock(&self.stats).store_loads += 1;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
-        let session = Arc::new(ManagedSession {
-            id: id.to_owned(),
-            context: Arc::new(Mutex::new(context)),
-            turn_in_progress: Mutex::new(false),
-            turn_ended: Condvar::new(),
-            record: Mutex::new(Record {
+        let session = ManagedSession::new(
+            id,
+            context,
+            Record {
                 stored_version: manager.version,
                 manager,
                 user_metadata,
                 dirty: false,
-            }),
-        });
+            },
+        );
         // Another thread may have loaded it meanwhile: keep the first copy.
         if let Some(existing) = self.find_live(id) {
             return Ok(existing);

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{greedy, model};
+use common::{greedy, model, temp_dir};
 use llama_sessions::manager::validate_session_id;
 use llama_sessions::{
     ContextParams, DirectoryStore, Error, Metadata, NeverInterrupt, SessionManager,
@@ -18,15 +18,6 @@ fn params() -> ContextParams {
         n_batch: 128,
         ..ContextParams::default()
     }
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "llama-sessions-manager-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 fn manager(dir: &std::path::Path, max_live: usize, autosave: bool) -> SessionManager {

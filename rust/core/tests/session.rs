@@ -2,9 +2,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{greedy, model};
+use common::{greedy, model, temp_dir};
 use llama_sessions::session_format::LLAMA_CPP_BUILD;
 use llama_sessions::{
     inspect_session, Context, ContextParams, Error, KvType, Metadata, NeverInterrupt, SessionFormat,
@@ -21,14 +19,6 @@ fn small() -> ContextParams {
         n_batch: 64,
         ..ContextParams::default()
     }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("llama-sessions-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn prepared(params: ContextParams) -> Context {

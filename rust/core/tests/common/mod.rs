@@ -42,3 +42,13 @@ pub fn greedy(max_tokens: usize) -> GenerateOptions {
         stop: Vec::new(),
     }
 }
+
+/// An empty directory for one test, under the system's temporary directory.
+#[allow(dead_code)]
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("llama-sessions-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
