@@ -339,7 +339,15 @@ impl Context {
     pub fn reset(&mut self) {
         self.epoch += 1;
         self.last_logits = None;
-        self.cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache());
+        // Frees every cell without zeroing the KV buffer (llama_memory_clear(data=true) memsets all of it:
+        // 8 ms at n_ctx 4096 with a 135M model). Freed cells are masked out of attention, and their rows
+        // hold finite values from earlier decodes (the buffer is zeroed when the context is created).
+        let cleared = self
+            .cell
+            .with_dependent_mut(|_, ctx| ctx.clear_kv_cache_seq(None, None, None));
+        if !matches!(cleared, Ok(true)) {
+            self.cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache());
+        }
         for tokens in &mut self.sequences {
             tokens.clear();
         }

@@ -105,9 +105,80 @@ fn is_stale(entry: &std::fs::DirEntry) -> bool {
         .is_some_and(|age| age > STALE_AFTER)
 }
 
-/// Reads the whole file into one buffer.
-pub(crate) fn read_all(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(io_error("read", path))
+/// Memory holding a file's contents: on the heap for small files; for large ones an anonymous mapping
+/// advised to use huge pages, so that filling it costs a few dozen page faults instead of one per 4 KiB
+/// (thousands for a session of tens of MB: that was a third of a load).
+pub(crate) struct FileBytes {
+    storage: Storage,
+    len: usize,
+}
+
+enum Storage {
+    Heap(Vec<u8>),
+    Mapped(memmap2::MmapMut),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Heap(v) => &v[..self.len],
+            Storage::Mapped(m) => &m[..self.len],
+        }
+    }
+}
+
+/// Files at least this large are read into huge-page-advised memory.
+const MAPPED_READ_MIN: usize = 2 << 20;
+/// Bytes read per call: the checksum of a chunk is computed while it is still in the CPU cache.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Reads the whole file and, on the way, the XXH3-128 of all but its last `unhashed_tail` bytes. The checksum
+/// is `None` if the file changed size while it was read (the bytes are then what could be read).
+pub(crate) fn read_all_with_checksum(
+    path: &Path,
+    unhashed_tail: usize,
+) -> Result<(FileBytes, Option<u128>)> {
+    let mut file = std::fs::File::open(path).map_err(io_error("open", path))?;
+    let len = usize::try_from(file.metadata().map_err(io_error("stat", path))?.len())
+        .unwrap_or(usize::MAX);
+    let mut storage = if len >= MAPPED_READ_MIN {
+        let map = memmap2::MmapMut::map_anon(len).map_err(io_error("allocate memory for", path))?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage); // advice only: without huge pages it still works
+        Storage::Mapped(map)
+    } else {
+        Storage::Heap(vec![0; len])
+    };
+    let buffer: &mut [u8] = match &mut storage {
+        Storage::Heap(v) => v,
+        Storage::Mapped(m) => m,
+    };
+    let hashed_end = len.saturating_sub(unhashed_tail);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut filled = 0;
+    while filled < len {
+        let end = (filled + READ_CHUNK).min(len);
+        let n = match file.read(&mut buffer[filled..end]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(io_error("read", path)(source)),
+        };
+        let hash_to = (filled + n).min(hashed_end);
+        if filled < hash_to {
+            hasher.update(&buffer[filled..hash_to]);
+        }
+        filled += n;
+    }
+    let checksum = (filled == len).then(|| hasher.digest128());
+    Ok((
+        FileBytes {
+            storage,
+            len: filled,
+        },
+        checksum,
+    ))
 }
 
 /// Reads at most `len` bytes from the start of the file.

@@ -187,7 +187,10 @@ pub fn inspect_session(path: &Path) -> Result<SessionInfo> {
             let header = read_llama_cpp_header(path, &origin)?;
             Ok(SessionInfo::from_llama_cpp(&header, total))
         }
-        _ => inspect_session_bytes(&durable::read_all(path)?, &origin),
+        _ => {
+            let (bytes, checksum) = durable::read_all_with_checksum(path, format::CHECKSUM_LEN)?;
+            format::open_with_checksum(&bytes, &origin, checksum).map(SessionInfo::from_opened)
+        }
     }
 }
 
@@ -448,7 +451,7 @@ impl Context {
     ///
     /// Everything is verified before llama.cpp sees a byte; any failed check leaves the context unchanged.
     pub fn restore(&mut self, bytes: &[u8], seq: Option<SeqId>) -> Result<SessionInfo> {
-        self.restore_from(bytes, seq, "session bytes")
+        self.restore_from(bytes, seq, "session bytes", None)
     }
 
     /// [`Context::restore`] with `origin` naming the bytes in error messages (a file name, a store key).
@@ -458,19 +461,21 @@ impl Context {
         seq: Option<SeqId>,
         origin: &str,
     ) -> Result<SessionInfo> {
-        self.restore_from(bytes, seq, origin)
+        self.restore_from(bytes, seq, origin, None)
     }
 
+    /// `body_checksum`: the XXH3-128 of all but the last 16 bytes when the caller computed it while reading.
     fn restore_from(
         &mut self,
         bytes: &[u8],
         seq: Option<SeqId>,
         origin: &str,
+        body_checksum: Option<u128>,
     ) -> Result<SessionInfo> {
         if let Some(seq) = seq {
             self.check_seq(seq)?;
         }
-        let opened = format::open(bytes, origin)?;
+        let opened = format::open_with_checksum(bytes, origin, body_checksum)?;
         self.check_compatible(&opened.header, origin)?;
         let header = &opened.header;
         match seq {
@@ -591,8 +596,8 @@ impl Context {
         if format::detect(&prefix) == SessionKind::LlamaCpp {
             return self.load_llama_cpp_session(path, seq, &origin);
         }
-        let bytes = durable::read_all(path)?;
-        let info = self.restore_from(&bytes, seq, &origin)?;
+        let (bytes, checksum) = durable::read_all_with_checksum(path, format::CHECKSUM_LEN)?;
+        let info = self.restore_from(&bytes, seq, &origin, checksum)?;
         Ok(Loaded {
             info,
             warnings: Vec::new(),
@@ -612,11 +617,11 @@ impl Context {
                 origin,
             ));
         }
-        let bytes = durable::read_all(path)?;
-        let opened = format::open(&bytes, &origin)?;
+        let (bytes, checksum) = durable::read_all_with_checksum(path, format::CHECKSUM_LEN)?;
+        let opened = format::open_with_checksum(&bytes, &origin, checksum)?;
         let params = params_from_record(&opened.header.params, n_threads, &origin)?;
         let mut ctx = Context::new(model, params)?;
-        let info = ctx.restore_from(&bytes, None, &origin)?;
+        let info = ctx.restore_from(&bytes, None, &origin, checksum)?;
         Ok((
             ctx,
             Loaded {

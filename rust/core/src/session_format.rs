@@ -209,6 +209,16 @@ pub fn seal(out: &mut [u8]) {
 /// Verifies `bytes` completely (prelude, length, checksum, header) without trusting any of it, and says
 /// where the state bytes are. `origin` names the bytes in errors.
 pub fn open(bytes: &[u8], origin: &str) -> Result<OpenedSession> {
+    open_with_checksum(bytes, origin, None)
+}
+
+/// [`open`], with the XXH3-128 of all but the last [`CHECKSUM_LEN`] bytes already computed by the caller
+/// (while it read them); `None` computes it here.
+pub fn open_with_checksum(
+    bytes: &[u8],
+    origin: &str,
+    body_checksum: Option<u128>,
+) -> Result<OpenedSession> {
     let corrupt = |reason: String| Error::SessionCorrupt {
         origin: origin.to_owned(),
         reason,
@@ -280,7 +290,7 @@ pub fn open(bytes: &[u8], origin: &str) -> Result<OpenedSession> {
     }
     let body = expected_len - CHECKSUM_LEN;
     let stored = u128::from_le_bytes(bytes[body..].try_into().expect("16 bytes"));
-    let computed = xxh3_128(&bytes[..body]);
+    let computed = body_checksum.unwrap_or_else(|| xxh3_128(&bytes[..body]));
     if stored != computed {
         return Err(corrupt(format!(
             "checksum mismatch (stored {stored:032x}, computed {computed:032x}): the bytes changed after \
@@ -525,6 +535,29 @@ mod tests {
             open(&longer, "t"),
             Err(Error::SessionCorrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_checksum_computed_while_reading_is_the_one_shot_checksum() {
+        let mut h = header();
+        h.sequences[0].state_bytes = (3 << 20) - 2;
+        let bytes = encode(&h, &vec![7u8; 3 << 20]);
+        let dir =
+            std::env::temp_dir().join(format!("llama-sessions-format-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.session");
+        std::fs::write(&path, &bytes).unwrap();
+        let (read, checksum) = crate::durable::read_all_with_checksum(&path, CHECKSUM_LEN).unwrap();
+        assert_eq!(&*read, bytes.as_slice());
+        assert_eq!(
+            checksum,
+            Some(xxh3_128(&bytes[..bytes.len() - CHECKSUM_LEN]))
+        );
+        assert_eq!(
+            open_with_checksum(&read, "t", checksum).unwrap(),
+            open(&bytes, "t").unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
