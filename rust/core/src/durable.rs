@@ -128,6 +128,28 @@ impl std::ops::Deref for FileBytes {
     }
 }
 
+impl std::ops::DerefMut for FileBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match &mut self.storage {
+            Storage::Heap(v) => &mut v[..self.len],
+            Storage::Mapped(m) => &mut m[..self.len],
+        }
+    }
+}
+
+/// `len` zeroed bytes, in huge-page-advised memory when large (see [`FileBytes`]).
+pub(crate) fn zeroed(len: usize) -> std::io::Result<FileBytes> {
+    let storage = if len >= MAPPED_READ_MIN {
+        let map = memmap2::MmapMut::map_anon(len)?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage); // advice only: without huge pages it still works
+        Storage::Mapped(map)
+    } else {
+        Storage::Heap(vec![0; len])
+    };
+    Ok(FileBytes { storage, len })
+}
+
 /// Files at least this large are read into huge-page-advised memory.
 const MAPPED_READ_MIN: usize = 2 << 20;
 /// Bytes read per call: the checksum of a chunk is computed while it is still in the CPU cache.
@@ -142,18 +164,8 @@ pub(crate) fn read_all_with_checksum(
     let mut file = std::fs::File::open(path).map_err(io_error("open", path))?;
     let len = usize::try_from(file.metadata().map_err(io_error("stat", path))?.len())
         .unwrap_or(usize::MAX);
-    let mut storage = if len >= MAPPED_READ_MIN {
-        let map = memmap2::MmapMut::map_anon(len).map_err(io_error("allocate memory for", path))?;
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage); // advice only: without huge pages it still works
-        Storage::Mapped(map)
-    } else {
-        Storage::Heap(vec![0; len])
-    };
-    let buffer: &mut [u8] = match &mut storage {
-        Storage::Heap(v) => v,
-        Storage::Mapped(m) => m,
-    };
+    let mut bytes = zeroed(len).map_err(io_error("allocate memory for", path))?;
+    let buffer: &mut [u8] = &mut bytes;
     let hashed_end = len.saturating_sub(unhashed_tail);
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut filled = 0;
@@ -172,13 +184,8 @@ pub(crate) fn read_all_with_checksum(
         filled += n;
     }
     let checksum = (filled == len).then(|| hasher.digest128());
-    Ok((
-        FileBytes {
-            storage,
-            len: filled,
-        },
-        checksum,
-    ))
+    bytes.len = filled;
+    Ok((bytes, checksum))
 }
 
 /// Reads at most `len` bytes from the start of the file.

@@ -188,10 +188,23 @@ pub fn inspect_session(path: &Path) -> Result<SessionInfo> {
             Ok(SessionInfo::from_llama_cpp(&header, total))
         }
         _ => {
-            let (bytes, checksum) = durable::read_all_with_checksum(path, format::CHECKSUM_LEN)?;
+            let (bytes, checksum) = read_session_file(path, &prefix, &origin)?;
             format::open_with_checksum(&bytes, &origin, checksum).map(SessionInfo::from_opened)
         }
     }
+}
+
+/// Reads a llama-sessions file whose first bytes are `prefix`, with the checksum computed on the way; a file
+/// that does not start with our magic is refused before the rest of it is read.
+fn read_session_file(
+    path: &Path,
+    prefix: &[u8],
+    origin: &str,
+) -> Result<(durable::FileBytes, Option<u128>)> {
+    if format::detect(prefix) != SessionKind::LlamaSessions {
+        format::open(prefix, origin)?;
+    }
+    durable::read_all_with_checksum(path, format::CHECKSUM_LEN)
 }
 
 /// Verifies session bytes (a snapshot) without a model.
@@ -439,7 +452,11 @@ impl Context {
         metadata: &Metadata,
     ) -> Result<SessionInfo> {
         let plan = self.plan_session(seq, metadata)?;
-        let mut bytes = vec![0; plan.len()];
+        let mut bytes = durable::zeroed(plan.len()).map_err(|source| Error::Io {
+            op: "allocate memory to save",
+            path: path.to_path_buf(),
+            source,
+        })?;
         self.write_session(&plan, &mut bytes)?;
         durable::write_atomically(path, &[&bytes])?;
         Ok(plan.info())
@@ -596,7 +613,7 @@ impl Context {
         if format::detect(&prefix) == SessionKind::LlamaCpp {
             return self.load_llama_cpp_session(path, seq, &origin);
         }
-        let (bytes, checksum) = durable::read_all_with_checksum(path, format::CHECKSUM_LEN)?;
+        let (bytes, checksum) = read_session_file(path, &prefix, &origin)?;
         let info = self.restore_from(&bytes, seq, &origin, checksum)?;
         Ok(Loaded {
             info,
@@ -617,7 +634,7 @@ impl Context {
                 origin,
             ));
         }
-        let (bytes, checksum) = durable::read_all_with_checksum(path, format::CHECKSUM_LEN)?;
+        let (bytes, checksum) = read_session_file(path, &prefix, &origin)?;
         let opened = format::open_with_checksum(&bytes, &origin, checksum)?;
         let params = params_from_record(&opened.header.params, n_threads, &origin)?;
         let mut ctx = Context::new(model, params)?;
