@@ -1,0 +1,737 @@
+"""Run every benchmark, then regenerate docs/benchmarks.md and docs/benchmarks.png from bench/results/*.json.
+
+Run: python bench/run_all.py                 # everything (about 15 minutes on 2 cores), then the report
+     python bench/run_all.py --only io_limit memory
+     python bench/run_all.py --report-only   # only regenerate the report from the JSON files
+
+Before each benchmark the driver waits until the machine is idle (other work on a 2-core machine makes
+llama.cpp's threads wait for each other); the CPU time other processes took during each benchmark is recorded
+in its JSON (environment.machine.other_processes_during_run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import BENCH_DIR, RESULTS_DIR, ROOT, wait_for_quiet
+
+MODULES = (
+    "session_sizes",
+    "restore_vs_prefill",
+    "io_limit",
+    "memory",
+    "vs_llama_cpp_python",
+    "threads",
+    "manager_sessions",
+    "breakdown",
+)
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks.png"
+FINDINGS = BENCH_DIR / "findings.md"
+
+
+def run(modules: list[str]) -> None:
+    durations: dict[str, float] = {}
+    waits: dict[str, float] = {}
+    start = time.perf_counter()
+    for name in modules:
+        t0 = time.perf_counter()
+        wait_for_quiet()
+        waits[name] = time.perf_counter() - t0
+        print(f"== {name}", flush=True)
+        t1 = time.perf_counter()
+        subprocess.run([sys.executable, str(BENCH_DIR / f"{name}.py")], check=True)
+        durations[name] = time.perf_counter() - t1
+        print(f"== {name}: {durations[name]:.0f} s", flush=True)
+    total = time.perf_counter() - start
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = RESULTS_DIR / "run_all.json"
+    log: dict[str, Any] = json.loads(log_path.read_text()) if log_path.exists() else {}
+    log["module_seconds"] = {**log.get("module_seconds", {}), **durations}
+    if set(modules) == set(MODULES):
+        log["full_run"] = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": total,
+            "seconds_waiting_for_idle_between_scripts": sum(waits.values()),
+        }
+    log_path.write_text(json.dumps(log, indent=2) + "\n")
+    print(f"total {total:.0f} s ({sum(waits.values()):.0f} s waiting for an idle machine)")
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def load_results() -> dict[str, Any]:
+    out = {}
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        out[path.stem] = json.loads(path.read_text())
+    return out
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f}"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "**PASS**" if ok else "**MISS**"
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return [*lines, ""]
+
+
+def busy_note(r: dict[str, Any]) -> str:
+    m = r["environment"]["machine"]
+    other = m.get("other_processes_during_run", {})
+    cores = other.get("other_processes_cores")
+    note = f"run {r['environment']['date']}"
+    if cores is not None:
+        note += (
+            f", {other['wall_seconds']:.0f} s; other processes used {cores:.2f} cores on average meanwhile"
+        )
+    return f"_({note}.)_"
+
+
+def render_targets(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for name in MODULES:
+        r = results.get(name)
+        if not r:
+            continue
+        for t in r.get("targets", []):
+            rows.append([t["name"], t["measured"], t["target"], verdict(t["pass"]), f"`{t['command']}`"])
+    return table(["measurement", "measured", "target", "result", "command"], rows, "lllll")
+
+
+def render_restore(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    out = [
+        "## 1. Restore vs re-prefill: time to the first new token",
+        "",
+        f"A system prompt of N tokens, then the same question ({c['question_tokens']} tokens) and one greedy "
+        f"token, in a fresh Context (n_ctx {c['n_ctx']}, f16, n_threads {c['n_threads']}): (a) prefill the "
+        "prompt, (b) `load_session` from a file (in the page cache; *cold*: evicted from it first with "
+        "`posix_fadvise(DONTNEED)`), (c) `restore` snapshot bytes. Context creation is outside the timer "
+        f"(median {ms(r['context_creation']['median'])} ms, reported apart). Median of {c['runs']} runs "
+        f"({c['prefill_runs']} for prefill) after a warm-up; the three are interleaved. "
+        f"Same answer token in every run: {all(s['same_answer_everywhere'] for s in r['sizes'])}.",
+        "",
+    ]
+    rows = []
+    for s in r["sizes"]:
+        rows.append(
+            [
+                str(s["tokens"]),
+                mb(s["session_bytes"]),
+                ms(s["prefill"]["total"]["median"]),
+                ms(s["load"]["total"]["median"]),
+                ms(s["load_cold"]["total"]["median"]),
+                ms(s["restore"]["total"]["median"]),
+                f"{s['speedup_load']:.0f}x",
+                f"{s['speedup_restore']:.0f}x",
+            ]
+        )
+    out += table(
+        [
+            "tokens",
+            "session MB",
+            "prefill ms",
+            "load_session ms",
+            "load (cold) ms",
+            "restore ms",
+            "prefill / load",
+            "prefill / restore",
+        ],
+        rows,
+    )
+    out += [
+        "The target's view: the time until the first new token right after the system prompt is "
+        "generated (no question): prefill + 1 token, vs `load_session` or `restore` + 1 token (a restored "
+        "context decodes the prompt's last token once more, for its logits). Same token in every run: "
+        f"{all(s.get('first_token_same_everywhere', False) for s in r['sizes'])}.",
+        "",
+    ]
+    out += table(
+        [
+            "tokens",
+            "prefill + 1 token ms",
+            "load_session + 1 token ms",
+            "restore + 1 token ms",
+            "prefill / load",
+            "prefill / restore",
+        ],
+        [
+            [
+                str(s["tokens"]),
+                ms(s["first_token"]["prefill"]["median"]),
+                ms(s["first_token"]["load"]["median"]),
+                ms(s["first_token"]["restore"]["median"]),
+                f"{s['first_token_speedup_load']:.0f}x",
+                f"{s['first_token_speedup_restore']:.0f}x",
+            ]
+            for s in r["sizes"]
+            if "first_token" in s
+        ],
+    )
+    out += [
+        "With a question after the prompt, the question's own decode (about 50 ms for 8 tokens at 2000 "
+        "tokens of context, llama.cpp compute that every path pays) bounds the ratio; the phases of each "
+        "total (medians, ms): getting the state in, then the question + 1 token.",
+        "",
+    ]
+    rows = []
+    for s in r["sizes"]:
+        row = [str(s["tokens"])]
+        for k in ("prefill", "load", "load_cold", "restore"):
+            row.append(f"{ms(s[k]['state']['median'])} + {ms(s[k]['question_and_token']['median'])}")
+        rows.append(row)
+    out += table(["tokens", "prefill", "load_session", "load (cold)", "restore"], rows)
+    return [*out, busy_note(r), ""]
+
+
+def render_io(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    load, save = r["load"], r["save"]
+    out = [
+        "## 2. Against the limit: load_session and save_session vs plain I/O of the same bytes",
+        "",
+        f"{c['tokens']} tokens, f16, n_ctx {c['n_ctx']}: a {mb(r['session_bytes'])} MB session on "
+        f"{c['file_system'].get('type', '?')} ({c['file_system'].get('device', '?')}). Median of {c['runs']} "
+        "runs after a warm-up, ours and the limit alternating. Load limit: `readinto` a preallocated buffer "
+        "from the page cache + one `numpy.copyto` into a second preallocated buffer. Save limit: write the "
+        "bytes to a new file, fsync, rename over the previous one, fsync the directory.",
+        "",
+    ]
+    out += table(
+        ["operation", "ours ms", "limit ms", "ours / limit"],
+        [
+            [
+                "load",
+                ms(load["load_session"]["median"]),
+                ms(load["limit_read_copy"]["median"]),
+                f"{r['load_ratio']:.2f}x",
+            ],
+            [
+                "save",
+                ms(save["save_session"]["median"]),
+                ms(save["limit_write_fsync_rename"]["median"]),
+                f"{r['save_ratio']:.2f}x",
+            ],
+        ],
+    )
+    names = {
+        "read_into_preallocated": "read the file into a preallocated, touched buffer (`readinto`)",
+        "copy_once": "copy the bytes once (`numpy.copyto`, preallocated)",
+        "read_bytes_new_buffer": "read the file into new bytes (`Path.read_bytes`, as `std::fs::read` does)",
+        "inspect_session_bytes": "`inspect_session(bytes)`: checksum + header, no model",
+        "restore_bytes": "`restore(bytes)`: all checks + llama.cpp's state load + bookkeeping",
+        "reset_clears_kv": "`reset()`: empty the KV cache (before 9aec54f a memset of the whole KV buffer; "
+        "`restore` does it first)",
+        "snapshot": "`snapshot()`: llama.cpp's state copy into new bytes + checksum",
+    }
+    faults = r.get("minor_page_faults", {})
+    rows = []
+    for key, desc in {
+        **names,
+        "load_session": "`load_session` (whole)",
+        "save_session": "`save_session`",
+    }.items():
+        part = load.get(key) or save.get(key)
+        if part:
+            rows.append([desc, ms(part["median"]), f"{faults[key]:,}" if key in faults else ""])
+    page_kib = r.get("page_bytes", 4096) // 1024
+    out += [
+        f"What the parts cost (medians), and the memory pages ({page_kib} KiB) each touches first:",
+        "",
+    ]
+    out += table(["part", "ms", "minor page faults"], rows)
+    return [*out, busy_note(r), ""]
+
+
+def render_vs(r: dict[str, Any]) -> list[str]:
+    ours, their, c = r["ours"], r["llama_cpp_python"], r["config"]
+    from statistics import median
+
+    def row(name: str, a: str, b: str, ratio: str) -> list[str]:
+        return [name, a, b, ratio]
+
+    o_mem, t_mem = ours["memory"], their["memory"]
+    out = [
+        "## 3. Against llama-cpp-python",
+        "",
+        f"llama-cpp-python {their['llama_cpp_python']} (built from source in a separate virtual environment, "
+        f"GGML_NATIVE=ON, no AMX; its llama.cpp reports `{their.get('system_info', '')}`), same model, "
+        f"n_threads {c['n_threads']}, n_ctx {c['n_ctx']}, n_batch = n_ubatch {c['n_batch']}, f16 KV, no "
+        "flash "
+        f"attention, the same token ids. Median of {c['runs']} runs after a warm-up; memory: fresh process "
+        "per "
+        "run (section 5's method). Save: ours is atomic and durable (fsync + rename + directory fsync); "
+        "theirs is `save_state()` + `pickle.dump` to a file + fsync. Load: ours `load_session`; theirs "
+        f"`pickle.load` from the file + `load_state()`. Greedy generations agree on "
+        f"{r['same_generated_tokens']} of {c['generation_tokens']} tokens.",
+        "",
+    ]
+    rows = [
+        row(
+            f"prefill, {c['prefill_tokens']} tokens (tok/s)",
+            f"{median(ours['prefill_tokens_per_second']):.1f}",
+            f"{median(their['prefill_tokens_per_second']):.1f}",
+            f"{r['ratios']['prefill']:.3f}",
+        ),
+        row(
+            f"generation, greedy {c['generation_tokens']} tokens (tok/s)",
+            f"{median(ours['generation_tokens_per_second']):.1f}",
+            f"{median(their['generation_tokens_per_second']):.1f}",
+            f"{r['ratios']['generation']:.3f}",
+        ),
+        row(
+            "save (ms)",
+            ms(ours["saveload"]["save_total"]["median"]),
+            ms(their["saveload"]["save_total"]["median"]),
+            f"{r['ratios']['save_speedup']:.1f}x faster",
+        ),
+        row(
+            "load (ms)",
+            ms(ours["saveload"]["load_total"]["median"]),
+            ms(their["saveload"]["load_total"]["median"]),
+            f"{r['ratios']['load_speedup']:.1f}x faster",
+        ),
+        row(
+            "file size (MB)",
+            mb(ours["saveload"]["file_bytes"]),
+            mb(their["saveload"]["file_bytes"]),
+            f"{r['ratios']['file_size']:.2f}x smaller",
+        ),
+        row(
+            "peak memory while saving, above baseline (MB)",
+            mb(o_mem["save"]["peak_above_baseline_median"]),
+            mb(t_mem["save"]["peak_above_baseline_median"]),
+            f"{r['ratios']['save_memory']:.2f}x less",
+        ),
+        row(
+            "peak memory while loading, above baseline (MB)",
+            mb(o_mem["load"]["peak_above_baseline_median"]),
+            mb(t_mem["load"]["peak_above_baseline_median"]),
+            f"{r['ratios']['load_memory']:.2f}x less",
+        ),
+    ]
+    out += table(["", "llama_sessions", "llama-cpp-python", "ours vs theirs"], rows)
+    sl = their["saveload"]
+    out += [
+        f"llama-cpp-python's file: the pickled `LlamaState` holds llama.cpp's whole-context state "
+        f"({mb(sl['llama_state_bytes'])} MB), a copy of its `scores` array "
+        f"({mb(sl['scores_bytes'])} MB: n_batch x n_vocab float32) and the input ids "
+        f"({mb(sl['input_ids_bytes'])} MB). Its phases (medians): `save_state()` "
+        f"{ms(sl['save_state']['median'])} "
+        f"ms, pickle + write + fsync {ms(sl['pickle_write_fsync']['median'])} ms; read + unpickle "
+        f"{ms(sl['read_unpickle']['median'])} ms, `load_state()` {ms(sl['load_state']['median'])} ms.",
+        "",
+    ]
+    return [*out, busy_note(r), ""]
+
+
+def render_sizes(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    out = [
+        "## 4. Session file size per KV type",
+        "",
+        f"Raw KV bytes = tokens x {c['n_layer']} layers x (K row + V row); rows of {c['kv_row_values']} "
+        "values: "
+        + ", ".join(f"{k} {v} B" for k, v in c["row_bytes"].items())
+        + ". q8_0 and q4_0 need flash attention. Sizes are exact (one measurement each); n_ctx does not "
+        "change them.",
+        "",
+    ]
+    rows = [
+        [
+            r_["kv_type"] + (" (flash_attn)" if r_["flash_attn"] else ""),
+            str(r_["tokens"]),
+            f"{r_['session_bytes']:,}",
+            f"{r_['raw_kv_bytes']:,}",
+            f"{r_['overhead'] * 100:.2f}%",
+        ]
+        for r_ in r["rows"]
+    ]
+    out += table(["KV type", "tokens", "session file (bytes)", "raw KV bytes", "overhead"], rows, "lrrrr")
+    return [*out, busy_note(r), ""]
+
+
+def render_memory(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    out = [
+        "## 5. Peak memory while saving and loading",
+        "",
+        f"{c['tokens']} tokens, f16, n_ctx {c['n_ctx']}. Each run is a fresh process: model, Context (and, "
+        "for "
+        "a save, the prefill); then the RSS high-water mark is reset (`/proc/self/clear_refs`), VmRSS read "
+        "(the baseline: model + context + state), the one operation run and VmHWM read. Median of "
+        f"{c['runs']} "
+        "runs (they agree to a few pages).",
+        "",
+    ]
+    rows = []
+    for op in ("save", "load"):
+        m = r[op]
+        rows.append(
+            [
+                f"{op}_session",
+                mb(m["baseline_rss_median"]),
+                mb(m["peak_above_baseline_median"]),
+                mb(m["session_bytes"]),
+                f"{m['ratio_to_session_median']:.2f}x",
+            ]
+        )
+    out += table(["operation", "baseline RSS MB", "peak above baseline MB", "session MB", "ratio"], rows)
+    return [*out, busy_note(r), ""]
+
+
+def render_threads(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    out = [
+        "## 6. Threads: one Context vs two Contexts generating in parallel",
+        "",
+        f"Greedy, {c['generated_tokens']} tokens after a short prompt, n_ctx {c['n_ctx']}, 2 cores. "
+        "Per-context "
+        "rate from GenerationStats (sample + decode per token); aggregate = all generated tokens / "
+        "wall-clock "
+        f"of the whole call(s), the short prompt included. Median of {c['runs']} runs after a warm-up.",
+        "",
+    ]
+    rows = [
+        [
+            name,
+            f"{v['aggregate_tokens_per_second']:.1f}",
+            f"{v['per_context_tokens_per_second']:.1f}",
+        ]
+        for name, v in r["configs"].items()
+    ]
+    out += table(["configuration", "aggregate tok/s", "per-context tok/s"], rows, "lrr")
+    return [*out, busy_note(r), ""]
+
+
+def render_manager(r: dict[str, Any]) -> list[str]:
+    out = [
+        "## 7. SessionManager",
+        "",
+        f"{r['sessions']} sessions of {r['tokens_per_session']} tokens (a shared "
+        f"{r['system_prompt_tokens']}-token system prompt), n_ctx {r['n_ctx']}, f16, in a fresh directory "
+        "per run: create them all (the first encodes the prompt, the others restore it), save each, load "
+        "each from the live set (memory), then from disk in a fresh manager (read, verify, restore into a "
+        "new context). Per operation: the median over the sessions of a run, then the median of "
+        f"{len(r['runs'])} runs after a warm-up. "
+        f"System-prompt tokens decoded per run: {r['prefill_tokens']} (one prefill for all sessions).",
+        "",
+    ]
+    rows = [
+        ["create the first session (prefill of the system prompt)", ms(r["first_create_seconds"])],
+        [
+            "create each other session (restore of the encoded prompt, save)",
+            ms(r["create_from_shared_prompt_seconds"]),
+        ],
+        [f"create all {r['sessions']}", ms(r["create_all_seconds"])],
+        ["save one session (atomic, fsync)", ms(r["save_seconds"])],
+        ["load one session from the live set", f"{r['load_live_seconds'] * 1e3:.4f}"],
+        ["load one session from disk", ms(r["load_from_disk_seconds"])],
+    ]
+    out += table(["operation", "ms"], rows, "lr")
+    out += [
+        f"A session file is {mb(r['file_bytes_per_session'])} MB; the {r['sessions']} live contexts hold "
+        f"{mb(r['live_kv_bytes'])} MB of KV cache (n_ctx cells each). Creating from the shared prompt is "
+        f"{r['restore_speedup_vs_prefill']:.0f}x faster than the first creation; a live load is "
+        f"{r['live_vs_disk_speedup']:,.0f}x faster than one from disk.",
+        "",
+    ]
+    return [*out, busy_note(r), ""]
+
+
+def render_breakdown(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    out = [
+        "### Breakdown: a restore and the first new token",
+        "",
+        f"`python bench/breakdown.py`: {c['tokens']} tokens restored into a fresh Context, then the question "
+        f"({c['question']!r}). Medians of {c['runs']} runs after a warm-up, ms.",
+        "",
+    ]
+    rows = [[f"n_ctx {n}", ms(s["median"])] for n, s in r["reset"].items()]
+    out += table(["`reset()` (clears the KV cache)", "ms"], rows)
+    names = {
+        "restore": "`restore(bytes)`",
+        "question_only": "question, `max_tokens=0`",
+        "question_and_token": "question, `max_tokens=1`",
+        "one_more_token": "one more token",
+    }
+    rows = [[key, *(ms(v[k]["median"]) for k in names)] for key, v in r["first_token"].items()]
+    out += table(["context", *names.values()], rows)
+    return [*out, busy_note(r), ""]
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["# Benchmarks", ""]
+    ours = {k: r for k, r in results.items() if k in MODULES and "environment" in r}
+    any_result = ours.get("restore_vs_prefill") or next(iter(ours.values()), None)
+    builds = {r["environment"].get("native_build", {}).get("sha256") for r in ours.values()}
+    if len(builds) > 1:
+        lines += [
+            "**Warning: these results come from different installed builds** ("
+            + ", ".join(
+                f"{k}: {r['environment'].get('native_build', {}).get('sha256')}" for k, r in ours.items()
+            )
+            + ").",
+            "",
+        ]
+    if any_result:
+        env = any_result["environment"]
+        m, v, b = env["machine"], env["versions"], env["build_flags"]
+        build = env.get("native_build", {})
+        lines += [
+            "Generated by `python bench/run_all.py` from `bench/results/*.json` (do not edit by hand; the "
+            "prose "
+            "of the findings lives in `bench/findings.md`). Each JSON file records the machine, the build "
+            "flags, "
+            "the versions, the date and the CPU time other processes used while it ran.",
+            "",
+            f"- Machine: {m['cpu_model']} ({', '.join(m['cpu_flags'])}), {m['cores']} cores, "
+            f"{mb(m['memory_bytes'] or 0)} MB, Linux {m['kernel']}, Python {m['python']}.",
+            f"- Versions: llama_sessions {v['llama_sessions']}, llama.cpp from {v['llama_cpp']}, "
+            f"llama-cpp-python {v['llama_cpp_python']}.",
+            f"- Build: RUSTFLAGS `{b['rustflags']}` (GGML_NATIVE=ON), CFLAGS/CXXFLAGS `{b['cflags']}` "
+            "(ggml's AMX "
+            f"matmul crashes in this VM); llama-cpp-python: CMAKE_ARGS `{b['llama_cpp_python_cmake_args']}`.",
+            f"- Installed build measured: `_native` SHA-256 {build.get('sha256', '?')}, installed "
+            f"{build.get('mtime', '?')}; checkout {env.get('git_revision')}.",
+            f"- Model: SmolLM2-135M-Instruct Q4_1 (`{Path(env['model']).name}`), n_threads 2 unless stated.",
+            "- Method: each figure is the median of at least 5 timed runs after an untimed warm-up "
+            "(exceptions "
+            "stated); every ratio compares figures taken in the same run of the same script. The driver "
+            "waits "
+            "for an idle machine before each script.",
+        ]
+        run_log = results.get("run_all")
+        if run_log:
+            per_module = run_log["module_seconds"]
+            line = (
+                f"- Run time: {sum(per_module.values()) / 60:.1f} minutes for the scripts' latest runs ("
+                + ", ".join(f"{k} {s:.0f} s" for k, s in per_module.items())
+                + "; a script that had to wait for an idle machine took that much longer)"
+            )
+            full = run_log.get("full_run")
+            if full:
+                line += (
+                    f"; the last full `run_all.py` took {full['seconds'] / 60:.1f} minutes on "
+                    f"{full['date'][:10]}, {full['seconds_waiting_for_idle_between_scripts']:.0f} s of it "
+                    "waiting for an idle machine between scripts"
+                )
+            lines.append(line + ".")
+        lines += [
+            "",
+            "llama-cpp-python (section 3) lives in its own virtual environment, built from source for this "
+            "CPU (about 12 minutes on 2 cores; `-DLLAVA_BUILD=OFF` only skips the multimodal library):",
+            "",
+            "```bash",
+            "python3 -m venv ~/.cache/llama-sessions/bench-venv",
+            'CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \\',
+            '  CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 '
+            '-mno-amx-bf16" \\',
+            "  nice -n 10 ~/.cache/llama-sessions/bench-venv/bin/pip install --no-binary llama-cpp-python "
+            f"llama-cpp-python=={v['llama_cpp_python']}",
+            "```",
+        ]
+        lines.append("")
+    lines += ["![benchmarks](benchmarks.png)", "", "## Targets", ""]
+    lines += render_targets(results)
+    renderers = {
+        "restore_vs_prefill": render_restore,
+        "io_limit": render_io,
+        "vs_llama_cpp_python": render_vs,
+        "session_sizes": render_sizes,
+        "memory": render_memory,
+        "threads": render_threads,
+    }
+    for name in (
+        "restore_vs_prefill",
+        "io_limit",
+        "vs_llama_cpp_python",
+        "session_sizes",
+        "memory",
+        "threads",
+    ):
+        if name in results:
+            lines += renderers[name](results[name])
+        else:
+            lines += [f"## {name}", "", f"Not run yet: `python bench/{name}.py`.", ""]
+    if "manager_sessions" in results:
+        lines += render_manager(results["manager_sessions"])
+    else:
+        lines += ["## 7. SessionManager", "", "Not run yet: `python bench/manager_sessions.py`.", ""]
+    if FINDINGS.exists():
+        lines += [FINDINGS.read_text().rstrip(), ""]
+    if "breakdown" in results:
+        lines += render_breakdown(results["breakdown"])
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    fig.suptitle("llama-sessions benchmarks (SmolLM2-135M Q4_1, 2 cores)")
+
+    ax = axes[0][0]
+    r = results.get("restore_vs_prefill")
+    if r:
+        n = [s["tokens"] for s in r["sizes"]]
+        for key, label in (
+            ("prefill", "prefill"),
+            ("load_cold", "load_session (cold)"),
+            ("load", "load_session"),
+            ("restore", "restore"),
+        ):
+            ax.plot(n, [s[key]["total"]["median"] * 1e3 for s in r["sizes"]], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(n, [str(x) for x in n])
+        ax.minorticks_off()
+        ax.set_xlabel("system prompt tokens")
+        ax.set_ylabel("ms to the first new token")
+        ax.set_title("1. time to the first new token")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+
+    ax = axes[0][1]
+    r = results.get("session_sizes")
+    if r:
+        for kv in ("f16", "q8_0", "q4_0"):
+            rows = [x for x in r["rows"] if x["kv_type"] == kv]
+            (line,) = ax.plot(
+                [x["tokens"] for x in rows], [x["session_bytes"] / 1e6 for x in rows], "o-", label=kv
+            )
+            ax.plot(
+                [x["tokens"] for x in rows],
+                [x["raw_kv_bytes"] / 1e6 for x in rows],
+                "--",
+                color=line.get_color(),
+                alpha=0.5,
+            )
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("MB")
+        ax.set_title("4. session file size (dashed: raw KV bytes)")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+
+    ax = axes[0][2]
+    r = results.get("io_limit")
+    if r:
+        labels = ["load", "save"]
+        ours = [r["load"]["load_session"]["median"] * 1e3, r["save"]["save_session"]["median"] * 1e3]
+        limit = [
+            r["load"]["limit_read_copy"]["median"] * 1e3,
+            r["save"]["limit_write_fsync_rename"]["median"] * 1e3,
+        ]
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], ours, 0.4, label="llama_sessions")
+        ax.bar([i + 0.2 for i in x], limit, 0.4, label="limit (plain I/O)")
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("ms")
+        ax.set_title(f"2. against the limit ({mb(r['session_bytes'])} MB)")
+        ax.legend()
+
+    ax = axes[1][0]
+    r = results.get("vs_llama_cpp_python")
+    if r:
+        ratios = r["ratios"]
+        items = [
+            ("prefill speed", ratios["prefill"]),
+            ("generation speed", ratios["generation"]),
+            ("save speed", ratios["save_speedup"]),
+            ("load speed", ratios["load_speedup"]),
+            ("file size", ratios["file_size"]),
+            ("save peak memory", ratios["save_memory"]),
+            ("load peak memory", ratios["load_memory"]),
+        ]
+        ax.barh([k for k, _ in items], [v for _, v in items], color="tab:green")
+        ax.axvline(1, color="black", lw=1)
+        ax.invert_yaxis()
+        ax.set_xlabel("advantage of llama_sessions (x; > 1 is better)")
+        ax.set_title("3. against llama-cpp-python")
+        for i, (_, v) in enumerate(items):
+            ax.text(v, i, f" {v:.2f}x", va="center")
+
+    ax = axes[1][1]
+    r = results.get("memory")
+    if r:
+        ops = ["save", "load"]
+        ax.bar(ops, [r[o]["peak_above_baseline_median"] / 1e6 for o in ops], label="peak above baseline")
+        ax.axhline(r["save"]["session_bytes"] / 1e6, color="black", ls="--", label="session size")
+        ax.axhline(1.2 * r["save"]["session_bytes"] / 1e6, color="red", ls=":", label="target 1.2x")
+        ax.set_ylabel("MB")
+        ax.set_title("5. peak memory while saving / loading")
+        ax.legend()
+
+    ax = axes[1][2]
+    r = results.get("threads")
+    if r:
+        names = list(r["configs"])
+        short = ["1 ctx x 2 threads", "1 ctx x 1 thread", "2 ctx x 1 thread"][: len(names)]
+        x = range(len(names))
+        ax.bar(
+            [i - 0.2 for i in x],
+            [r["configs"][k]["aggregate_tokens_per_second"] for k in names],
+            0.4,
+            label="aggregate",
+        )
+        ax.bar(
+            [i + 0.2 for i in x],
+            [r["configs"][k]["per_context_tokens_per_second"] for k in names],
+            0.4,
+            label="per context",
+        )
+        ax.set_xticks(list(x), short)
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title("6. generation throughput")
+        ax.legend()
+
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=80)
+    plt.close(fig)
+
+
+def report() -> None:
+    results = load_results()
+    DOC.write_text(render(results))
+    plot(results)
+    print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=MODULES, help="run only these benchmarks")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate the report")
+    args = parser.parse_args()
+    if not args.report_only:
+        run(list(args.only or MODULES))
+    report()
+
+
+if __name__ == "__main__":
+    main()
