@@ -648,18 +648,13 @@ impl SessionManager {
 
     /// The stored version of `id` (None: not stored; a file without a manager record is version 0).
     fn stored_version(&self, id: &str) -> Result<Option<u64>> {
-        let Some(prelude) = self.store.get_prefix(id, format::PRELUDE_LEN)? else {
-            return Ok(None);
-        };
-        let origin = id.to_owned();
-        let read = || -> Result<u64> {
-            let end = format::header_end(&prelude, &origin)?;
-            let prefix = self.store.get_prefix(id, end)?.unwrap_or_default();
-            let header = format::read_header(&prefix, &origin)?;
-            Ok(split_metadata(header.metadata).0.version)
-        };
-        // A damaged stored file has no version to protect: it may be overwritten.
-        Ok(Some(read().unwrap_or(0)))
+        match read_stored_header(self.store.as_ref(), id) {
+            Ok(header) => Ok(Some(split_metadata(header.metadata).0.version)),
+            Err(Error::SessionNotFound { .. }) => Ok(None),
+            Err(e @ Error::Io { .. }) => Err(e),
+            // A damaged stored file has no version to protect: it may be overwritten.
+            Err(_) => Ok(Some(0)),
+        }
     }
 
     /// Stores `record` and `context` under `id` with the version check, holding the key's lock.
