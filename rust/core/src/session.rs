@@ -493,6 +493,17 @@ impl Context {
             self.check_seq(seq)?;
         }
         let opened = format::open_with_checksum(bytes, origin, body_checksum)?;
+        self.restore_opened(bytes, opened, seq, origin)
+    }
+
+    /// Restores `bytes`, already verified by `format::open` into `opened`.
+    fn restore_opened(
+        &mut self,
+        bytes: &[u8],
+        opened: OpenedSession,
+        seq: Option<SeqId>,
+        origin: &str,
+    ) -> Result<SessionInfo> {
         self.check_compatible(&opened.header, origin)?;
         let header = &opened.header;
         match seq {
@@ -638,7 +649,7 @@ impl Context {
         let opened = format::open_with_checksum(&bytes, &origin, checksum)?;
         let params = params_from_record(&opened.header.params, n_threads, &origin)?;
         let mut ctx = Context::new(model, params)?;
-        let info = ctx.restore_from(&bytes, None, &origin, checksum)?;
+        let info = ctx.restore_opened(&bytes, opened, None, &origin)?;
         Ok((
             ctx,
             Loaded {
