@@ -22,10 +22,16 @@ thread_local! {
     static RECENT_LOG: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+/// Whether llama.cpp's log goes to stderr: `LLAMA_SESSIONS_LOG`, read once when the backend starts. The log
+/// callback runs on llama.cpp's threads, where reading the environment would race with Python writing it
+/// (`getenv` against `setenv` is undefined behaviour in C).
+static PRINT_LOG: OnceLock<bool> = OnceLock::new();
+
 /// The backend, initialised on first use.
 pub(crate) fn backend() -> Result<&'static LlamaBackend> {
     BACKEND
         .get_or_init(|| {
+            PRINT_LOG.get_or_init(|| std::env::var_os("LLAMA_SESSIONS_LOG").is_some());
             install_log_callback();
             LlamaBackend::init().map_err(|e| e.to_string())
         })
@@ -58,7 +64,7 @@ fn record_log(level: llama_cpp_sys_2::ggml_log_level, text: &str) {
     let important = level == llama_cpp_sys_2::GGML_LOG_LEVEL_WARN
         || level == llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR
         || level == llama_cpp_sys_2::GGML_LOG_LEVEL_CONT;
-    if std::env::var_os("LLAMA_SESSIONS_LOG").is_some() {
+    if *PRINT_LOG.get_or_init(|| false) {
         eprint!("{text}");
     }
     if !important {

@@ -155,19 +155,23 @@ const MAPPED_READ_MIN: usize = 2 << 20;
 /// Bytes read per call: the checksum of a chunk is computed while it is still in the CPU cache.
 const READ_CHUNK: usize = 1 << 20;
 
-/// Reads the whole file and, on the way, the XXH3-128 of all but its last `unhashed_tail` bytes. The checksum
-/// is `None` if the file changed size while it was read (the bytes are then what could be read).
-pub(crate) fn read_all_with_checksum(
+/// Reads the whole file, handing each chunk to `digest` (with its offset) while it is still in the CPU cache.
+/// Returns the bytes and whether the file still had the size it had when it was opened.
+pub(crate) fn read_all(
     path: &Path,
-    unhashed_tail: usize,
-) -> Result<(FileBytes, Option<u128>)> {
+    digest: &mut dyn FnMut(usize, &[u8]),
+) -> Result<(FileBytes, bool)> {
     let mut file = std::fs::File::open(path).map_err(io_error("open", path))?;
-    let len = usize::try_from(file.metadata().map_err(io_error("stat", path))?.len())
-        .unwrap_or(usize::MAX);
+    let meta = file.metadata().map_err(io_error("stat", path))?;
+    if meta.is_dir() {
+        return Err(io_error("read", path)(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory",
+        )));
+    }
+    let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     let mut bytes = zeroed(len).map_err(io_error("allocate memory for", path))?;
     let buffer: &mut [u8] = &mut bytes;
-    let hashed_end = len.saturating_sub(unhashed_tail);
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut filled = 0;
     while filled < len {
         let end = (filled + READ_CHUNK).min(len);
@@ -177,21 +181,24 @@ pub(crate) fn read_all_with_checksum(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(source) => return Err(io_error("read", path)(source)),
         };
-        let hash_to = (filled + n).min(hashed_end);
-        if filled < hash_to {
-            hasher.update(&buffer[filled..hash_to]);
-        }
+        digest(filled, &buffer[filled..filled + n]);
         filled += n;
     }
-    let checksum = (filled == len).then(|| hasher.digest128());
+    // One more byte means the file grew while it was read.
+    let grew = file.read(&mut [0u8]).map(|n| n > 0).unwrap_or(true);
     bytes.len = filled;
-    Ok((bytes, checksum))
+    Ok((bytes, filled == len && !grew))
 }
 
-/// Reads at most `len` bytes from the start of the file.
+/// Reads at most `len` bytes from the start of the file. The buffer grows with what is read, so a length
+/// announced by a file (and so possibly hostile) never sizes an allocation beyond the file itself.
 pub(crate) fn read_prefix(path: &Path, len: usize) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).map_err(io_error("open", path))?;
-    let mut prefix = Vec::with_capacity(len);
+    let file_len = file.metadata().map_err(io_error("stat", path))?.len();
+    let mut prefix = Vec::with_capacity(
+        len.min(usize::try_from(file_len).unwrap_or(usize::MAX))
+            .min(1 << 20),
+    );
     file.take(len as u64)
         .read_to_end(&mut prefix)
         .map_err(io_error("read", path))?;

@@ -139,6 +139,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The session's signature does not hold: a key was given and the session is unsigned, modified, or
+    /// signed with another key; or the session is signed and no key was given. Nothing was loaded.
+    #[error("{origin} failed signature verification: {reason}")]
+    SessionSignature {
+        /// The file, or "session bytes".
+        origin: String,
+        /// What was expected and what was found.
+        reason: String,
+    },
+
     /// A session manager has no session of this id.
     #[error("no session {id:?}")]
     SessionNotFound {

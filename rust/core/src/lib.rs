@@ -22,23 +22,24 @@ mod backend;
 mod context;
 mod durable;
 mod error;
-mod generation;
 pub mod gguf;
+pub mod llama_state;
 pub mod manager;
 mod model;
 mod params;
 mod sampling;
 mod session;
 pub mod session_format;
+mod signing;
 pub mod store;
 mod text;
 
+pub use context::generation::Generator;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
     StopReason,
 };
 pub use error::{Error, ParamMismatch, Result};
-pub use generation::Generator;
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager};
 pub use model::{ChatMessage, Model, ModelParams};
@@ -48,6 +49,7 @@ pub use session::{
     inspect_session, inspect_session_bytes, params_from_record, Loaded, Metadata, SessionFormat,
     SessionInfo, SessionPlan,
 };
+pub use signing::{SessionKey, MIN_SECRET_LEN};
 pub use store::{DirectoryStore, SessionStore};
 
 /// This crate's version, as recorded in what it writes.

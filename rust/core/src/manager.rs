@@ -16,9 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::context::generation::Generator;
 use crate::context::{Context, GenerateOptions, Generation, Interrupt};
 use crate::error::{Error, Result};
-use crate::generation::Generator;
 use crate::model::{ChatMessage, Model};
 use crate::params::ContextParams;
 use crate::session::Metadata;
@@ -464,7 +464,7 @@ impl SessionManager {
         let cached = lock(&self.prefixes).get(&formatted).cloned();
         match cached {
             Some(bytes) => {
-                context.restore(&bytes, None)?;
+                context.restore(&bytes, None, None)?;
                 lock(&self.stats).prefix_reuses += 1;
             }
             None => {
@@ -475,7 +475,7 @@ impl SessionManager {
                 let generation =
                     context.generate(0, &formatted, options, &mut crate::NeverInterrupt)?;
                 lock(&self.stats).prefill_tokens += generation.stats.prompt_tokens as u64;
-                let bytes = context.snapshot(None, &Metadata::new())?;
+                let bytes = context.snapshot(None, &Metadata::new(), None)?;
                 lock(&self.prefixes).insert(formatted, Arc::new(bytes));
             }
         }
@@ -497,7 +497,7 @@ impl SessionManager {
             .get(id)?
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let mut context = Context::new(&self.model, self.params.clone())?;
-        let info = context.restore_named(&bytes, None, &origin)?;
+        let info = context.restore_named(&bytes, None, &origin, None)?;
         lock(&self.stats).store_loads += 1;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         let session = ManagedSession::new(
@@ -674,7 +674,7 @@ impl SessionManager {
     fn write_locked(&self, id: &str, record: &mut Record, context: &Context) -> Result<()> {
         let version = record.stored_version + 1;
         let updated_at = now();
-        let bytes = context.snapshot(None, &record.metadata(version, updated_at.clone()))?;
+        let bytes = context.snapshot(None, &record.metadata(version, updated_at.clone()), None)?;
         self.store.put(id, &bytes)?;
         record.stored_version = version;
         record.manager.version = version;
@@ -794,7 +794,8 @@ impl SessionManager {
         let context = lock(&session.context);
         let key = checkpoint_key(id, label);
         let _key = self.store.lock(&key)?;
-        let bytes = context.snapshot(None, &record.metadata(record.manager.version, now()))?;
+        let bytes =
+            context.snapshot(None, &record.metadata(record.manager.version, now()), None)?;
         self.store.put(&key, &bytes)
     }
 
@@ -810,7 +811,7 @@ impl SessionManager {
             .ok_or_else(|| Error::SessionNotFound { id: key.clone() })?;
         let mut record = lock(&session.record);
         let mut context = lock(&session.context);
-        let info = context.restore_named(&bytes, None, &key)?;
+        let info = context.restore_named(&bytes, None, &key, None)?;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         record.manager.history = manager.history;
         record.manager.system_prompt = manager.system_prompt;

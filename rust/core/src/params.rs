@@ -122,6 +122,9 @@ pub fn default_threads() -> u32 {
         .unwrap_or(1)
 }
 
+/// Most threads llama.cpp's thread pool holds (`GGML_MAX_N_THREADS`); more overflow its worker array.
+pub const MAX_THREADS: u32 = 512;
+
 /// Largest `n_seq_max` llama.cpp accepts (`LLAMA_MAX_SEQ`).
 pub const MAX_SEQUENCES: u32 = 256;
 
@@ -139,10 +142,10 @@ impl ContextParams {
         if self.n_batch == 0 {
             return Err(Error::invalid("n_batch", "n_batch >= 1", self.n_batch));
         }
-        if self.n_threads == 0 {
+        if self.n_threads == 0 || self.n_threads > MAX_THREADS {
             return Err(Error::invalid(
                 "n_threads",
-                "n_threads >= 1",
+                format!("1 <= n_threads <= {MAX_THREADS} (llama.cpp's GGML_MAX_N_THREADS)"),
                 self.n_threads,
             ));
         }

@@ -10,7 +10,10 @@
 //! 32      H             header: UTF-8 JSON (SessionHeader)
 //! 32+H    S             llama.cpp's sequence states, one after another, in header order
 //! 32+H+S  16            checksum: XXH3-128 of bytes 0..32+H+S (u128 LE)
+//! 48+H+S  32            signed sessions only: keyed BLAKE3 MAC of bytes 0..48+H+S (`crate::signing`)
 //! ```
+//!
+//! A signed session says so in its header (`"signature": "blake3-keyed-256"`), which the checksum covers.
 //!
 //! Every future format version keeps the first 32 bytes, so that a reader can tell "newer version" from
 //! "corrupt" before it knows anything else. Everything here is pure: no llama.cpp, no I/O.
@@ -21,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use crate::error::{Error, Result};
+use crate::signing::{SessionKey, MAC_LEN, SCHEME};
 
 /// First bytes of every llama-sessions session. The high first byte and the final newline catch a transfer
 /// that mangled bytes or line endings, as PNG's magic does.
@@ -64,6 +68,9 @@ pub struct SessionHeader {
     /// The caller's metadata (a JSON object).
     #[serde(default)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The signature scheme of a signed session ([`SCHEME`]); absent when unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// The identity of the model that wrote a session.
@@ -132,6 +139,8 @@ pub struct OpenedSession {
     pub state_ranges: Vec<Range<usize>>,
     /// Length of the whole session.
     pub total_len: usize,
+    /// Whether it ends with a MAC (see [`crate::signing`]).
+    pub signed: bool,
 }
 
 impl OpenedSession {
@@ -163,9 +172,9 @@ pub fn detect(prefix: &[u8]) -> SessionKind {
     }
 }
 
-/// Length of a session with a `header_len`-byte header and `state_len` bytes of state.
-pub fn encoded_len(header_len: usize, state_len: usize) -> usize {
-    PRELUDE_LEN + header_len + state_len + CHECKSUM_LEN
+/// Length of a session with a `header_len`-byte header and `state_len` bytes of state, signed or not.
+pub fn encoded_len(header_len: usize, state_len: usize, signed: bool) -> usize {
+    PRELUDE_LEN + header_len + state_len + CHECKSUM_LEN + if signed { MAC_LEN } else { 0 }
 }
 
 /// Serializes `header`, checking the limits.
@@ -185,7 +194,8 @@ pub fn encode_header(header: &SessionHeader) -> Result<Vec<u8>> {
 /// Writes the prelude and the header into the start of `out`, which is exactly
 /// `encoded_len(header_json.len(), state_len)` long; returns the range the state bytes go to.
 pub fn write_prelude(out: &mut [u8], header_json: &[u8], state_len: usize) -> Range<usize> {
-    assert_eq!(out.len(), encoded_len(header_json.len(), state_len));
+    let unsigned = encoded_len(header_json.len(), state_len, false);
+    assert!(out.len() == unsigned || out.len() == unsigned + MAC_LEN);
     out[0..8].copy_from_slice(&MAGIC);
     out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     let header_len =
@@ -199,26 +209,48 @@ pub fn write_prelude(out: &mut [u8], header_json: &[u8], state_len: usize) -> Ra
     header_end..header_end + state_len
 }
 
-/// Writes the checksum over everything before it into the last 16 bytes of `out`.
-pub fn seal(out: &mut [u8]) {
-    let body = out.len() - CHECKSUM_LEN;
+/// Writes the checksum, and with a key the MAC after it, into the end of `out` (which
+/// [`write_prelude`] sized for the same choice).
+pub fn seal(out: &mut [u8], key: Option<&SessionKey>) {
+    let mac_len = if key.is_some() { MAC_LEN } else { 0 };
+    let body = out.len() - CHECKSUM_LEN - mac_len;
     let checksum = xxh3_128(&out[..body]);
-    out[body..].copy_from_slice(&checksum.to_le_bytes());
+    out[body..body + CHECKSUM_LEN].copy_from_slice(&checksum.to_le_bytes());
+    if let Some(key) = key {
+        let signed_end = body + CHECKSUM_LEN;
+        let mac = key.mac(&out[..signed_end]);
+        out[signed_end..].copy_from_slice(mac.as_bytes());
+    }
+}
+
+/// Digests of session bytes computed while they were read (so that verifying needs no second pass).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Precomputed {
+    /// XXH3-128 of all but the last [`CHECKSUM_LEN`] bytes (where an unsigned session's checksum starts).
+    pub unsigned_checksum: Option<u128>,
+    /// XXH3-128 of all but the last `CHECKSUM_LEN + MAC_LEN` bytes (a signed session's checksummed part).
+    pub signed_checksum: Option<u128>,
 }
 
 /// Verifies `bytes` completely (prelude, length, checksum, header) without trusting any of it, and says
-/// where the state bytes are. `origin` names the bytes in errors.
+/// where the state bytes are. `origin` names the bytes in errors. A signed session is verified by its
+/// checksum and reported as signed; see [`open_signed`] to check its MAC.
 pub fn open(bytes: &[u8], origin: &str) -> Result<OpenedSession> {
-    open_with_checksum(bytes, origin, None)
+    open_with_checksum(bytes, origin, Precomputed::default())
 }
 
-/// [`open`], with the XXH3-128 of all but the last [`CHECKSUM_LEN`] bytes already computed by the caller
-/// (while it read them); `None` computes it here.
-pub fn open_with_checksum(
-    bytes: &[u8],
-    origin: &str,
-    body_checksum: Option<u128>,
-) -> Result<OpenedSession> {
+/// The fixed fields of the prelude, after its own check.
+#[derive(Debug, Clone, Copy)]
+struct Prelude {
+    format_version: u32,
+    header_len: usize,
+    /// Length of an unsigned session with these lengths; a signed one is [`MAC_LEN`] longer.
+    unsigned_len: usize,
+}
+
+/// The one prelude parser: magic, check, version (0 never existed: corrupt; newer: a version error) and
+/// addressable lengths. `bytes` may be the whole session or just its first [`PRELUDE_LEN`] bytes.
+fn parse_prelude(bytes: &[u8], origin: &str) -> Result<Prelude> {
     let corrupt = |reason: String| Error::SessionCorrupt {
         origin: origin.to_owned(),
         reason,
@@ -263,17 +295,45 @@ pub fn open_with_checksum(
         });
     }
     let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
-    let state_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-    let expected_len = usize::try_from(state_len).ok().and_then(|s| {
-        PRELUDE_LEN
-            .checked_add(header_len)?
-            .checked_add(s)?
-            .checked_add(CHECKSUM_LEN)
-    });
-    let Some(expected_len) = expected_len else {
+    if header_len > MAX_HEADER_LEN {
         return Err(corrupt(format!(
-            "state length {state_len} cannot be addressed"
+            "the prelude announces a {header_len}-byte header, the format allows at most {MAX_HEADER_LEN}"
         )));
+    }
+    let state_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let unsigned_len = usize::try_from(state_len)
+        .ok()
+        .and_then(|s| {
+            PRELUDE_LEN
+                .checked_add(header_len)?
+                .checked_add(s)?
+                .checked_add(CHECKSUM_LEN + MAC_LEN)
+        })
+        .map(|signed_len| signed_len - MAC_LEN)
+        .ok_or_else(|| corrupt(format!("state length {state_len} cannot be addressed")))?;
+    Ok(Prelude {
+        format_version,
+        header_len,
+        unsigned_len,
+    })
+}
+
+/// [`open`], with checksums already computed by the caller while it read the bytes.
+pub fn open_with_checksum(
+    bytes: &[u8],
+    origin: &str,
+    precomputed: Precomputed,
+) -> Result<OpenedSession> {
+    let corrupt = |reason: String| Error::SessionCorrupt {
+        origin: origin.to_owned(),
+        reason,
+    };
+    let prelude = parse_prelude(bytes, origin)?;
+    let signed = bytes.len() == prelude.unsigned_len + MAC_LEN;
+    let expected_len = if signed {
+        bytes.len()
+    } else {
+        prelude.unsigned_len
     };
     if bytes.len() != expected_len {
         return Err(corrupt(if bytes.len() < expected_len {
@@ -288,21 +348,107 @@ pub fn open_with_checksum(
             )
         }));
     }
-    let body = expected_len - CHECKSUM_LEN;
-    let stored = u128::from_le_bytes(bytes[body..].try_into().expect("16 bytes"));
-    let computed = body_checksum.unwrap_or_else(|| xxh3_128(&bytes[..body]));
+    let body = prelude.unsigned_len - CHECKSUM_LEN;
+    let stored = u128::from_le_bytes(
+        bytes[body..body + CHECKSUM_LEN]
+            .try_into()
+            .expect("16 bytes"),
+    );
+    let precomputed = if signed {
+        precomputed.signed_checksum
+    } else {
+        precomputed.unsigned_checksum
+    };
+    let computed = precomputed.unwrap_or_else(|| xxh3_128(&bytes[..body]));
     if stored != computed {
         return Err(corrupt(format!(
             "checksum mismatch (stored {stored:032x}, computed {computed:032x}): the bytes changed after \
              they were written"
         )));
     }
+    let opened = parse_body(bytes, origin, prelude, signed)?;
+    if signed != opened.header.signature.is_some() {
+        return Err(corrupt(if signed {
+            format!(
+                "{MAC_LEN} bytes of trailing data after the {} bytes the prelude announces",
+                prelude.unsigned_len
+            )
+        } else {
+            "its header says it is signed, but it has no signature".to_owned()
+        }));
+    }
+    Ok(opened)
+}
+
+/// Verifies a signed session with `key`: the MAC over everything before it first (nothing else is trusted
+/// or parsed before that), then the rest as [`open`] does, the checksum excepted (the MAC covers it).
+/// `precomputed_mac`: the MAC of all but the last [`MAC_LEN`] bytes, computed by the caller while reading.
+pub fn open_signed(
+    bytes: &[u8],
+    origin: &str,
+    key: &SessionKey,
+    precomputed_mac: Option<blake3::Hash>,
+) -> Result<OpenedSession> {
+    let signature = |reason: String| Error::SessionSignature {
+        origin: origin.to_owned(),
+        reason,
+    };
+    if bytes.len() < PRELUDE_LEN + CHECKSUM_LEN + MAC_LEN {
+        return Err(signature(format!(
+            "{} bytes are too few for a signed session",
+            bytes.len()
+        )));
+    }
+    let signed_end = bytes.len() - MAC_LEN;
+    let computed = precomputed_mac.unwrap_or_else(|| key.mac(&bytes[..signed_end]));
+    let stored: [u8; MAC_LEN] = bytes[signed_end..].try_into().expect("32 bytes");
+    // blake3::Hash compares in constant time.
+    if computed != blake3::Hash::from(stored) {
+        let unsigned = parse_prelude(bytes, origin).is_ok_and(|p| p.unsigned_len == bytes.len());
+        return Err(signature(if unsigned {
+            "it is not signed (it was saved without a secret_key), and a secret_key was given"
+                .to_owned()
+        } else {
+            "its signature does not match: it was modified after it was signed, or signed with another key"
+                .to_owned()
+        }));
+    }
+    let prelude = parse_prelude(bytes, origin)?;
+    if bytes.len() != prelude.unsigned_len + MAC_LEN {
+        return Err(Error::SessionCorrupt {
+            origin: origin.to_owned(),
+            reason: format!(
+                "it is {} bytes long, its prelude announces {} plus the signature",
+                bytes.len(),
+                prelude.unsigned_len
+            ),
+        });
+    }
+    let opened = parse_body(bytes, origin, prelude, true)?;
+    if opened.header.signature.as_deref() != Some(SCHEME) {
+        return Err(signature(format!(
+            "its header names signature scheme {:?}, expected {SCHEME:?}",
+            opened.header.signature
+        )));
+    }
+    Ok(opened)
+}
+
+/// Parses the header and locates the state ranges of a session whose integrity is established.
+fn parse_body(bytes: &[u8], origin: &str, prelude: Prelude, signed: bool) -> Result<OpenedSession> {
+    let corrupt = |reason: String| Error::SessionCorrupt {
+        origin: origin.to_owned(),
+        reason,
+    };
+    let header_len = prelude.header_len;
     let header_bytes = &bytes[PRELUDE_LEN..PRELUDE_LEN + header_len];
     let header: SessionHeader = serde_json::from_slice(header_bytes)
         .map_err(|e| corrupt(format!("the header is not a valid session header: {e}")))?;
-    let mut state_ranges = Vec::with_capacity(header.sequences.len());
-    let mut offset = PRELUDE_LEN + header_len;
-    let state_end = body;
+    let state_start = PRELUDE_LEN + header_len;
+    let state_end = prelude.unsigned_len - CHECKSUM_LEN;
+    let mut state_ranges =
+        Vec::with_capacity(header.sequences.len().min(crate::MAX_SEQUENCES as usize));
+    let mut offset = state_start;
     for record in &header.sequences {
         let len = usize::try_from(record.state_bytes).unwrap_or(usize::MAX);
         let end = offset.checked_add(len).filter(|&end| end <= state_end);
@@ -317,8 +463,9 @@ pub fn open_with_checksum(
     }
     if offset != state_end {
         return Err(corrupt(format!(
-            "the sequences account for {} of {state_len} state bytes",
-            offset - (PRELUDE_LEN + header_len)
+            "the sequences account for {} of {} state bytes",
+            offset - state_start,
+            state_end - state_start
         )));
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -332,48 +479,18 @@ pub fn open_with_checksum(
     }
     Ok(OpenedSession {
         header,
-        format_version,
+        format_version: prelude.format_version,
         header_len,
         state_ranges,
-        total_len: expected_len,
+        total_len: bytes.len(),
+        signed,
     })
 }
 
 /// Length of the prelude plus the header announced by `prelude` (the first [`PRELUDE_LEN`] bytes), after
 /// checking the prelude; reading that many bytes gives [`read_header`] what it needs.
 pub fn header_end(prelude: &[u8], origin: &str) -> Result<usize> {
-    check_prelude(prelude, origin)?;
-    let header_len = u32::from_le_bytes(prelude[12..16].try_into().expect("4 bytes")) as usize;
-    Ok(PRELUDE_LEN + header_len)
-}
-
-fn check_prelude(bytes: &[u8], origin: &str) -> Result<()> {
-    let corrupt = |reason: String| Error::SessionCorrupt {
-        origin: origin.to_owned(),
-        reason,
-    };
-    if !bytes.starts_with(&MAGIC) || bytes.len() < PRELUDE_LEN {
-        return Err(corrupt(
-            "not a llama-sessions session, or truncated".to_owned(),
-        ));
-    }
-    let stored_check = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
-    if xxh3_64(&bytes[0..24]) != stored_check {
-        return Err(corrupt(
-            "the prelude (version and lengths) does not match its check".to_owned(),
-        ));
-    }
-    let format_version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if format_version == 0 || format_version > FORMAT_VERSION {
-        return Err(Error::SessionVersion {
-            origin: origin.to_owned(),
-            reason: format!(
-                "written in session format version {format_version}, this build reads versions 1 to \
-                 {FORMAT_VERSION}"
-            ),
-        });
-    }
-    Ok(())
+    parse_prelude(prelude, origin).map(|p| PRELUDE_LEN + p.header_len)
 }
 
 /// Parses the header from the first [`header_end`] bytes of a session, *without* the checksum over the state
@@ -491,15 +608,16 @@ mod tests {
                 },
             ],
             metadata: serde_json::Map::new(),
+            signature: None,
         }
     }
 
     fn encode(header: &SessionHeader, state: &[u8]) -> Vec<u8> {
         let json = encode_header(header).unwrap();
-        let mut out = vec![0; encoded_len(json.len(), state.len())];
+        let mut out = vec![0; encoded_len(json.len(), state.len(), false)];
         let range = write_prelude(&mut out, &json, state.len());
         out[range].copy_from_slice(state);
-        seal(&mut out);
+        seal(&mut out, None);
         out
     }
 
@@ -547,14 +665,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.session");
         std::fs::write(&path, &bytes).unwrap();
-        let (read, checksum) = crate::durable::read_all_with_checksum(&path, CHECKSUM_LEN).unwrap();
+        let (read, precomputed) = crate::session::read_session_bytes(&path).unwrap();
         assert_eq!(&*read, bytes.as_slice());
         assert_eq!(
-            checksum,
+            precomputed.unsigned_checksum,
             Some(xxh3_128(&bytes[..bytes.len() - CHECKSUM_LEN]))
         );
         assert_eq!(
-            open_with_checksum(&read, "t", checksum).unwrap(),
+            precomputed.signed_checksum,
+            Some(xxh3_128(&bytes[..bytes.len() - CHECKSUM_LEN - MAC_LEN]))
+        );
+        assert_eq!(
+            open_with_checksum(&read, "t", precomputed).unwrap(),
             open(&bytes, "t").unwrap()
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -570,6 +692,66 @@ mod tests {
             open(&bytes, "t"),
             Err(Error::SessionVersion { .. })
         ));
+    }
+
+    #[test]
+    fn version_zero_is_corrupt_for_every_reader() {
+        let mut bytes = encode(&header(), b"abcdeXY");
+        bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+        let check = xxh3_64(&bytes[0..24]);
+        bytes[24..32].copy_from_slice(&check.to_le_bytes());
+        for err in [
+            open(&bytes, "t").unwrap_err(),
+            header_end(&bytes[..PRELUDE_LEN], "t").unwrap_err(),
+            read_header(&bytes, "t").unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, Error::SessionCorrupt { reason, .. } if reason == "format version 0 does not exist"),
+                "{err}"
+            );
+        }
+    }
+
+    fn encode_signed(header: &SessionHeader, state: &[u8], key: &SessionKey) -> Vec<u8> {
+        let mut header = header.clone();
+        header.signature = Some(SCHEME.to_owned());
+        let json = encode_header(&header).unwrap();
+        let mut out = vec![0; encoded_len(json.len(), state.len(), true)];
+        let range = write_prelude(&mut out, &json, state.len());
+        out[range].copy_from_slice(state);
+        seal(&mut out, Some(key));
+        out
+    }
+
+    #[test]
+    fn signed_sessions_open_with_their_key_only() {
+        let key = SessionKey::new(b"0123456789abcdef").unwrap();
+        let other = SessionKey::new(b"0123456789abcdeg").unwrap();
+        let bytes = encode_signed(&header(), b"abcdeXY", &key);
+        let opened = open_signed(&bytes, "t", &key, None).unwrap();
+        assert!(opened.signed);
+        assert_eq!(&bytes[opened.state_ranges[0].clone()], b"abcde");
+        // Without a key it opens (for inspection) and says it is signed.
+        assert!(open(&bytes, "t").unwrap().signed);
+        let signature_error =
+            |r: Result<OpenedSession>| matches!(r, Err(Error::SessionSignature { .. }));
+        assert!(signature_error(open_signed(&bytes, "t", &other, None)));
+        assert!(signature_error(open_signed(
+            &encode(&header(), b"abcdeXY"),
+            "t",
+            &key,
+            None
+        )));
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let err = open_signed(&flipped, "t", &key, None).unwrap_err();
+            assert!(
+                matches!(err, Error::SessionSignature { .. }),
+                "bit {bit}: {err}"
+            );
+        }
+        assert!(SessionKey::new(b"short").is_err());
     }
 
     #[test]

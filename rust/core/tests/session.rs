@@ -50,10 +50,10 @@ fn file_round_trip_continues_identically_for_every_kv_type() {
         let mut original = prepared(params.clone());
         let path = dir.join(format!("{kv}.session"));
         let info = original
-            .save_session(&path, None, &Metadata::new())
+            .save_session(&path, None, &Metadata::new(), None)
             .unwrap();
         assert_eq!(info.token_count(), original.token_count(0).unwrap());
-        assert_eq!(info, inspect_session(&path).unwrap());
+        assert_eq!(info, inspect_session(&path, None).unwrap());
         assert_eq!(
             std::fs::metadata(&path).unwrap().len() as usize,
             info.total_bytes
@@ -61,7 +61,7 @@ fn file_round_trip_continues_identically_for_every_kv_type() {
         let expected = continuation(&mut original);
 
         let mut fresh = Context::new(model(), params).unwrap();
-        fresh.load_session(&path, None).unwrap();
+        fresh.load_session(&path, None, None).unwrap();
         assert_eq!(
             fresh.tokens(0).unwrap(),
             original.tokens(0).unwrap()[..info.token_count()].as_ref()
@@ -76,10 +76,10 @@ fn snapshot_restores_after_generation_and_truncate() {
     ctx.generate(0, QUESTION, greedy(8), &mut NeverInterrupt)
         .unwrap();
     ctx.truncate(0, ctx.token_count(0).unwrap() - 3).unwrap();
-    let snapshot = ctx.snapshot(None, &Metadata::new()).unwrap();
+    let snapshot = ctx.snapshot(None, &Metadata::new(), None).unwrap();
     let tokens = ctx.tokens(0).unwrap().to_vec();
     let expected = continuation(&mut ctx);
-    ctx.restore(&snapshot, None).unwrap();
+    ctx.restore(&snapshot, None, None).unwrap();
     assert_eq!(ctx.tokens(0).unwrap(), tokens.as_slice());
     assert_eq!(continuation(&mut ctx), expected);
 }
@@ -87,31 +87,31 @@ fn snapshot_restores_after_generation_and_truncate() {
 #[test]
 fn write_session_refuses_a_buffer_of_another_size() {
     let ctx = prepared(small());
-    let plan = ctx.plan_session(None, &Metadata::new()).unwrap();
+    let plan = ctx.plan_session(None, &Metadata::new(), false).unwrap();
     let mut short = vec![0; plan.len() - 1];
     assert!(matches!(
-        ctx.write_session(&plan, &mut short),
+        ctx.write_session(&plan, &mut short, None),
         Err(Error::Internal(_))
     ));
     let mut exact = vec![0; plan.len()];
-    ctx.write_session(&plan, &mut exact).unwrap();
+    ctx.write_session(&plan, &mut exact, None).unwrap();
 }
 
 #[test]
 fn verification_happens_before_llama_cpp_and_leaves_the_context_unchanged() {
     let mut ctx = prepared(small());
-    let snapshot = ctx.snapshot(None, &Metadata::new()).unwrap();
+    let snapshot = ctx.snapshot(None, &Metadata::new(), None).unwrap();
     ctx.generate(0, QUESTION, greedy(4), &mut NeverInterrupt)
         .unwrap();
     let before = ctx.tokens(0).unwrap().to_vec();
     for cut in [0, 5, 31, 32, 100, snapshot.len() / 2, snapshot.len() - 1] {
-        let err = ctx.restore(&snapshot[..cut], None).unwrap_err();
+        let err = ctx.restore(&snapshot[..cut], None, None).unwrap_err();
         assert!(matches!(err, Error::SessionCorrupt { .. }), "{cut}: {err}");
     }
     for i in (0..snapshot.len()).step_by(997) {
         let mut flipped = snapshot.clone();
         flipped[i] ^= 0x10;
-        let err = ctx.restore(&flipped, None).unwrap_err();
+        let err = ctx.restore(&flipped, None, None).unwrap_err();
         assert!(matches!(err, Error::SessionCorrupt { .. }), "{i}: {err}");
     }
     assert_eq!(ctx.tokens(0).unwrap(), before.as_slice());
@@ -120,7 +120,7 @@ fn verification_happens_before_llama_cpp_and_leaves_the_context_unchanged() {
 #[test]
 fn parameter_mismatches_name_each_parameter() {
     let ctx = prepared(small());
-    let snapshot = ctx.snapshot(None, &Metadata::new()).unwrap();
+    let snapshot = ctx.snapshot(None, &Metadata::new(), None).unwrap();
     let mut other = Context::new(
         model(),
         ContextParams {
@@ -130,7 +130,7 @@ fn parameter_mismatches_name_each_parameter() {
         },
     )
     .unwrap();
-    match other.restore(&snapshot, None).unwrap_err() {
+    match other.restore(&snapshot, None, None).unwrap_err() {
         Error::SessionParamsMismatch { mismatches, .. } => {
             let names: Vec<_> = mismatches.iter().map(|m| m.name).collect();
             assert_eq!(names, ["n_ctx", "n_batch"]);
@@ -154,13 +154,13 @@ fn from_session_uses_the_recorded_parameters() {
     let path = dir.join("s.session");
     let mut metadata = Metadata::new();
     metadata.insert("user".into(), "ada".into());
-    original.save_session(&path, None, &metadata).unwrap();
-    let (mut restored, loaded) = Context::from_session(model(), &path, 2).unwrap();
+    original.save_session(&path, None, &metadata, None).unwrap();
+    let (mut restored, loaded) = Context::from_session(model(), &path, 2, None).unwrap();
     assert_eq!(restored.params().n_ctx, 768);
     assert_eq!(restored.params().n_batch, 32);
     assert_eq!(loaded.info.header.metadata, metadata);
     assert_eq!(continuation(&mut restored), continuation(&mut original));
-    let inspected = inspect_session(&path).unwrap();
+    let inspected = inspect_session(&path, None).unwrap();
     assert_eq!(inspected, loaded.info);
 }
 
@@ -174,12 +174,12 @@ fn a_sequence_moves_between_contexts_and_copies_within_one() {
     let mut a = Context::new(model(), params.clone()).unwrap();
     a.generate(1, SYSTEM, greedy(0), &mut NeverInterrupt)
         .unwrap();
-    let one = a.snapshot(Some(1), &Metadata::new()).unwrap();
+    let one = a.snapshot(Some(1), &Metadata::new(), None).unwrap();
     a.copy_sequence(1, 2).unwrap();
     assert_eq!(a.tokens(2).unwrap(), a.tokens(1).unwrap());
 
     let mut b = Context::new(model(), params).unwrap();
-    b.restore(&one, Some(0)).unwrap();
+    b.restore(&one, Some(0), None).unwrap();
     assert_eq!(b.tokens(0).unwrap(), a.tokens(1).unwrap());
     let seq = |ctx: &mut Context, s| {
         ctx.generate(s, QUESTION, greedy(10), &mut NeverInterrupt)
@@ -203,7 +203,7 @@ fn llama_cpp_files_load_with_a_warning_and_continue_identically() {
     let expected = continuation(&mut ctx);
 
     let mut fresh = Context::new(model(), small()).unwrap();
-    let loaded = fresh.load_session(&ours, None).unwrap();
+    let loaded = fresh.load_session(&ours, None, None).unwrap();
     assert_eq!(loaded.warnings.len(), 1);
     assert_eq!(loaded.info.format, SessionFormat::LlamaCpp);
     assert_eq!(continuation(&mut fresh), expected);

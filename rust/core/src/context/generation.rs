@@ -64,6 +64,17 @@ impl Generator {
         interrupt: &mut dyn Interrupt,
     ) -> Result<Generator> {
         options.sampling.validate()?;
+        // llama.cpp sizes the penalty's ring buffer by repeat_last_n: bound it by what a sequence can hold.
+        if options.sampling.repeat_last_n as usize > ctx.capacity() {
+            return Err(Error::invalid(
+                "repeat_last_n",
+                format!(
+                    "0 <= repeat_last_n <= {} (the tokens a sequence holds)",
+                    ctx.capacity()
+                ),
+                options.sampling.repeat_last_n,
+            ));
+        }
         let started = Instant::now();
         let prompt_tokens = if options.max_tokens == 0 {
             ctx.append(seq, tokens, false, interrupt)?;

@@ -5,19 +5,30 @@
 //! through [`Context::truncate`] or [`Context::reset`]. No public call takes a position, so the classic
 //! mistakes (re-decoding restored tokens, starting a continuation at 0, counting only the last batch) cannot
 //! be written. After each change the cache is checked against the bookkeeping.
+//!
+//! The fields are private to this module tree, so the compiler enforces that: only [`Context::append`],
+//! [`Context::truncate`], [`Context::reset`] and [`Context::replace_sequence`] (state bytes, parsed and
+//! checked against this context's layout first) change the cache. `state` (sessions and snapshots) and
+//! `generation` are child modules that go through those doors.
+
+pub(crate) mod generation;
+mod layout;
+mod state;
 
 use std::sync::Arc;
 
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::{backend, clear_recent_log, take_recent_log};
 use crate::error::{Error, Result};
-use crate::generation::Generator;
+use crate::llama_state::{self, Expected, StateLayout};
 use crate::model::{Model, ModelInner};
 use crate::params::ContextParams;
 use crate::sampling::SamplingParams;
+use generation::Generator;
 
 type BorrowedContext<'model> = LlamaContext<'model>;
 
@@ -70,20 +81,22 @@ impl<F: FnMut() -> bool> Interrupt for F {
 
 /// A llama.cpp context with its bookkeeping. `Send`, not `Sync`: share it between threads behind a lock.
 pub struct Context {
-    pub(crate) cell: ContextCell,
-    pub(crate) model: Model,
-    pub(crate) params: ContextParams,
+    cell: ContextCell,
+    model: Model,
+    params: ContextParams,
     /// The tokens in the KV cache, per sequence, in position order: token `i` sits at position `i`.
-    pub(crate) sequences: Vec<Vec<LlamaToken>>,
+    sequences: Vec<Vec<LlamaToken>>,
     /// Cells available to each sequence.
     capacity_per_sequence: usize,
     /// Most tokens per decode call: `n_batch` as llama.cpp applied it (it clamps it to `n_ctx`, and aborts on
     /// a larger batch).
     chunk_len: usize,
     batch: LlamaBatch<'static>,
-    pub(crate) last_logits: Option<LastLogits>,
+    last_logits: Option<LastLogits>,
     /// Bumped by every change of the KV cache, so that a paused token stream can tell it was overtaken.
-    pub(crate) epoch: u64,
+    epoch: u64,
+    /// What llama.cpp's state of one sequence of this context looks like, or why it cannot be checked.
+    layout: std::result::Result<StateLayout, String>,
 }
 
 impl std::fmt::Debug for Context {
@@ -123,6 +136,7 @@ impl Context {
         let n_ctx = cell.borrow_dependent().n_ctx() as usize;
         let chunk_len = (cell.borrow_dependent().n_batch() as usize).min(params.n_batch as usize);
         let n_seq = params.n_seq_max as usize;
+        let layout = layout::state_layout(model, &params, n_ctx / n_seq);
         Ok(Context {
             cell,
             model: model.clone(),
@@ -133,6 +147,7 @@ impl Context {
             params,
             last_logits: None,
             epoch: 0,
+            layout,
         })
     }
 
@@ -284,8 +299,9 @@ impl Context {
         }
     }
 
-    /// Checks the KV cache against the bookkeeping; on disagreement clears both and reports a bug.
-    pub(crate) fn verify(&mut self, seq: SeqId) -> Result<()> {
+    /// Checks the KV cache of `seq` against its bookkeeping; on disagreement empties that sequence (cells and
+    /// bookkeeping; the other sequences are untouched) and reports a bug.
+    fn verify(&mut self, seq: SeqId) -> Result<()> {
         let pos_max = self
             .cell
             .borrow_dependent()
@@ -294,15 +310,23 @@ impl Context {
         if i64::from(pos_max) == expected {
             return Ok(());
         }
-        self.reset();
+        self.epoch += 1;
+        self.last_logits = None;
+        self.sequences[seq as usize].clear();
+        let removed = self
+            .cell
+            .with_dependent_mut(|_, ctx| ctx.kv_cache_seq_rm(seq as i32, None, None));
+        if removed.is_err() || self.llama_cell_count(seq).unwrap_or(1) != 0 {
+            self.reset();
+        }
         Err(Error::Internal(format!(
-            "KV cache of sequence {seq} ends at position {pos_max} but the bookkeeping holds {} tokens; the \
-             context was reset",
+            "KV cache of sequence {seq} ends at position {pos_max} but the bookkeeping holds {} tokens; \
+             sequence {seq} was emptied",
             expected + 1
         )))
     }
 
-    pub(crate) fn remove_from(&mut self, seq: SeqId, keep: usize) -> Result<()> {
+    fn remove_from(&mut self, seq: SeqId, keep: usize) -> Result<()> {
         self.epoch += 1;
         self.last_logits = None;
         let keep_u32 = u32::try_from(keep).expect("positions fit in u32");
@@ -335,22 +359,136 @@ impl Context {
         self.remove_from(seq, n)
     }
 
-    /// Empties every sequence.
+    /// Empties every sequence and frees every cell of the memory, including any the bookkeeping does not
+    /// know of.
     pub fn reset(&mut self) {
         self.epoch += 1;
         self.last_logits = None;
-        // Frees every cell without zeroing the KV buffer (llama_memory_clear(data=true) memsets all of it:
-        // 8 ms at n_ctx 4096 with a 135M model). Freed cells are masked out of attention, and their rows
-        // hold finite values from earlier decodes (the buffer is zeroed when the context is created).
+        // Removing every sequence's cells by position range is cheap (llama_memory_clear(data=true) memsets
+        // the whole KV buffer: 8 ms at n_ctx 4096 with a 135M model), but a range starts at position 0 at the
+        // earliest, so a cell at a negative position would survive it. Clear the memory entirely whenever
+        // anything is left.
         let cleared = self
             .cell
             .with_dependent_mut(|_, ctx| ctx.clear_kv_cache_seq(None, None, None));
-        if !matches!(cleared, Ok(true)) {
+        if !matches!(cleared, Ok(true)) || !self.memory_is_empty() {
             self.cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache());
         }
         for tokens in &mut self.sequences {
             tokens.clear();
         }
+    }
+
+    /// True when no sequence has a single cell in llama.cpp's memory, whatever its position: the state of an
+    /// empty sequence is its magic, sequence id, stream count and one zero cell count per stream (this crate
+    /// never unifies the cache, so there is one stream per sequence).
+    fn memory_is_empty(&self) -> bool {
+        let ctx = self.cell.borrow_dependent();
+        let n_stream = self.sequences.len();
+        let empty_len = 12 + 4 * n_stream;
+        (0..n_stream).all(|seq| {
+            ctx.state_seq_get_size_ext(seq as i32, LlamaStateSeqFlags::empty()) == empty_len
+        })
+    }
+
+    /// How many cells of sequence `seq` llama.cpp holds, whatever their positions (a test hook for the
+    /// promise that nothing foreign ever enters the cache).
+    #[doc(hidden)]
+    pub fn llama_cell_count(&self, seq: SeqId) -> Result<usize> {
+        self.check_seq(seq)?;
+        let mut state = vec![0; self.sequence_state_len(seq)];
+        self.write_sequence_state(seq, &mut state)?;
+        let n_stream = self.sequences.len();
+        let counts = state.get(12..12 + 4 * n_stream).unwrap_or_default();
+        if n_stream != 1 && counts.len() != 4 * n_stream {
+            return Err(Error::Internal(
+                "llama.cpp's state is shorter than its stream counts".into(),
+            ));
+        }
+        Ok(counts
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
+            .sum())
+    }
+
+    /// The one door for state bytes: replaces sequence `seq` by `state`, llama.cpp's state of a sequence
+    /// `expected.saved_seq` holding `tokens`. The bytes are parsed and checked against this context's layout
+    /// first ([`llama_state::check_sequence_state`]); a state that fails is [`Error::SessionCorrupt`] and
+    /// changes nothing. If llama.cpp refuses a state that passed (a bug), sequence `seq` is emptied and the
+    /// other sequences are untouched.
+    pub(crate) fn replace_sequence(
+        &mut self,
+        seq: SeqId,
+        state: &[u8],
+        tokens: Vec<LlamaToken>,
+        saved_seq: SeqId,
+        origin: &str,
+    ) -> Result<()> {
+        self.check_seq(seq)?;
+        self.check_state(state, saved_seq, tokens.len(), origin)?;
+        self.model
+            .check_tokens(&tokens)
+            .map_err(|e| Error::SessionCorrupt {
+                origin: origin.to_owned(),
+                reason: format!("sequence {saved_seq}: {e}"),
+            })?;
+        self.epoch += 1;
+        self.last_logits = None;
+        clear_recent_log();
+        // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
+        // records (a negative position stays in the cache for good; several sequence ids or positions out of
+        // order trip assertions that abort the process). `check_state` just parsed every byte of `state`
+        // against this context's layout: exactly one cell per token at positions 0..n in order, each in one
+        // sequence, every type and size this context's, nothing left over; and `seq < n_seq_max`
+        // (`check_seq`). (Tested by the forged-state tests in tests/test_hardening.py and
+        // rust/core/tests/state_check.rs, which hand such states to restore and expect SessionCorrupt with
+        // the cache unchanged.)
+        let accepted = self.cell.with_dependent_mut(|_, ctx| unsafe {
+            ctx.state_seq_set_data_ext(state, seq as i32, LlamaStateSeqFlags::empty())
+        });
+        if !accepted {
+            self.sequences[seq as usize].clear();
+            self.remove_from(seq, 0)?;
+            return Err(Error::Internal(take_recent_log(&format!(
+                "llama.cpp refused a checked state of sequence {seq}; that sequence is now empty, the others \
+                 are unchanged"
+            ))));
+        }
+        self.sequences[seq as usize] = tokens;
+        self.verify(seq)
+    }
+
+    /// Checks llama.cpp state bytes of one sequence against this context's layout, as
+    /// [`Context::replace_sequence`] will.
+    pub(crate) fn check_state(
+        &self,
+        state: &[u8],
+        saved_seq: SeqId,
+        token_count: usize,
+        origin: &str,
+    ) -> Result<()> {
+        let layout = self
+            .layout
+            .as_ref()
+            .map_err(|reason| Error::SessionVersion {
+                origin: origin.to_owned(),
+                reason: reason.clone(),
+            })?;
+        let expected = Expected {
+            saved_seq,
+            token_count,
+        };
+        llama_state::check_sequence_state(state, layout, expected).map_err(|reason| {
+            Error::SessionCorrupt {
+                origin: origin.to_owned(),
+                reason: format!("llama.cpp's state of sequence {saved_seq}: {reason}"),
+            }
+        })
+    }
+
+    /// The layout every per-sequence state of this context has, when this build can check it.
+    pub fn state_layout(&self) -> std::result::Result<&StateLayout, &str> {
+        self.layout.as_ref().map_err(String::as_str)
     }
 
     /// Makes the logits of the last token of `seq` available, decoding it again if they are not (after a
@@ -364,20 +502,21 @@ impl Context {
             return Ok(last.batch_index);
         }
         let held = self.token_count(seq)?;
-        let last = match self.sequences[seq as usize].last() {
-            Some(&token) => {
-                self.truncate(seq, held - 1)?;
-                token
-            }
-            None => self.model.bos_to_add().ok_or_else(|| {
+        if let Some(&token) = self.sequences[seq as usize].last() {
+            // Decode the last token again for its logits. It was in the context before this call, so it must
+            // be there after it: no interruption between taking it out and putting it back.
+            self.truncate(seq, held - 1)?;
+            self.append(seq, &[token], true, &mut NeverInterrupt)?;
+        } else {
+            let bos = self.model.bos_to_add().ok_or_else(|| {
                 Error::invalid(
                     "prompt",
                     "a non-empty prompt: the context is empty and the model has no BOS token to start from",
                     "\"\"",
                 )
-            })?,
-        };
-        self.append(seq, &[last], true, interrupt)?;
+            })?;
+            self.append(seq, &[bos], true, interrupt)?;
+        }
         Ok(self
             .last_logits
             .expect("append with want_logits sets them")
@@ -580,6 +719,86 @@ pub struct Generation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::{ModelParams, SamplingParams};
+
+    fn test_model() -> Model {
+        let path = std::env::var_os("LLAMA_SESSIONS_MODEL")
+            .map(std::path::PathBuf::from)
+            .expect("LLAMA_SESSIONS_MODEL names the test model");
+        Model::load(path, &ModelParams::default()).expect("the test model")
+    }
+
+    fn options(max_tokens: usize) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+        }
+    }
+
+    /// Plants a cell at position -5 in sequence `seq` the way a forged state did before states were checked:
+    /// straight through llama.cpp, bypassing `replace_sequence`.
+    fn plant_negative_cell(ctx: &mut Context, seq: SeqId) {
+        let mut state = vec![0; ctx.sequence_state_len(seq)];
+        ctx.write_sequence_state(seq, &mut state).unwrap();
+        // Magic, sequence id, stream count, the zero counts of the streams before this one, its count.
+        let first_cell = 12 + 4 * (seq as usize + 1);
+        state[first_cell..first_cell + 4].copy_from_slice(&(-5i32).to_le_bytes());
+        // SAFETY: the bytes are llama.cpp's own state of this very sequence with one position changed; the
+        // layout is intact, so the reader stays within the slice (this is the planting the checks prevent).
+        let accepted = ctx.cell.with_dependent_mut(|_, c| unsafe {
+            c.state_seq_set_data_ext(&state, seq as i32, LlamaStateSeqFlags::empty())
+        });
+        assert!(accepted);
+    }
+
+    #[test]
+    fn reset_frees_cells_the_bookkeeping_does_not_know() {
+        let model = test_model();
+        let params = ContextParams {
+            n_ctx: 256,
+            n_batch: 32,
+            ..ContextParams::default()
+        };
+        let mut ctx = Context::new(&model, params).unwrap();
+        ctx.generate(0, "Hello there", options(0), &mut NeverInterrupt)
+            .unwrap();
+        let held = ctx.token_count(0).unwrap();
+        plant_negative_cell(&mut ctx, 0);
+        assert_eq!(ctx.llama_cell_count(0).unwrap(), held);
+        // Removing by range keeps the cell at -5: that is what a reset by ranges alone left behind.
+        ctx.cell
+            .with_dependent_mut(|_, c| c.clear_kv_cache_seq(None, None, None))
+            .unwrap();
+        assert_eq!(ctx.llama_cell_count(0).unwrap(), 1);
+        ctx.reset();
+        assert_eq!(ctx.llama_cell_count(0).unwrap(), 0);
+        assert_eq!(ctx.token_count(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_sequence_that_disagrees_with_its_bookkeeping_is_emptied_alone() {
+        let model = test_model();
+        let params = ContextParams {
+            n_ctx: 512,
+            n_batch: 32,
+            n_seq_max: 2,
+            ..ContextParams::default()
+        };
+        let mut ctx = Context::new(&model, params).unwrap();
+        ctx.generate(0, "First sequence", options(0), &mut NeverInterrupt)
+            .unwrap();
+        ctx.generate(1, "Second sequence here", options(0), &mut NeverInterrupt)
+            .unwrap();
+        let first = ctx.tokens(0).unwrap().to_vec();
+        ctx.sequences[1].pop();
+        assert!(matches!(ctx.verify(1), Err(Error::Internal(_))));
+        assert_eq!(ctx.tokens(0).unwrap(), first.as_slice());
+        assert_eq!(ctx.llama_cell_count(0).unwrap(), first.len());
+        assert_eq!(ctx.token_count(1).unwrap(), 0);
+        assert_eq!(ctx.llama_cell_count(1).unwrap(), 0);
+    }
 
     #[test]
     fn context_can_move_between_threads() {
