@@ -85,7 +85,7 @@ def test_verify_exits_non_zero_with_the_reason(
     assert "checksum mismatch" in corrupt.stderr
     missing = run_cli("verify", str(tmp_path / "missing.session"), model_path=model_path)
     assert missing.returncode == 1
-    assert missing.stderr.startswith("llama-sessions: FileNotFoundError: ")
+    assert missing.stderr.startswith("llama-sessions: StorageNotFoundError: [Errno 2] cannot open: ")
     assert "Traceback" not in corrupt.stderr + other.stderr + missing.stderr
 
 

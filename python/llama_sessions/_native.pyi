@@ -285,36 +285,59 @@ class Context:
         metadata: Mapping[str, Any] | None = None,
         seq: int | None = None,
         format: SessionFileFormat = "llama-sessions",
+        secret_key: bytes | None = None,
     ) -> SessionInfo:
         """Save the context's state (or only sequence ``seq``) to ``path``.
 
         The file records the model fingerprint, the state-relevant parameters, the tokens, ``metadata`` (a
         dict of JSON values, at most 16 MiB) and a checksum; see docs/session-format.md. It is written to a
-        temporary file, fsynced and renamed over ``path``: a crash leaves the old file or the new one.
+        temporary file, fsynced and renamed over ``path``: a crash leaves the old file or the new one; an OS
+        error (a full disk, a read-only directory) raises a StorageError, which is also an OSError.
+        With ``secret_key`` (bytes, at least 16) the session is signed: a keyed BLAKE3 MAC over the whole
+        file, which only the same key verifies (see docs/reliability.md).
         ``format="llama.cpp"`` writes llama.cpp's own session file instead (what ``llama_state_save_file``
         writes), for a context with n_seq_max == 1.
         """
-    def load_session(self, path: str | PathLike[str], *, seq: int | None = None) -> SessionInfo:
+    def load_session(
+        self, path: str | PathLike[str], *, seq: int | None = None, secret_key: bytes | None = None
+    ) -> SessionInfo:
         """Replace the context's state by the session at ``path``; the next call continues after its tokens.
 
         Everything is checked before llama.cpp sees a byte: SessionCorruptError (not a session, truncated,
-        changed), SessionModelMismatchError (another model or other weights), SessionParamsMismatchError (a
-        state-relevant parameter differs), SessionVersionError (newer format, other llama.cpp build). A failed
-        load leaves the context exactly as it was. With ``seq``, the file must hold one sequence, which
-        replaces sequence ``seq``; without, every other sequence is emptied. A llama.cpp session file is
-        loaded too, with a SessionInteropWarning.
+        changed, or llama.cpp state whose cell records or sizes do not match the recorded tokens and this
+        context), SessionModelMismatchError (another model or other weights), SessionParamsMismatchError (a
+        state-relevant parameter differs), SessionVersionError (newer format, other llama.cpp build),
+        SessionSignatureError (with ``secret_key``: unsigned, modified, or signed with another key; without:
+        the session is signed). A failed load leaves the context exactly as it was. With ``seq``, the file
+        must hold one sequence, which replaces sequence ``seq``; without, every other sequence is emptied. A
+        llama.cpp session file is loaded too, with a SessionInteropWarning, after the same checks of its state.
         """
-    def snapshot(self, *, seq: int | None = None, metadata: Mapping[str, Any] | None = None) -> bytes:
-        """The context's state (or sequence ``seq``) as session bytes, in the file format.
+    def snapshot(
+        self,
+        *,
+        seq: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        secret_key: bytes | None = None,
+    ) -> bytes:
+        """The context's state (or sequence ``seq``) as session bytes, in the file format; signed with
+        ``secret_key`` if given.
 
         Store them anywhere (memory, a database, another process) and give them to restore(): cheap enough for
         undo checkpoints.
         """
-    def restore(self, data: bytes | bytearray, *, seq: int | None = None) -> SessionInfo:
+    def restore(
+        self, data: bytes | bytearray, *, seq: int | None = None, secret_key: bytes | None = None
+    ) -> SessionInfo:
         """Replace the context's state by session bytes from snapshot() or a file, with the checks of
         load_session(); a failed restore leaves the context exactly as it was."""
     @staticmethod
-    def from_session(model: Model, path: str | PathLike[str], *, n_threads: int | None = None) -> Context:
+    def from_session(
+        model: Model,
+        path: str | PathLike[str],
+        *,
+        n_threads: int | None = None,
+        secret_key: bytes | None = None,
+    ) -> Context:
         """Create a Context with the parameters recorded in the session at ``path`` and load it.
 
         Raises the errors of load_session(); InvalidParameterError for a llama.cpp session file (it records
@@ -374,12 +397,18 @@ class SessionInfo:
     @property
     def total_bytes(self) -> int:
         """Bytes of the whole session."""
+    @property
+    def signed(self) -> bool:
+        """Whether the session is signed (loading it needs the secret_key it was signed with)."""
 
-def inspect_session(source: str | PathLike[str] | bytes | bytearray) -> SessionInfo:
+def inspect_session(
+    source: str | PathLike[str] | bytes | bytearray, *, secret_key: bytes | None = None
+) -> SessionInfo:
     """Read and verify a session file or session bytes without a model.
 
-    A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); of a llama.cpp
-    session file only the header can be checked.
+    A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); a signed one
+    by its checksum, and by its signature when ``secret_key`` is given (SessionSignatureError). Of a
+    llama.cpp session file only the header can be checked.
     """
 
 @final

@@ -10,6 +10,8 @@ until then stay in the context (its bookkeeping is consistent).
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "ChatTemplateError",
     "ContextCreateError",
@@ -28,7 +30,9 @@ __all__ = [
     "SessionModelMismatchError",
     "SessionNotFoundError",
     "SessionParamsMismatchError",
+    "SessionSignatureError",
     "SessionVersionError",
+    "StorageError",
     "StreamInvalidatedError",
     "TokenizeError",
 ]
@@ -120,6 +124,14 @@ class SessionVersionError(SessionError):
     build cannot vouch for."""
 
 
+class SessionSignatureError(SessionError):
+    """A signed session's signature does not hold.
+
+    Raised when a ``secret_key`` was given and the session is unsigned, was modified after it was signed, or
+    was signed with another key; and when a signed session is loaded without a key. Nothing was loaded.
+    """
+
+
 class SessionInteropWarning(UserWarning):
     """A llama.cpp session file was loaded: it records neither the model nor the context parameters and has no
     checksum, so only llama.cpp's own checks applied."""
@@ -137,3 +149,48 @@ class SessionConflictError(SessionError):
     """The stored session changed since this live copy was loaded: another process, or another copy, saved a
     newer version. Nothing was written, and the stale copy left the manager's memory: load the session again
     to continue from the stored version."""
+
+
+class StorageError(LlamaSessionsError, OSError):
+    """An operating-system error on a file: missing, not permitted, a directory, a full disk, ...
+
+    Also an :class:`OSError`, with ``errno``, ``strerror`` and ``filename`` set, and an instance of the matching
+    built-in subclass where there is one (``except FileNotFoundError`` catches a missing session file). A failed
+    save leaves the previous file as it was.
+    """
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """A file or directory that does not exist."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """A file or directory that may not be read or written (a read-only directory, say)."""
+
+
+class StorageIsADirectoryError(StorageError, IsADirectoryError):
+    """A directory where a file was expected."""
+
+
+class StorageNotADirectoryError(StorageError, NotADirectoryError):
+    """A path through something that is not a directory."""
+
+
+class StorageFileExistsError(StorageError, FileExistsError):
+    """A file that already exists."""
+
+
+_STORAGE_ERRORS: dict[int, type[StorageError]] = {
+    errno.ENOENT: StorageNotFoundError,
+    errno.EACCES: StoragePermissionError,
+    errno.EPERM: StoragePermissionError,
+    errno.EROFS: StoragePermissionError,
+    errno.EISDIR: StorageIsADirectoryError,
+    errno.ENOTDIR: StorageNotADirectoryError,
+    errno.EEXIST: StorageFileExistsError,
+}
+
+
+def _storage_error(code: int, strerror: str, filename: str) -> StorageError:
+    """The exception for an OS error on ``filename`` (called by the native module)."""
+    return _STORAGE_ERRORS.get(code, StorageError)(code, strerror, filename)

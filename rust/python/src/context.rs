@@ -21,7 +21,7 @@ use crate::errors::to_py;
 use crate::interrupt::SignalCheck;
 use crate::model::{tokens_to_py, PyModel};
 use crate::params::PyContextParams;
-use crate::session::{metadata_from_py, seq_arg, seq_id, warn_all, PySessionInfo};
+use crate::session::{metadata_from_py, seq_arg, seq_id, session_key, warn_all, PySessionInfo};
 
 /// Counts and times of the last generation (or stream) on a Context.
 #[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen)]
@@ -370,7 +370,7 @@ impl PyContext {
     }
 
     /// Saves the context (or sequence `seq`) to `path`, atomically and durably.
-    #[pyo3(signature = (path, *, metadata = None, seq = None, format = "llama-sessions"))]
+    #[pyo3(signature = (path, *, metadata = None, seq = None, format = "llama-sessions", secret_key = None))]
     fn save_session(
         &self,
         py: Python<'_>,
@@ -378,20 +378,24 @@ impl PyContext {
         metadata: Option<Bound<'_, PyAny>>,
         seq: Option<i64>,
         format: &str,
+        secret_key: Option<PyBackedBytes>,
     ) -> PyResult<PySessionInfo> {
         let format = SessionFormat::parse(format).map_err(to_py)?;
+        let key = session_key(secret_key)?;
         let seq = seq_arg(seq)?;
         let metadata = metadata_from_py(py, metadata)?;
         let info = py.detach(|| {
             let ctx = lock(&self.inner);
             match format {
-                SessionFormat::LlamaSessions => ctx.save_session(&path, seq, &metadata),
+                SessionFormat::LlamaSessions => {
+                    ctx.save_session(&path, seq, &metadata, key.as_ref())
+                }
                 SessionFormat::LlamaCpp => {
-                    if seq.is_some() || !metadata.is_empty() {
+                    if seq.is_some() || !metadata.is_empty() || key.is_some() {
                         return Err(Error::invalid(
                             "format",
-                            "\"llama-sessions\" to save a single sequence or metadata (a llama.cpp session \
-                             holds neither)",
+                            "\"llama-sessions\" to save a single sequence, metadata or a signed session (a \
+                             llama.cpp session holds none of them)",
                             "\"llama.cpp\"",
                         ));
                     }
@@ -404,41 +408,47 @@ impl PyContext {
 
     /// Loads a session file (ours, or llama.cpp's own with a SessionInteropWarning) into the context, or into
     /// sequence `seq`.
-    #[pyo3(signature = (path, *, seq = None))]
+    #[pyo3(signature = (path, *, seq = None, secret_key = None))]
     fn load_session(
         &self,
         py: Python<'_>,
         path: PathBuf,
         seq: Option<i64>,
+        secret_key: Option<PyBackedBytes>,
     ) -> PyResult<PySessionInfo> {
         let seq = seq_arg(seq)?;
+        let key = session_key(secret_key)?;
         let loaded = py
-            .detach(|| lock(&self.inner).load_session(&path, seq))
+            .detach(|| lock(&self.inner).load_session(&path, seq, key.as_ref()))
             .map_err(to_py)?;
         warn_all(py, &loaded.warnings)?;
         Ok(PySessionInfo { info: loaded.info })
     }
 
     /// The context (or sequence `seq`) as session bytes.
-    #[pyo3(signature = (*, seq = None, metadata = None))]
+    #[pyo3(signature = (*, seq = None, metadata = None, secret_key = None))]
     fn snapshot<'py>(
         &self,
         py: Python<'py>,
         seq: Option<i64>,
         metadata: Option<Bound<'_, PyAny>>,
+        secret_key: Option<PyBackedBytes>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let seq = seq_arg(seq)?;
+        let key = session_key(secret_key)?;
         let metadata = metadata_from_py(py, metadata)?;
         let bytes = py.detach(|| -> PyResult<Py<PyBytes>> {
             let mut guard = lock(&self.inner);
             let ctx: &mut Context = &mut guard;
-            let plan = ctx.plan_session(seq, &metadata).map_err(to_py)?;
+            let plan = ctx
+                .plan_session(seq, &metadata, key.is_some())
+                .map_err(to_py)?;
             // The state is copied by llama.cpp straight into the new `bytes` object, with the GIL released
             // again while it does; the context stays locked from planning to writing.
             let len = plan.len();
             Python::attach(move |py| {
                 PyBytes::new_with(py, len, move |buf| {
-                    py.detach(move || ctx.write_session(&plan, buf))
+                    py.detach(move || ctx.write_session(&plan, buf, key.as_ref()))
                         .map_err(to_py)
                 })
                 .map(Bound::unbind)
@@ -448,28 +458,32 @@ impl PyContext {
     }
 
     /// Restores session bytes from snapshot() (or a file's contents) into the context, or into sequence `seq`.
-    #[pyo3(signature = (data, *, seq = None))]
+    #[pyo3(signature = (data, *, seq = None, secret_key = None))]
     fn restore(
         &self,
         py: Python<'_>,
         data: PyBackedBytes,
         seq: Option<i64>,
+        secret_key: Option<PyBackedBytes>,
     ) -> PyResult<PySessionInfo> {
         let seq = seq_arg(seq)?;
-        py.detach(|| lock(&self.inner).restore(&data, seq))
+        let key = session_key(secret_key)?;
+        py.detach(|| lock(&self.inner).restore(&data, seq, key.as_ref()))
             .map(|info| PySessionInfo { info })
             .map_err(to_py)
     }
 
     /// Creates a context with the parameters recorded in the session at `path` and loads it.
     #[staticmethod]
-    #[pyo3(signature = (model, path, *, n_threads = None))]
+    #[pyo3(signature = (model, path, *, n_threads = None, secret_key = None))]
     fn from_session(
         py: Python<'_>,
         model: Py<PyModel>,
         path: PathBuf,
         n_threads: Option<i64>,
+        secret_key: Option<PyBackedBytes>,
     ) -> PyResult<PyContext> {
+        let key = session_key(secret_key)?;
         let n_threads = match n_threads {
             None => default_threads(),
             Some(n) => u32::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
@@ -480,7 +494,7 @@ impl PyContext {
         };
         let core_model = model.get().inner.clone();
         let (context, loaded) = py
-            .detach(|| Context::from_session(&core_model, &path, n_threads))
+            .detach(|| Context::from_session(&core_model, &path, n_threads, key.as_ref()))
             .map_err(to_py)?;
         warn_all(py, &loaded.warnings)?;
         Ok(PyContext::shared(Arc::new(Mutex::new(context)), model))

@@ -2,7 +2,7 @@
 //! compile. The classes are defined in Python (`llama_sessions/errors.py`) where they are documented.
 
 use llama_sessions::Error;
-use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError};
+use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::types::{PyAnyMethods, PyDictMethods};
 use pyo3::{PyErr, Python};
 
@@ -19,10 +19,61 @@ pyo3::import_exception!(llama_sessions.errors, SessionCorruptError);
 pyo3::import_exception!(llama_sessions.errors, SessionModelMismatchError);
 pyo3::import_exception!(llama_sessions.errors, SessionParamsMismatchError);
 pyo3::import_exception!(llama_sessions.errors, SessionVersionError);
+pyo3::import_exception!(llama_sessions.errors, SessionSignatureError);
 pyo3::import_exception!(llama_sessions.errors, SessionInteropWarning);
 pyo3::import_exception!(llama_sessions.errors, SessionNotFoundError);
 pyo3::import_exception!(llama_sessions.errors, SessionExistsError);
 pyo3::import_exception!(llama_sessions.errors, SessionConflictError);
+
+/// errno of an I/O error: the OS's own, or the closest one for errors raised without one.
+fn errno_of(error: &std::io::Error) -> i32 {
+    use std::io::ErrorKind;
+    error.raw_os_error().unwrap_or(match error.kind() {
+        ErrorKind::NotFound => libc_errno::ENOENT,
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => libc_errno::EACCES,
+        ErrorKind::IsADirectory => libc_errno::EISDIR,
+        ErrorKind::NotADirectory => libc_errno::ENOTDIR,
+        ErrorKind::AlreadyExists => libc_errno::EEXIST,
+        ErrorKind::StorageFull => libc_errno::ENOSPC,
+        ErrorKind::OutOfMemory => libc_errno::ENOMEM,
+        _ => libc_errno::EIO,
+    })
+}
+
+/// The errno values used above (Linux's, which are also those of the other Unix systems for these).
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const ENOMEM: i32 = 12;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const ENOSPC: i32 = 28;
+}
+
+/// A `StorageError` (an `OSError` and a `LlamaSessionsError`, of the built-in subclass matching its errno) with
+/// `errno`, `strerror` and `filename` set.
+fn storage_error(op: &str, path: &std::path::Path, source: &std::io::Error) -> PyErr {
+    let code = errno_of(source);
+    let reason = source.to_string();
+    let reason = reason
+        .split(" (os error")
+        .next()
+        .unwrap_or(&reason)
+        .to_owned();
+    let strerror = format!("cannot {op}: {reason}");
+    Python::attach(|py| {
+        let made = py
+            .import("llama_sessions.errors")
+            .and_then(|m| m.getattr("_storage_error"))
+            .and_then(|f| f.call1((code, strerror.clone(), path.to_string_lossy().into_owned())));
+        match made {
+            Ok(error) => PyErr::from_value(error),
+            Err(e) => e,
+        }
+    })
+}
 
 /// Converts a core error into the Python exception users catch.
 pub fn to_py(error: Error) -> PyErr {
@@ -37,11 +88,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::ChatTemplate(_) => ChatTemplateError::new_err(message),
         Error::Interrupted => PyKeyboardInterrupt::new_err(message),
         Error::StreamInvalidated => StreamInvalidatedError::new_err(message),
-        Error::Io { source, .. } => match source.kind() {
-            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
-            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
-            _ => PyOSError::new_err(message),
-        },
+        Error::Io { op, path, source } => storage_error(op, &path, &source),
         Error::SessionCorrupt { .. } => SessionCorruptError::new_err(message),
         Error::SessionModelMismatch { .. } => SessionModelMismatchError::new_err(message),
         Error::SessionParamsMismatch { mismatches, .. } => {
@@ -63,6 +110,7 @@ pub fn to_py(error: Error) -> PyErr {
             error
         }
         Error::SessionVersion { .. } => SessionVersionError::new_err(message),
+        Error::SessionSignature { .. } => SessionSignatureError::new_err(message),
         Error::SessionNotFound { .. } => SessionNotFoundError::new_err(message),
         Error::SessionExists { .. } => SessionExistsError::new_err(message),
         Error::SessionConflict { .. } => SessionConflictError::new_err(message),

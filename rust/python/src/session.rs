@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use llama_sessions::SessionKey;
 use llama_sessions::{default_threads, Metadata, SeqId, SessionFormat, SessionInfo};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -134,9 +135,15 @@ impl PySessionInfo {
         self.info.total_bytes
     }
 
+    /// Whether the session is signed: loading it needs the secret_key it was signed with.
+    #[getter]
+    fn signed(&self) -> bool {
+        self.info.signed
+    }
+
     fn __repr__(&self) -> String {
         format!(
-            "SessionInfo(format={:?}, tokens={}, model={:?}, total_bytes={})",
+            "SessionInfo(format={:?}, tokens={}, model={:?}, total_bytes={}, signed={})",
             self.info.format.as_str(),
             self.info.token_count(),
             self.info
@@ -145,7 +152,8 @@ impl PySessionInfo {
                 .name
                 .as_deref()
                 .unwrap_or(&self.info.header.model.fingerprint),
-            self.info.total_bytes
+            self.info.total_bytes,
+            if self.info.signed { "True" } else { "False" }
         )
     }
 }
@@ -156,14 +164,28 @@ fn non_empty(text: &str) -> Option<&str> {
 
 /// Reads and verifies a session from a path or from bytes, without a model.
 #[pyfunction]
-pub fn inspect_session(py: Python<'_>, source: Bound<'_, PyAny>) -> PyResult<PySessionInfo> {
+#[pyo3(signature = (source, *, secret_key = None))]
+pub fn inspect_session(
+    py: Python<'_>,
+    source: Bound<'_, PyAny>,
+    secret_key: Option<PyBackedBytes>,
+) -> PyResult<PySessionInfo> {
+    let key = session_key(secret_key)?;
     let info = if let Ok(bytes) = source.extract::<PyBackedBytes>() {
-        py.detach(|| llama_sessions::inspect_session_bytes(&bytes, "session bytes"))
+        py.detach(|| llama_sessions::inspect_session_bytes(&bytes, "session bytes", key.as_ref()))
     } else {
         let path: PathBuf = source.extract()?;
-        py.detach(|| llama_sessions::inspect_session(&path))
+        py.detach(|| llama_sessions::inspect_session(&path, key.as_ref()))
     };
     info.map(|info| PySessionInfo { info }).map_err(to_py)
+}
+
+/// The key derived from a `secret_key` argument (bytes of at least 16), if one was given.
+pub fn session_key(secret_key: Option<PyBackedBytes>) -> PyResult<Option<SessionKey>> {
+    secret_key
+        .map(|secret| SessionKey::new(&secret))
+        .transpose()
+        .map_err(to_py)
 }
 
 /// `metadata` (a dict of JSON values, or None) as the core's JSON object.
