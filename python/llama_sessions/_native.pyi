@@ -310,7 +310,8 @@ class Context:
         SessionSignatureError (with ``secret_key``: unsigned, modified, or signed with another key; without:
         the session is signed). A failed load leaves the context exactly as it was. With ``seq``, the file
         must hold one sequence, which replaces sequence ``seq``; without, every other sequence is emptied. A
-        llama.cpp session file is loaded too, with a SessionInteropWarning, after the same checks of its state.
+        llama.cpp session file is loaded too, with a SessionInteropWarning, after the same checks of its
+        state.
         """
     def snapshot(
         self,

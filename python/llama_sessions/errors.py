@@ -154,9 +154,9 @@ class SessionConflictError(SessionError):
 class StorageError(LlamaSessionsError, OSError):
     """An operating-system error on a file: missing, not permitted, a directory, a full disk, ...
 
-    Also an :class:`OSError`, with ``errno``, ``strerror`` and ``filename`` set, and an instance of the matching
-    built-in subclass where there is one (``except FileNotFoundError`` catches a missing session file). A failed
-    save leaves the previous file as it was.
+    Also an :class:`OSError`, with ``errno``, ``strerror`` and ``filename`` set, and an instance of the
+    matching built-in subclass where there is one (``except FileNotFoundError`` catches a missing session
+    file). A failed save leaves the previous file as it was.
     """
 
 
