@@ -31,6 +31,7 @@ MODULES = (
     "threads",
     "manager_sessions",
     "breakdown",
+    "signed_load",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
@@ -459,6 +460,31 @@ def render_manager(r: dict[str, Any]) -> list[str]:
     return [*out, busy_note(r), ""]
 
 
+def render_signed(r: dict[str, Any]) -> list[str]:
+    c, t = r["config"], r["times"]
+    out = [
+        "## 8. Signed sessions: load, restore and save with a secret_key",
+        "",
+        f"{c['tokens']} tokens, f16, n_ctx {c['n_ctx']}: sessions of {mb(r['session_bytes']['unsigned'])} MB "
+        f"(unsigned) and {mb(r['session_bytes']['signed'])} MB (signed: 32 bytes more). Median of "
+        f"{c['runs']} runs after a warm-up, the variants alternating (`{r['command']}`). A signed load "
+        "verifies a keyed BLAKE3 MAC over the whole file (on every core) in place of the XXH3 checksum.",
+        "",
+    ]
+    rows = []
+    for op in ("load", "restore", "save"):
+        unsigned, signed = t[f"{op}_unsigned"]["median"], t[f"{op}_signed"]["median"]
+        rows.append([op, ms(unsigned), ms(signed), f"{signed / unsigned:.2f}x"])
+    out += table(["operation", "unsigned ms", "signed ms", "signed / unsigned"], rows)
+    out += [
+        "",
+        f"Target: a signed load within {r['target_ratio']}x of an unsigned one: "
+        f"{r['load_ratio']:.2f}x, {verdict(r['meets_target'])}.",
+        "",
+    ]
+    return out
+
+
 def render_breakdown(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     out = [
@@ -579,6 +605,10 @@ def render(results: dict[str, Any]) -> str:
         lines += render_manager(results["manager_sessions"])
     else:
         lines += ["## 7. SessionManager", "", "Not run yet: `python bench/manager_sessions.py`.", ""]
+    if "signed_load" in results:
+        lines += render_signed(results["signed_load"])
+    else:
+        lines += ["## 8. Signed sessions", "", "Not run yet: `python bench/signed_load.py`.", ""]
     if FINDINGS.exists():
         lines += [FINDINGS.read_text().rstrip(), ""]
     if "breakdown" in results:

@@ -192,8 +192,8 @@ pub fn inspect_session(path: &Path, key: Option<&SessionKey>) -> Result<SessionI
     open_session_file(path, &origin, key).map(|(_, opened)| SessionInfo::from_opened(opened))
 }
 
-/// Reads a llama-sessions file and verifies it: with a key its signature (computed on every core once the
-/// bytes are in memory), without one its checksum (computed while reading). A file that does not start with
+/// Reads a llama-sessions file and verifies it: with a key its signature, without one its checksum, each
+/// computed while the file is read. A file that does not start with
 /// our magic is refused before the rest of it is read.
 pub(crate) fn open_session_file(
     path: &Path,
@@ -207,8 +207,18 @@ pub(crate) fn open_session_file(
         let opened = format::open_with_checksum(&bytes, origin, precomputed)?;
         return Ok((bytes, opened));
     }
-    let (bytes, _) = durable::read_all(path, &mut |_, _| {})?;
-    let opened = open_session_bytes(&bytes, origin, key)?;
+    // The MAC of all but the last MAC_LEN bytes, computed while each chunk is still in the CPU cache.
+    let key = key.expect("checked above");
+    let signed_end = file_len(path)?.saturating_sub(MAC_LEN);
+    let mut hasher = key.hasher();
+    let (bytes, whole) = durable::read_all(path, &mut |offset, chunk| {
+        let end = (offset + chunk.len()).min(signed_end);
+        if offset < end {
+            hasher.update_rayon(&chunk[..end - offset]);
+        }
+    })?;
+    let precomputed = (whole && bytes.len() == signed_end + MAC_LEN).then(|| hasher.finalize());
+    let opened = format::open_signed(&bytes, origin, key, precomputed)?;
     Ok((bytes, opened))
 }
 
