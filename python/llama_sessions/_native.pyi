@@ -118,7 +118,7 @@ class ContextParams:
         """Most tokens decoded per llama.cpp call; longer prompts are split."""
     @property
     def n_threads(self) -> int:
-        """CPU threads used for decoding (default: the cores available)."""
+        """CPU threads used for decoding (default: the cores available; 1 to 512, llama.cpp's limit)."""
     @property
     def type_k(self) -> KvType:
         """K cache type."""
