@@ -77,7 +77,8 @@ def run_round(mode: str, model_path: Path, directory: Path, rng: random.Random) 
     try:
         first = worker.stdout.readline()
         if not first.startswith("saved "):
-            raise RuntimeError(f"{mode} worker failed: {first!r} {worker.stderr.read() if worker.stderr else ''}")
+            stderr = worker.stderr.read() if worker.stderr else ""
+            raise RuntimeError(f"{mode} worker failed: {first!r} {stderr}")
         ack = int(first.split()[1])
         aim = mode != "autosave"  # the autosave worker saves inside chat: aim at the whole turn
         durations = []
@@ -118,7 +119,9 @@ def check(mode: str, model: Model, directory: Path, ack: int, ref: Reference) ->
         assert held in (ack, ref.next_save(ack)), (held, ack)
         assert ctx.tokens == ref.save_tokens[:held]
         return "old" if held == ack else "new"
-    manager = SessionManager(model, directory, max_live=1, n_ctx=work.N_CTX, n_batch=work.N_BATCH, n_threads=1)
+    manager = SessionManager(
+        model, directory, max_live=1, n_ctx=work.N_CTX, n_batch=work.N_BATCH, n_threads=1
+    )
     if not manager.exists("s"):
         assert ack == work.TURNS, f"session missing after {ack} acknowledged turns"
         return "new"
@@ -133,7 +136,9 @@ def check(mode: str, model: Model, directory: Path, ack: int, ref: Reference) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
