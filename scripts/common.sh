@@ -5,7 +5,8 @@ set -euo pipefail
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-sessions/target}"
 mkdir -p "$CARGO_TARGET_DIR"
 
-# llama-cpp-sys-2 needs cmake, a C++17 compiler and libclang (bindgen).
+# llama-cpp-sys-2 needs cmake, a C++17 compiler and libclang (bindgen); the tests need strace (to kill a
+# writer at an exact system call).
 ensure_build_tools() {
     local missing=()
     command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -14,6 +15,7 @@ ensure_build_tools() {
     if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libclang; then
         missing+=(libclang-dev)
     fi
+    command -v strace >/dev/null 2>&1 || missing+=(strace)
     if [ "${#missing[@]}" -eq 0 ]; then
         return
     fi
@@ -24,7 +26,7 @@ ensure_build_tools() {
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "please install: ${missing[*]} (cmake >= 3.14, a C++17 compiler, libclang)" >&2
+        echo "please install: ${missing[*]} (cmake >= 3.14, a C++17 compiler, libclang, strace)" >&2
         exit 1
     fi
 }

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 
@@ -19,6 +21,30 @@ STORY = (
     "<|im_start|>user\nTell me a long story about a dragon and a lighthouse.<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+
+
+def assert_same_output(actual: Sequence[object], expected: Sequence[object]) -> None:
+    """``actual`` equals ``expected``, a generated output (text or tokens) that is not empty: two empty
+    outputs are equal whatever the contexts hold, so comparing them would prove nothing."""
+    assert len(expected) > 0, "the expected output is empty: comparing it with another proves nothing"
+    assert actual == expected
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of the command-line tool ``name``. Missing, the test is skipped on a developer's machine but
+    fails in CI (``CI`` set), where the setup scripts install it: a skip there would hide a test never run."""
+    path = shutil.which(name)
+    if path is None:
+        fail_in_ci_or_skip(f"{name} is not installed ({why}); scripts/common.sh installs it")
+    assert path is not None
+    return path
+
+
+def fail_in_ci_or_skip(reason: str) -> None:
+    """Skips the test, or fails it in CI (``CI`` set), where everything a test needs is installed."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"cannot run in CI: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -30,4 +30,5 @@ def test_quick_start_and_sessions_run(
     assert (tmp_path / "sessions" / "ada.session").is_file()
     restored, later = namespace["ctx"], namespace["later"]
     assert isinstance(restored, Context) and isinstance(later, Context)
-    assert restored.tokens == later.tokens[: len(restored.tokens)]  # the undo went back to the saved state
+    # The undo went back to the saved state.
+    assert restored.tokens and restored.tokens == later.tokens[: len(restored.tokens)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 from llama_sessions import Context, Model
 
@@ -113,4 +114,8 @@ def test_demo_restores_the_system_prompt_faster_than_it_prefills(model_path: pat
     assert next(line for line in lines if line.startswith("save ")).endswith(" ms")
     prefill_tokens = int(prefill.split()[1])
     assert restore.startswith(f"restore   {prefill_tokens} tokens into a fresh context in ")
-    assert "faster than the prefill" in restore
+    # The demo's point: restoring the encoded system prompt beats decoding it again by far (a hundredfold and
+    # more); "slower" or a small factor means the restore is broken, not that the machine is busy.
+    compared = re.search(r" in [0-9.]+ ms: ([0-9.]+)x (faster|slower) than the prefill$", restore)
+    assert compared is not None, restore
+    assert compared[2] == "faster" and float(compared[1]) >= 2, restore

@@ -47,6 +47,8 @@ def resume(model_path: Path, directory: Path) -> tuple[int, datetime | None, dic
         Context(model, n_ctx=256).load_session(directory / "s.session")
     except SessionParamsMismatchError as error:
         assert "n_ctx" in error.mismatches
+    else:
+        raise AssertionError("a session saved with n_ctx=512 loaded into a context of n_ctx=256")
     params: ContextParams | None = inspect_session(snapshot).params
     assert params is not None and params.n_seq_max == 2
     return later.token_count(seq=1) + info.total_bytes, info.created_at, info.sequences

@@ -89,10 +89,9 @@ def demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         ctx.load_session(session)
         restored = time.perf_counter() - started
-    speedup = prefill.prompt_seconds / restored if restored > 0 else float("inf")
     print(
         f"restore   {ctx.token_count()} tokens into a fresh context in {restored * 1000:.1f} ms: "
-        f"{speedup:.0f}x faster than the prefill"
+        f"{_compared(prefill.prompt_seconds, restored)} than the prefill"
     )
     turn = model.apply_chat_template([{"role": "user", "content": DEMO_QUESTION}])
     print(f"\nuser      {DEMO_QUESTION}\nassistant ", end="", flush=True)
@@ -111,6 +110,16 @@ def demo(args: argparse.Namespace) -> int:
     )
     print(f"context   {ctx.token_count()} of {ctx.n_ctx} tokens held")
     return 0
+
+
+def _compared(prefill_seconds: float, restore_seconds: float) -> str:
+    """How the restore compares with the prefill: "12.5x faster", or "3.0x slower" when it is slower."""
+    if restore_seconds <= 0:
+        return "immeasurably faster"
+    ratio = prefill_seconds / restore_seconds
+    if ratio >= 1:
+        return f"{ratio:.1f}x faster"
+    return f"{1 / ratio:.1f}x slower" if ratio > 0 else "immeasurably slower"
 
 
 def _format_bytes(n: int) -> str:

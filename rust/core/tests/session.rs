@@ -28,13 +28,17 @@ fn prepared(params: ContextParams) -> Context {
     ctx
 }
 
+/// The greedy continuation after QUESTION; never empty, so that comparing two of them proves something.
 fn continuation(ctx: &mut Context) -> Vec<i32> {
-    ctx.generate(0, QUESTION, greedy(12), &mut NeverInterrupt)
+    let tokens: Vec<i32> = ctx
+        .generate(0, QUESTION, greedy(12), &mut NeverInterrupt)
         .unwrap()
         .tokens
         .iter()
         .map(|t| t.0)
-        .collect()
+        .collect();
+    assert!(!tokens.is_empty(), "empty continuation");
+    tokens
 }
 
 #[test]
@@ -189,6 +193,7 @@ fn a_sequence_moves_between_contexts_and_copies_within_one() {
     let from_b = seq(&mut b, 0);
     let from_copy = seq(&mut a, 2);
     let from_original = seq(&mut a, 1);
+    assert!(!from_original.is_empty());
     assert_eq!(from_b, from_original);
     assert_eq!(from_copy, from_original);
 }
