@@ -296,3 +296,35 @@ def test_a_context_larger_than_the_memory_can_give_is_a_clear_error(model_path: 
     )
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stdout.startswith("ContextCreateError: cannot create context: "), result.stdout
+
+
+def test_the_log_switch_is_read_once_when_the_backend_starts(model_path: pathlib.Path) -> None:
+    # llama.cpp logs from its own threads; reading the environment there would race with Python writing it,
+    # so LLAMA_SESSIONS_LOG is read once, when the first model loads.
+    script = (
+        "import os, sys\n"
+        "from llama_sessions import Context, Model\n"
+        f"model = Model.load({str(model_path)!r})\n"
+        "if sys.argv[1] == 'late':\n"
+        "    os.environ['LLAMA_SESSIONS_LOG'] = '1'\n"
+        "Context(model, n_ctx=256)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_SESSIONS_LOG"}
+    late = subprocess.run(
+        [sys.executable, "-c", script, "late"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert "llama_context" not in late.stderr, late.stderr[-1000:]
+    early = subprocess.run(
+        [sys.executable, "-c", script, "early"],
+        capture_output=True,
+        text=True,
+        env={**env, "LLAMA_SESSIONS_LOG": "1"},
+        timeout=120,
+        check=True,
+    )
+    assert "llama_context" in early.stderr
