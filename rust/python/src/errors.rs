@@ -23,6 +23,7 @@ pyo3::import_exception!(llama_sessions.errors, SessionInteropWarning);
 pyo3::import_exception!(llama_sessions.errors, SessionNotFoundError);
 pyo3::import_exception!(llama_sessions.errors, SessionExistsError);
 pyo3::import_exception!(llama_sessions.errors, SessionConflictError);
+pyo3::import_exception!(llama_sessions.errors, SessionBusyError);
 
 /// Converts a core error into the Python exception users catch.
 pub fn to_py(error: Error) -> PyErr {
@@ -66,6 +67,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::SessionNotFound { .. } => SessionNotFoundError::new_err(message),
         Error::SessionExists { .. } => SessionExistsError::new_err(message),
         Error::SessionConflict { .. } => SessionConflictError::new_err(message),
+        Error::SessionBusy { .. } => SessionBusyError::new_err(message),
         Error::Internal(_) => InternalError::new_err(message),
     }
 }
