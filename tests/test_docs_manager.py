@@ -16,7 +16,7 @@ def test_the_multi_user_backend_example_runs(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict[str, object] = {"session_dir": tmp_path / "sessions"}
     exec(compile(blocks[0], str(DOC), "exec"), namespace)
     assert sorted(p.name for p in (tmp_path / "sessions").glob("*.session")) == [
@@ -34,4 +34,10 @@ def test_the_multi_user_backend_example_runs(
     replies = namespace["replies"]
     assert isinstance(replies, list) and len(replies) == 3 and all(replies)
     assert len(manager.history("linus")) == 4
+    before = len(manager.history("grace"))
+    exec(compile(blocks[3], str(DOC), "exec"), namespace)  # one turn at a time
+    history = manager.history("grace")
+    assert len(history) == before + 2  # the closed stream's turn did not join the history
+    assert history[-2] == {"role": "user", "content": "And how long do they last?"}
+    assert history[-1]["content"]
     capsys.readouterr()

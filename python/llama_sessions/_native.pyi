@@ -448,10 +448,16 @@ class StoredSession:
 @final
 class ChatStream(Iterator[str]):
     """The answer of a chat turn, piece by piece, from SessionManager.stream_chat(). When it ends, the user
-    message and the answer join the session's history (and the session is saved if the manager autosaves)."""
+    message and the answer join the session's history (and the session is saved if the manager autosaves).
+
+    Until it ends, is closed or is dropped, the stream holds its session's turn: other turns on the session
+    wait for it, and the session is not evicted."""
 
     def __iter__(self) -> ChatStream: ...
     def __next__(self) -> str: ...
+    def close(self) -> None:
+        """End the turn now and free the session: the answer so far stays in the context but does not join
+        the history. Closing an ended stream does nothing."""
 
 @disjoint_base
 class SessionManager:
@@ -506,6 +512,8 @@ class SessionManager:
         """
     def load(self, session_id: str) -> Context:
         """The live Context of a session: from memory (no I/O), or read, verified and restored from its file.
+        What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
+        before the session is evicted. It bypasses the turn order, like any shared Context.
 
         Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session.
         """
@@ -514,8 +522,12 @@ class SessionManager:
     def save(self, session_id: str, context: Context | None = None) -> None:
         """Save a session's live copy; raises SessionConflictError (writing nothing) if the stored version
         changed since that copy was loaded: the stale copy then leaves memory, so the next load() reads the
-        stored version. With ``context`` (not the live one), store that context under the id instead,
-        replacing what is stored (an existing session's history, system prompt and metadata are kept)."""
+        stored version. A stored session that is not live has nothing unsaved: saving it does nothing.
+        SessionNotFoundError if there is no such session.
+
+        With ``context`` (not the live one), store that context under the id instead, replacing what is stored
+        (an existing session's history, system prompt and metadata are kept); SessionBusyError, writing
+        nothing, if a turn holds the live copy."""
     def delete(self, session_id: str) -> None:
         """Delete a session and its checkpoints (SessionNotFoundError if there is none)."""
     def exists(self, session_id: str) -> bool:
@@ -542,10 +554,16 @@ class SessionManager:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> str:
         """One chat turn: the conversation is formatted with the model's chat template, only what the context
         does not hold yet is decoded, the answer is generated and both messages join the history (saved when
-        the manager autosaves). Turns on one session from several threads take turns."""
+        the manager autosaves).
+
+        A turn holds its session until it ends. If another turn holds it (a chat in another thread, or a
+        stream_chat stream not exhausted, closed or dropped yet), this call waits for it: without limit when
+        ``timeout`` is None (Ctrl-C ends the wait), else at most ``timeout`` seconds (0: not at all), then
+        raises SessionBusyError. Turns on one session from several threads thus take turns."""
     def stream_chat(
         self,
         session_id: str,
@@ -559,8 +577,10 @@ class SessionManager:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> ChatStream:
-        """Like chat(), the answer arriving piece by piece."""
+        """Like chat(), the answer arriving piece by piece. The stream holds the session's turn until it is
+        exhausted, closed or dropped; ``timeout`` bounds the wait for a turn in progress, as in chat()."""
     def generate_reusing_prefix(
         self,
         session_id: str,
@@ -574,15 +594,19 @@ class SessionManager:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> tuple[str, int]:
         """Generate after ``prompt``, the *whole* text the session's context should hold (a conversation
         formatted from its start): only the part after the longest common prefix with what the context holds
         is decoded, the rest of the context is dropped, as llama.cpp's server does. Returns the text and the
-        number of tokens reused. The chat history is not changed."""
+        number of tokens reused. The chat history is not changed. A turn, like chat() (``timeout``
+        likewise)."""
     def checkpoint(self, session_id: str, label: str) -> None:
-        """Store the session's state and history as checkpoint ``label``."""
-    def revert(self, session_id: str, label: str) -> None:
-        """Put the session back to checkpoint ``label``: state and history (SessionNotFoundError if none)."""
+        """Store the session's state and history as checkpoint ``label`` (during a streamed turn: the state so
+        far, without the turn in the history)."""
+    def revert(self, session_id: str, label: str, *, timeout: float | None = None) -> None:
+        """Put the session back to checkpoint ``label``: state and history (SessionNotFoundError if none). A
+        turn, like chat() (``timeout`` likewise)."""
     def checkpoints(self, session_id: str) -> builtins.list[str]:
         """Labels of the session's checkpoints, sorted."""
     def live_sessions(self) -> builtins.list[str]:

@@ -22,6 +22,7 @@ __all__ = [
     "LlamaSessionsError",
     "ModelFetchError",
     "ModelLoadError",
+    "SessionBusyError",
     "SessionConflictError",
     "SessionCorruptError",
     "SessionError",
@@ -149,6 +150,14 @@ class SessionConflictError(SessionError):
     """The stored session changed since this live copy was loaded: another process, or another copy, saved a
     newer version. Nothing was written, and the stale copy left the manager's memory: load the session again
     to continue from the stored version."""
+
+
+class SessionBusyError(SessionError):
+    """A turn in progress holds the session: a ``chat`` in another thread, or a ``stream_chat`` stream that is
+    not exhausted, closed or dropped yet (perhaps in this very thread). Raised by the calls that take a
+    session's turn (``chat``, ``stream_chat``, ``generate_reusing_prefix``, ``revert``) when their
+    ``timeout`` ran out (``timeout=0``: at once), and by ``save(session_id, context)``, which does not wait.
+    Nothing was changed."""
 
 
 class StorageError(LlamaSessionsError, OSError):

@@ -25,8 +25,10 @@ class SessionManager(_NativeSessionManager):
     history and a version number. Up to ``max_live`` sessions stay loaded (least recently used first out,
     saved before they go); a system prompt is encoded once per manager however many sessions start from it.
     Saves are atomic and version-checked: a save over a version it did not load raises SessionConflictError
-    instead of silently dropping someone else's turn. Safe to share between threads and between processes
-    using one directory.
+    instead of silently dropping someone else's turn. A turn (``chat``, a ``stream_chat`` stream until it
+    ends, ``generate_reusing_prefix``, ``revert``) holds its session: another turn waits for it (``timeout``
+    bounds the wait, then SessionBusyError) and eviction passes it by. Safe to share between threads and
+    between processes using one directory.
     """
 
     async def acreate_session(
@@ -63,9 +65,9 @@ class SessionManager(_NativeSessionManager):
         """checkpoint() without blocking the event loop."""
         await asyncio.to_thread(self.checkpoint, session_id, label)
 
-    async def arevert(self, session_id: str, label: str) -> None:
+    async def arevert(self, session_id: str, label: str, *, timeout: float | None = None) -> None:
         """revert() without blocking the event loop."""
-        await asyncio.to_thread(self.revert, session_id, label)
+        await asyncio.to_thread(self.revert, session_id, label, timeout=timeout)
 
     async def achat(
         self,
@@ -80,6 +82,7 @@ class SessionManager(_NativeSessionManager):
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> str:
         """chat() without blocking the event loop."""
         return await asyncio.to_thread(
@@ -94,6 +97,7 @@ class SessionManager(_NativeSessionManager):
             repeat_penalty=repeat_penalty,
             seed=seed,
             stop=stop,
+            timeout=timeout,
         )
 
     async def astream_chat(
@@ -109,8 +113,10 @@ class SessionManager(_NativeSessionManager):
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[str]:
-        """stream_chat() as an async iterator: each piece is generated in a worker thread."""
+        """stream_chat() as an async iterator: each piece is generated in a worker thread. Leaving the loop
+        early closes the stream, which frees the session for its next turn."""
         stream = await asyncio.to_thread(
             self.stream_chat,
             session_id,
@@ -123,9 +129,13 @@ class SessionManager(_NativeSessionManager):
             repeat_penalty=repeat_penalty,
             seed=seed,
             stop=stop,
+            timeout=timeout,
         )
-        while True:
-            piece = await asyncio.to_thread(next, stream, None)
-            if piece is None:
-                return
-            yield piece
+        try:
+            while True:
+                piece = await asyncio.to_thread(next, stream, None)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            stream.close()

@@ -178,6 +178,17 @@ pub enum Error {
         found: u64,
     },
 
+    /// A turn in progress on this session (a chat, or a streamed chat not yet finished or dropped) holds it,
+    /// and the call was not to wait for it, or not that long. Nothing was changed.
+    #[error(
+        "session {id:?} is busy: a turn in progress holds it (a chat call, or a streamed chat not yet \
+         exhausted or closed); end that turn first, or wait for it longer"
+    )]
+    SessionBusy {
+        /// The id.
+        id: String,
+    },
+
     /// The KV cache and the token bookkeeping disagree. This is a bug in llama-sessions; the context has been
     /// cleared to a consistent (empty) state.
     #[error("internal error: {0}")]

@@ -41,7 +41,9 @@ pub use context::{
 };
 pub use error::{Error, ParamMismatch, Result};
 pub use llama_cpp_2::token::LlamaToken;
-pub use manager::{ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager};
+pub use manager::{
+    ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager, SessionTurn, TurnWait,
+};
 pub use model::{ChatMessage, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
 pub use sampling::SamplingParams;

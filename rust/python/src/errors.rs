@@ -24,6 +24,7 @@ pyo3::import_exception!(llama_sessions.errors, SessionInteropWarning);
 pyo3::import_exception!(llama_sessions.errors, SessionNotFoundError);
 pyo3::import_exception!(llama_sessions.errors, SessionExistsError);
 pyo3::import_exception!(llama_sessions.errors, SessionConflictError);
+pyo3::import_exception!(llama_sessions.errors, SessionBusyError);
 
 /// errno of an I/O error: the OS's own, or the closest one for errors raised without one.
 fn errno_of(error: &std::io::Error) -> i32 {
@@ -114,6 +115,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::SessionNotFound { .. } => SessionNotFoundError::new_err(message),
         Error::SessionExists { .. } => SessionExistsError::new_err(message),
         Error::SessionConflict { .. } => SessionConflictError::new_err(message),
+        Error::SessionBusy { .. } => SessionBusyError::new_err(message),
         Error::Internal(_) => InternalError::new_err(message),
     }
 }

@@ -1,11 +1,13 @@
 //! `llama_sessions._native`: the thin PyO3 layer over the `llama-sessions` core. It converts types,
-//! releases the GIL around native work and maps errors; all logic lives in the core crate.
+//! releases the GIL around native work and maps errors (all three through [`native::native`]); all logic
+//! lives in the core crate.
 
 mod context;
 mod errors;
 mod interrupt;
 mod manager;
 mod model;
+mod native;
 mod params;
 mod session;
 

@@ -1,19 +1,21 @@
 //! `llama_sessions._native.SessionManager` and its chat stream: conversions around the core's manager.
-//! The Python class `llama_sessions.SessionManager` subclasses it and adds the asyncio variants.
+//! The Python class `llama_sessions.SessionManager` subclasses it and adds the asyncio variants. Every call
+//! into the core goes through [`native`]: the GIL is released, Ctrl-C is polled, errors are converted.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use llama_sessions::{
-    ChatTurn, DirectoryStore, Error, ListedSession, SessionManager, SessionStore,
+    ChatTurn, DirectoryStore, Error, ListedSession, SessionManager, SessionStore, TurnWait,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::context::{finish, lock, options, PyContext};
+use crate::context::{options, PyContext};
 use crate::errors::to_py;
-use crate::interrupt::SignalCheck;
 use crate::model::PyModel;
+use crate::native::{native, DetachedMutex};
 use crate::params::PyContextParams;
 use crate::session::metadata_from_py;
 
@@ -34,6 +36,23 @@ impl PySessionManager {
     fn context(&self, py: Python<'_>, session: &llama_sessions::ManagedSession) -> PyContext {
         PyContext::shared(Arc::clone(session.context()), self.model.clone_ref(py))
     }
+}
+
+/// `timeout=` of the calls that take a session's turn: None waits until the turn in progress ends, a number
+/// of seconds waits at most that long (0: not at all).
+fn turn_wait(timeout: Option<f64>) -> PyResult<TurnWait> {
+    let Some(seconds) = timeout else {
+        return Ok(TurnWait::UntilFree);
+    };
+    Duration::try_from_secs_f64(seconds)
+        .map(TurnWait::AtMost)
+        .map_err(|_| {
+            to_py(Error::invalid(
+                "timeout",
+                "a number of seconds >= 0, or None to wait until the session is free",
+                seconds,
+            ))
+        })
 }
 
 /// One stored session as `SessionManager.list()` reports it.
@@ -174,12 +193,10 @@ impl PySessionManager {
             .map_err(|_| to_py(Error::invalid("max_live", "max_live >= 1", max_live)))?;
         let core_model = model.get().inner.clone();
         let dir = session_dir.clone();
-        let manager = py
-            .detach(|| -> Result<SessionManager, Error> {
-                let store: Arc<dyn SessionStore> = Arc::new(DirectoryStore::open(dir)?);
-                SessionManager::new(&core_model, params, store, max_live, autosave)
-            })
-            .map_err(to_py)?;
+        let manager = native(py, |_| {
+            let store: Arc<dyn SessionStore> = Arc::new(DirectoryStore::open(dir)?);
+            SessionManager::new(&core_model, params, store, max_live, autosave)
+        })?;
         Ok(PySessionManager {
             inner: Arc::new(manager),
             model,
@@ -229,18 +246,16 @@ impl PySessionManager {
         metadata: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyContext> {
         let metadata = metadata_from_py(py, metadata)?;
-        let session = py
-            .detach(|| {
-                self.inner
-                    .create_session(session_id, system_prompt, metadata)
-            })
-            .map_err(to_py)?;
+        let session = native(py, |_| {
+            self.inner
+                .create_session(session_id, system_prompt, metadata)
+        })?;
         Ok(self.context(py, &session))
     }
 
     /// The live Context of a session, from memory or from its file.
     fn load(&self, py: Python<'_>, session_id: &str) -> PyResult<PyContext> {
-        let session = py.detach(|| self.inner.load(session_id)).map_err(to_py)?;
+        let session = native(py, |_| self.inner.load(session_id))?;
         Ok(self.context(py, &session))
     }
 
@@ -252,9 +267,7 @@ impl PySessionManager {
         session_id: &str,
         system_prompt: Option<&str>,
     ) -> PyResult<PyContext> {
-        let session = py
-            .detach(|| self.inner.load_or_create(session_id, system_prompt))
-            .map_err(to_py)?;
+        let session = native(py, |_| self.inner.load_or_create(session_id, system_prompt))?;
         Ok(self.context(py, &session))
     }
 
@@ -262,26 +275,25 @@ impl PySessionManager {
     #[pyo3(signature = (session_id, context = None))]
     fn save(&self, py: Python<'_>, session_id: &str, context: Option<&PyContext>) -> PyResult<()> {
         let shared = context.map(|c| Arc::clone(&c.inner));
-        py.detach(|| match &shared {
+        native(py, |_| match &shared {
             None => self.inner.save(session_id),
             Some(context) => self.inner.save_context(session_id, context),
         })
-        .map_err(to_py)
     }
 
     /// Deletes a session and its checkpoints.
     fn delete(&self, py: Python<'_>, session_id: &str) -> PyResult<()> {
-        py.detach(|| self.inner.delete(session_id)).map_err(to_py)
+        native(py, |_| self.inner.delete(session_id))
     }
 
     /// Whether the session exists.
     fn exists(&self, py: Python<'_>, session_id: &str) -> PyResult<bool> {
-        py.detach(|| self.inner.exists(session_id)).map_err(to_py)
+        native(py, |_| self.inner.exists(session_id))
     }
 
     /// Every stored session, sorted by id.
     fn list(&self, py: Python<'_>) -> PyResult<Vec<PyStoredSession>> {
-        let listed = py.detach(|| self.inner.list()).map_err(to_py)?;
+        let listed = native(py, |_| self.inner.list())?;
         Ok(listed
             .into_iter()
             .map(|listed| PyStoredSession { listed })
@@ -298,9 +310,8 @@ impl PySessionManager {
 
     /// The conversation of a session after its system prompt.
     fn history<'py>(&self, py: Python<'py>, session_id: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let session = py.detach(|| self.inner.load(session_id)).map_err(to_py)?;
-        session
-            .history()
+        let history = native(py, |_| Ok(self.inner.load(session_id)?.history()))?;
+        history
             .into_iter()
             .map(|m| {
                 let dict = PyDict::new(py);
@@ -313,12 +324,11 @@ impl PySessionManager {
 
     /// The system prompt a session started from.
     fn system_prompt(&self, py: Python<'_>, session_id: &str) -> PyResult<Option<String>> {
-        let session = py.detach(|| self.inner.load(session_id)).map_err(to_py)?;
-        Ok(session.system_prompt())
+        native(py, |_| Ok(self.inner.load(session_id)?.system_prompt()))
     }
 
     /// One chat turn; returns the answer.
-    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -333,6 +343,7 @@ impl PySessionManager {
         repeat_penalty: f32,
         seed: Option<u32>,
         stop: Option<Vec<String>>,
+        timeout: Option<f64>,
     ) -> PyResult<String> {
         let options = options(
             max_tokens,
@@ -344,16 +355,15 @@ impl PySessionManager {
             seed,
             stop,
         )?;
-        let mut signals = SignalCheck::new();
-        let result = py.detach(|| {
-            self.inner
-                .chat(session_id, user_message, options, &mut signals)
-        });
-        Ok(finish(result, &mut signals)?.text)
+        let wait = turn_wait(timeout)?;
+        native(py, |detached| {
+            let turn = self.inner.begin_turn(session_id, wait, detached)?;
+            Ok(turn.chat(user_message, options, detached)?.text)
+        })
     }
 
     /// One chat turn whose answer arrives piece by piece.
-    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream_chat(
         &self,
@@ -368,6 +378,7 @@ impl PySessionManager {
         repeat_penalty: f32,
         seed: Option<u32>,
         stop: Option<Vec<String>>,
+        timeout: Option<f64>,
     ) -> PyResult<ChatStream> {
         let options = options(
             max_tokens,
@@ -379,21 +390,21 @@ impl PySessionManager {
             seed,
             stop,
         )?;
-        let mut signals = SignalCheck::new();
-        let result = py.detach(|| {
+        let wait = turn_wait(timeout)?;
+        let turn = native(py, |detached| {
             self.inner
-                .start_chat(session_id, user_message, options, &mut signals)
-        });
-        let turn = finish(result, &mut signals)?;
+                .begin_turn(session_id, wait, detached)?
+                .start_chat(user_message, options, detached)
+        })?;
         Ok(ChatStream {
             manager: Arc::clone(&self.inner),
-            turn: Mutex::new(Some(turn)),
+            turn: DetachedMutex::new(Some(turn)),
         })
     }
 
     /// Generates after `prompt`, the whole text the session's context should hold; only the part after the
     /// longest common prefix with what it holds is decoded. Returns the text and the tokens reused.
-    #[pyo3(signature = (session_id, prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None))]
+    #[pyo3(signature = (session_id, prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_reusing_prefix(
         &self,
@@ -408,6 +419,7 @@ impl PySessionManager {
         repeat_penalty: f32,
         seed: Option<u32>,
         stop: Option<Vec<String>>,
+        timeout: Option<f64>,
     ) -> PyResult<(String, usize)> {
         let options = options(
             max_tokens,
@@ -419,47 +431,56 @@ impl PySessionManager {
             seed,
             stop,
         )?;
-        let mut signals = SignalCheck::new();
-        let result = py.detach(|| {
+        let wait = turn_wait(timeout)?;
+        let (generation, reused) = native(py, |detached| {
             self.inner
-                .generate_reusing_prefix(session_id, prompt, options, &mut signals)
-        });
-        let (generation, reused) = finish(result, &mut signals)?;
+                .begin_turn(session_id, wait, detached)?
+                .generate_reusing_prefix(prompt, options, detached)
+        })?;
         Ok((generation.text, reused))
     }
 
     /// Stores the session's state and history as checkpoint `label`.
     fn checkpoint(&self, py: Python<'_>, session_id: &str, label: &str) -> PyResult<()> {
-        py.detach(|| self.inner.checkpoint(session_id, label))
-            .map_err(to_py)
+        native(py, |_| self.inner.checkpoint(session_id, label))
     }
 
     /// Puts the session back to checkpoint `label` (state and history).
-    fn revert(&self, py: Python<'_>, session_id: &str, label: &str) -> PyResult<()> {
-        py.detach(|| self.inner.revert(session_id, label))
-            .map_err(to_py)
+    #[pyo3(signature = (session_id, label, *, timeout = None))]
+    fn revert(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        label: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let wait = turn_wait(timeout)?;
+        native(py, |detached| {
+            self.inner
+                .begin_turn(session_id, wait, detached)?
+                .revert(label)
+        })
     }
 
     /// Labels of the session's checkpoints, sorted.
     fn checkpoints(&self, py: Python<'_>, session_id: &str) -> PyResult<Vec<String>> {
-        py.detach(|| self.inner.checkpoints(session_id))
-            .map_err(to_py)
+        native(py, |_| self.inner.checkpoints(session_id))
     }
 
     /// Ids of the sessions loaded in memory, least recently used first.
-    fn live_sessions(&self) -> Vec<String> {
-        self.inner.live_ids()
+    fn live_sessions(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        native(py, |_| Ok(self.inner.live_ids()))
     }
 
     /// Bytes of KV cache allocated by the live sessions' contexts.
-    fn live_kv_bytes(&self, py: Python<'_>) -> usize {
-        py.detach(|| self.inner.live_kv_bytes())
+    fn live_kv_bytes(&self, py: Python<'_>) -> PyResult<usize> {
+        native(py, |_| Ok(self.inner.live_kv_bytes()))
     }
 
     /// Counters: prefill_tokens, prefix_reuses, store_loads, store_saves, evictions.
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = self.inner.stats();
+        let stats = native(py, |_| Ok(self.inner.stats()))?;
         let dict = PyDict::new(py);
         dict.set_item("prefill_tokens", stats.prefill_tokens)?;
         dict.set_item("prefix_reuses", stats.prefix_reuses)?;
@@ -469,21 +490,22 @@ impl PySessionManager {
         Ok(dict)
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "SessionManager(session_dir={:?}, max_live={}, live={})",
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let live = native(py, |_| Ok(self.inner.live_ids().len()))?;
+        Ok(format!(
+            "SessionManager(session_dir={:?}, max_live={}, live={live})",
             self.session_dir.display().to_string(),
             self.inner.max_live(),
-            self.inner.live_ids().len()
-        )
+        ))
     }
 }
 
-/// The answer of a chat turn, piece by piece; the turn joins the history when the stream ends.
+/// The answer of a chat turn, piece by piece; the turn joins the history when the stream ends. The stream
+/// holds its session's turn until it ends, is closed, or is dropped.
 #[pyclass(module = "llama_sessions._native", frozen)]
 pub struct ChatStream {
     manager: Arc<SessionManager>,
-    turn: Mutex<Option<ChatTurn>>,
+    turn: DetachedMutex<Option<ChatTurn>>,
 }
 
 #[pymethods]
@@ -493,13 +515,12 @@ impl ChatStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
-        let mut signals = SignalCheck::new();
-        let result = py.detach(|| {
-            let mut slot = lock(&self.turn);
+        native(py, |detached| {
+            let mut slot = self.turn.lock(detached);
             let Some(turn) = slot.as_mut() else {
                 return Ok(None);
             };
-            match turn.next_piece(&mut signals) {
+            match turn.next_piece(detached) {
                 Ok(Some(piece)) => Ok(Some(piece)),
                 Ok(None) => {
                     let turn = slot.take().expect("checked above");
@@ -510,20 +531,27 @@ impl ChatStream {
                     Err(e)
                 }
             }
-        });
-        finish(result, &mut signals)
+        })
+    }
+
+    /// Ends the turn now: the session is free for the next turn; the answer so far stays in the context but
+    /// does not join the history. Closing an ended stream does nothing.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        native(py, |detached| {
+            let turn = self.turn.lock(detached).take();
+            drop(turn);
+            Ok(())
+        })
     }
 }
 
 /// Every stored session in `session_dir`, sorted by id, read without a model (headers only).
 #[pyfunction]
 pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PyStoredSession>> {
-    let listed = py
-        .detach(|| {
-            let store = DirectoryStore::open(session_dir)?;
-            llama_sessions::manager::list_stored_sessions(&store)
-        })
-        .map_err(to_py)?;
+    let listed = native(py, |_| {
+        let store = DirectoryStore::open(session_dir)?;
+        llama_sessions::manager::list_stored_sessions(&store)
+    })?;
     Ok(listed
         .into_iter()
         .map(|listed| PyStoredSession { listed })
@@ -533,11 +561,10 @@ pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PySto
 /// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock; no model needed.
 #[pyfunction]
 pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) -> PyResult<()> {
-    py.detach(|| {
+    native(py, |_| {
         let store = DirectoryStore::open(session_dir)?;
         llama_sessions::manager::delete_stored_session(&store, session_id)
     })
-    .map_err(to_py)
 }
 
 /// Raises InvalidParameterError (a ValueError) unless `session_id` can name a session.

@@ -8,7 +8,8 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::errors::{to_py, InvalidParameterError};
+use crate::errors::InvalidParameterError;
+use crate::native::native;
 
 /// A GGUF model loaded by llama.cpp. Immutable and thread-safe: share one Model between many Contexts and
 /// threads.
@@ -75,7 +76,7 @@ impl PyModel {
             n_gpu_layers,
             use_mmap,
         };
-        let inner = py.detach(|| Model::load(&path, &params)).map_err(to_py)?;
+        let inner = native(py, |_| Model::load(&path, &params))?;
         Ok(PyModel { inner })
     }
 
@@ -143,9 +144,7 @@ impl PyModel {
         add_bos: bool,
         special: bool,
     ) -> PyResult<Vec<i32>> {
-        let tokens = py
-            .detach(|| self.inner.tokenize(text, add_bos, special))
-            .map_err(to_py)?;
+        let tokens = native(py, |_| self.inner.tokenize(text, add_bos, special))?;
         Ok(tokens_to_py(&tokens))
     }
 
@@ -153,14 +152,14 @@ impl PyModel {
     #[pyo3(signature = (tokens, special = false))]
     fn detokenize(&self, py: Python<'_>, tokens: Vec<i64>, special: bool) -> PyResult<String> {
         let tokens = tokens_from_py(tokens)?;
-        py.detach(|| self.inner.detokenize(&tokens, special))
-            .map_err(to_py)
+        native(py, |_| self.inner.detokenize(&tokens, special))
     }
 
     /// Formats messages (`[{"role": ..., "content": ...}, ...]`) with the model's chat template.
     #[pyo3(signature = (messages, add_generation_prompt = true))]
     fn apply_chat_template(
         &self,
+        py: Python<'_>,
         messages: &Bound<'_, PyAny>,
         add_generation_prompt: bool,
     ) -> PyResult<String> {
@@ -172,9 +171,10 @@ impl PyModel {
             .enumerate()
             .map(|(i, item)| message_from_py(i, &item))
             .collect::<PyResult<Vec<_>>>()?;
-        self.inner
-            .apply_chat_template(&messages, add_generation_prompt)
-            .map_err(to_py)
+        native(py, |_| {
+            self.inner
+                .apply_chat_template(&messages, add_generation_prompt)
+        })
     }
 
     fn __repr__(&self) -> String {

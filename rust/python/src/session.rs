@@ -1,6 +1,8 @@
 //! `SessionInfo`, `inspect_session`, and the conversions the session methods of `Context` need (metadata as
 //! JSON, sequence ids, interop warnings).
 
+// Not yet converted to crate::native (the lead's part of issue 9); allowed until then.
+#![allow(clippy::disallowed_methods)]
 use std::path::PathBuf;
 
 use llama_sessions::SessionKey;

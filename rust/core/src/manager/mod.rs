@@ -1,0 +1,508 @@
+//! Many named, persistent sessions for many users on one model.
+//!
+//! A [`SessionManager`] keeps each session as one session file in a [`SessionStore`] (the context's state, the
+//! chat history and a version number in its metadata), up to `max_live` sessions loaded in memory (least
+//! recently used first out, saved before they go if they changed), and one encoded copy of each system
+//! prompt, so that the second to Nth session starting from it decodes nothing.
+//!
+//! Concurrency rules:
+//! - Every live copy of a session remembers the stored version it derives from. A save takes the key's lock
+//!   (threads and processes), compares that version with the stored one, writes version + 1 and releases the
+//!   lock; if the store holds another version, someone else saved in between and the save fails with
+//!   [`Error::SessionConflict`] instead of silently dropping their turn.
+//! - A turn (chat, streamed chat, generation, revert) holds its session exclusively until it ends
+//!   ([`SessionManager::begin_turn`]); a session is never evicted while a turn holds it.
+//! - Whether a session changed is derived from its context (every change of the KV cache counts, whoever
+//!   made it) and from its record.
+//! - Locks: see `live.rs`. No manager-wide lock is held across I/O, generation or a wait: eviction victims are
+//!   chosen under the live set's lock and saved after it is released.
+//!
+//! The files: `ids.rs` (what names a session), `records.rs` (what is stored), `live.rs` (the live set and
+//! turn permits), `chat.rs` (turns).
+
+mod chat;
+mod ids;
+mod live;
+mod records;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::context::{Context, GenerateOptions, Generation, Interrupt};
+use crate::error::{Error, Result};
+use crate::model::{ChatMessage, Model};
+use crate::params::ContextParams;
+use crate::session::Metadata;
+use crate::store::SessionStore;
+
+pub use chat::{ChatTurn, SessionTurn};
+pub use ids::{validate_session_id, MAX_SESSION_ID_LEN};
+pub use live::{ManagedSession, TurnWait};
+pub use records::{
+    delete_stored_session, list_stored_sessions, ListedSession, ManagerRecord, StoredMessage,
+    MANAGER_METADATA_KEY,
+};
+
+use ids::{checkpoint_key, validate_label};
+use live::{lock, LiveSet, TurnPermit};
+use records::{is_stored, now, split_metadata, stored_record_or_new, Record};
+
+/// Counters of the work a manager did (for tests and capacity planning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ManagerStats {
+    /// System-prompt tokens decoded (a prompt shared by N sessions is decoded once).
+    pub prefill_tokens: u64,
+    /// Sessions created from an already encoded system prompt (no prefill).
+    pub prefix_reuses: u64,
+    /// Sessions read from the store.
+    pub store_loads: u64,
+    /// Sessions written to the store.
+    pub store_saves: u64,
+    /// Live sessions evicted to stay within `max_live`.
+    pub evictions: u64,
+}
+
+/// Many named, persistent sessions on one model. `Sync`: share it between threads.
+pub struct SessionManager {
+    model: Model,
+    params: ContextParams,
+    store: Arc<dyn SessionStore>,
+    autosave: bool,
+    live: LiveSet,
+    /// Encoded system prompts: the session bytes of a context holding only the formatted prompt.
+    prefixes: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    stats: Mutex<ManagerStats>,
+}
+
+impl std::fmt::Debug for SessionManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionManager")
+            .field("store", &self.store)
+            .field("params", &self.params)
+            .field("max_live", &self.live.max_live())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionManager {
+    /// A manager of the sessions in `store`, whose contexts use `params` (validated here). At most
+    /// `max_live` (>= 1) sessions stay loaded; with `autosave`, every chat turn is saved.
+    pub fn new(
+        model: &Model,
+        params: ContextParams,
+        store: Arc<dyn SessionStore>,
+        max_live: usize,
+        autosave: bool,
+    ) -> Result<SessionManager> {
+        params.validate(model)?;
+        if params.n_seq_max != 1 {
+            return Err(Error::invalid(
+                "n_seq_max",
+                "1 (a manager gives each live session its own context)",
+                params.n_seq_max,
+            ));
+        }
+        if max_live == 0 {
+            return Err(Error::invalid("max_live", "max_live >= 1", max_live));
+        }
+        Ok(SessionManager {
+            model: model.clone(),
+            params,
+            store,
+            autosave,
+            live: LiveSet::new(max_live),
+            prefixes: Mutex::new(HashMap::new()),
+            stats: Mutex::new(ManagerStats::default()),
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The parameters of every session's context.
+    pub fn params(&self) -> &ContextParams {
+        &self.params
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    /// Most sessions kept loaded.
+    pub fn max_live(&self) -> usize {
+        self.live.max_live()
+    }
+
+    /// Whether chat turns are saved as they end.
+    pub fn autosave(&self) -> bool {
+        self.autosave
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ManagerStats {
+        *lock(&self.stats)
+    }
+
+    /// Where session `id` is stored, if the store has paths.
+    pub fn session_path(&self, id: &str) -> Result<Option<PathBuf>> {
+        validate_session_id(id)?;
+        Ok(self.store.location(id))
+    }
+
+    /// Ids of the sessions loaded in memory, least recently used first (a session being evicted counts until
+    /// it is saved).
+    pub fn live_ids(&self) -> Vec<String> {
+        self.live.ids()
+    }
+
+    /// Bytes of KV cache held by the live sessions' contexts (what they allocated, used or not).
+    pub fn live_kv_bytes(&self) -> usize {
+        self.live
+            .sessions()
+            .iter()
+            .map(|s| lock(&s.context).kv_cache_bytes())
+            .sum()
+    }
+
+    /// Whether session `id` exists (live or stored).
+    pub fn exists(&self, id: &str) -> Result<bool> {
+        validate_session_id(id)?;
+        Ok(self.live.contains(id) || is_stored(self.store.as_ref(), id)?)
+    }
+
+    /// Creates session `id`, starting from `system_prompt` (formatted with the model's chat template as a
+    /// system message), stores it and keeps it live. A system prompt already encoded by this manager is
+    /// restored, not decoded again.
+    pub fn create_session(
+        &self,
+        id: &str,
+        system_prompt: Option<&str>,
+        metadata: Metadata,
+    ) -> Result<Arc<ManagedSession>> {
+        validate_session_id(id)?;
+        if self.exists(id)? {
+            return Err(Error::SessionExists { id: id.to_owned() });
+        }
+        let context = self.context_with_system_prompt(system_prompt)?;
+        let created_at = now();
+        let record = Record::unsaved(
+            ManagerRecord {
+                version: 0,
+                system_prompt: system_prompt.map(str::to_owned),
+                history: Vec::new(),
+                created_at: created_at.clone(),
+                updated_at: created_at,
+            },
+            metadata,
+        );
+        let session = ManagedSession::new(id, context, record);
+        {
+            let mut record = lock(&session.record);
+            let context = lock(&session.context);
+            match self.store_record(id, &mut record, &context) {
+                // Created by another thread or process since the check above.
+                Err(Error::SessionConflict { expected: 0, .. }) => {
+                    return Err(Error::SessionExists { id: id.to_owned() })
+                }
+                other => other?,
+            }
+        }
+        Ok(self.insert_live(session))
+    }
+
+    fn context_with_system_prompt(&self, system_prompt: Option<&str>) -> Result<Context> {
+        let mut context = Context::new(&self.model, self.params.clone())?;
+        let Some(system_prompt) = system_prompt else {
+            return Ok(context);
+        };
+        let formatted = self.model.apply_chat_template(
+            &[ChatMessage {
+                role: "system".to_owned(),
+                content: system_prompt.to_owned(),
+            }],
+            false,
+        )?;
+        let cached = lock(&self.prefixes).get(&formatted).cloned();
+        match cached {
+            Some(bytes) => {
+                context.restore(&bytes, None, None)?;
+                lock(&self.stats).prefix_reuses += 1;
+            }
+            None => {
+                let options = GenerateOptions {
+                    max_tokens: 0,
+                    ..GenerateOptions::default()
+                };
+                let generation =
+                    context.generate(0, &formatted, options, &mut crate::NeverInterrupt)?;
+                lock(&self.stats).prefill_tokens += generation.stats.prompt_tokens as u64;
+                let bytes = context.snapshot(None, &Metadata::new(), None)?;
+                lock(&self.prefixes).insert(formatted, Arc::new(bytes));
+            }
+        }
+        Ok(context)
+    }
+
+    /// Session `id`, from memory (no I/O) or from the store.
+    pub fn load(&self, id: &str) -> Result<Arc<ManagedSession>> {
+        validate_session_id(id)?;
+        if let Some(session) = self.live.find(id) {
+            return Ok(session);
+        }
+        let origin = self
+            .store
+            .location(id)
+            .map_or_else(|| id.to_owned(), |p| p.display().to_string());
+        let bytes = self
+            .store
+            .get(id)?
+            .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
+        let mut context = Context::new(&self.model, self.params.clone())?;
+        let info = context.restore_named(&bytes, None, &origin, None)?;
+        lock(&self.stats).store_loads += 1;
+        let (manager, user_metadata) = split_metadata(info.header.metadata);
+        let record = Record::read(manager, user_metadata, &context);
+        // Another thread may have loaded it meanwhile: then its copy is the one kept.
+        Ok(self.insert_live(ManagedSession::new(id, context, record)))
+    }
+
+    /// [`SessionManager::load`], or [`SessionManager::create_session`] if it does not exist.
+    pub fn load_or_create(
+        &self,
+        id: &str,
+        system_prompt: Option<&str>,
+    ) -> Result<Arc<ManagedSession>> {
+        match self.load(id) {
+            Err(Error::SessionNotFound { .. }) => {
+                match self.create_session(id, system_prompt, Metadata::new()) {
+                    // Created by someone else in between: load theirs.
+                    Err(Error::SessionExists { .. }) => self.load(id),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn insert_live(&self, session: Arc<ManagedSession>) -> Arc<ManagedSession> {
+        let (session, victims) = self.live.insert(session);
+        self.evict(victims);
+        session
+    }
+
+    /// Evicts idle sessions over `max_live` (those kept live for their turns, once the turns ended).
+    fn evict_over_capacity(&self) {
+        let victims = self.live.victims();
+        self.evict(victims);
+    }
+
+    /// Saves each victim if it changed and drops it from the live set, unless a turn or a `load` claimed it
+    /// back meanwhile. Runs without the live set's lock: the victims were chosen and marked under it. A
+    /// victim that cannot be saved (a conflict, a full disk) stays live rather than lose its changes.
+    fn evict(&self, victims: Vec<Arc<ManagedSession>>) {
+        for victim in victims {
+            let saved = {
+                let mut record = lock(&victim.record);
+                let context = lock(&victim.context);
+                if !victim.is_being_evicted() {
+                    continue;
+                }
+                !record.changed(&context)
+                    || self.store_record(&victim.id, &mut record, &context).is_ok()
+            };
+            if self.live.finish_eviction(&victim, saved) {
+                lock(&self.stats).evictions += 1;
+            }
+        }
+    }
+
+    /// Saves session `id`'s live copy. Fails with [`Error::SessionConflict`] if the store holds a version
+    /// other than the one this copy derives from. A stored session that is not live has nothing unsaved:
+    /// saving it does nothing. [`Error::SessionNotFound`] if there is no such session.
+    pub fn save(&self, id: &str) -> Result<()> {
+        validate_session_id(id)?;
+        let Some(session) = self.live.find(id) else {
+            return if is_stored(self.store.as_ref(), id)? {
+                Ok(())
+            } else {
+                Err(Error::SessionNotFound { id: id.to_owned() })
+            };
+        };
+        let stored = {
+            let mut record = lock(&session.record);
+            let context = lock(&session.context);
+            self.store_record(id, &mut record, &context)
+        };
+        self.forget_if_conflict(&session, stored)
+    }
+
+    /// Stores `record` and `context` (both held by the caller) as session `id` with the version check.
+    fn store_record(&self, id: &str, record: &mut Record, context: &Context) -> Result<()> {
+        record.store(self.store.as_ref(), id, context)?;
+        lock(&self.stats).store_saves += 1;
+        Ok(())
+    }
+
+    /// After a conflict the live copy is stale: it leaves the live set, so that the next `load` reads the
+    /// stored version (the error tells the caller; nothing is dropped silently).
+    fn forget_if_conflict(&self, session: &Arc<ManagedSession>, result: Result<()>) -> Result<()> {
+        if let Err(Error::SessionConflict { .. }) = &result {
+            self.live.retire(session);
+        }
+        result
+    }
+
+    /// Saves `context` as session `id`, replacing what is stored (whatever its version) and the live copy:
+    /// the way to put a context built elsewhere under a name. The history, system prompt and metadata of an
+    /// existing session are kept. [`Error::SessionBusy`] (nothing written) if a turn holds the live copy.
+    pub fn save_context(&self, id: &str, context: &Arc<Mutex<Context>>) -> Result<()> {
+        validate_session_id(id)?;
+        let live = self.live.find(id);
+        if let Some(session) = &live {
+            if Arc::ptr_eq(&session.context, context) {
+                return self.save(id);
+            }
+        }
+        // The live copy is replaced: no turn may be running on it, and none may start until it is gone.
+        let permit = match &live {
+            Some(session) => TurnPermit::acquire(
+                session,
+                TurnWait::AtMost(Duration::ZERO),
+                &mut crate::NeverInterrupt,
+            )?,
+            None => None,
+        };
+        let mut record = match &permit {
+            Some(permit) => {
+                let record = lock(&permit.session().record);
+                Record::unsaved(record.manager.clone(), record.user_metadata.clone())
+            }
+            None => {
+                let (manager, user_metadata) = stored_record_or_new(self.store.as_ref(), id);
+                Record::unsaved(manager, user_metadata)
+            }
+        };
+        {
+            let context = lock(context);
+            record.replace(self.store.as_ref(), id, &context)?;
+            lock(&self.stats).store_saves += 1;
+        }
+        // The live copy is now stale: it goes, so that the next load reads what was just stored.
+        if let Some(permit) = &permit {
+            self.live.retire(permit.session());
+        }
+        Ok(())
+    }
+
+    /// Deletes session `id` and its checkpoints, live and stored. A turn in progress on it ends on a copy that
+    /// no longer exists (an autosave then fails with [`Error::SessionConflict`]).
+    pub fn delete(&self, id: &str) -> Result<()> {
+        validate_session_id(id)?;
+        let was_live = self.live.retire_id(id);
+        match delete_stored_session(self.store.as_ref(), id) {
+            Err(Error::SessionNotFound { .. }) if was_live => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Every stored session (checkpoints excluded), sorted by id; see [`list_stored_sessions`].
+    pub fn list(&self) -> Result<Vec<ListedSession>> {
+        list_stored_sessions(self.store.as_ref())
+    }
+
+    /// The exclusive right to change session `id`'s conversation ([`SessionTurn`]), loading the session if
+    /// needed. If a turn holds it, waits as `wait` says ([`Error::SessionBusy`] when the wait runs out;
+    /// [`Error::Interrupted`] when `interrupt` asks to stop).
+    pub fn begin_turn(
+        &self,
+        id: &str,
+        wait: TurnWait,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<SessionTurn<'_>> {
+        // One deadline for the whole call, however often the session has to be loaded again.
+        let started = Instant::now();
+        loop {
+            let session = self.load(id)?;
+            let remaining = match wait {
+                TurnWait::UntilFree => TurnWait::UntilFree,
+                TurnWait::AtMost(limit) => {
+                    TurnWait::AtMost(limit.saturating_sub(started.elapsed()))
+                }
+            };
+            // None: the session left the live set while we waited (evicted, replaced): load it again.
+            if let Some(permit) = TurnPermit::acquire(&session, remaining, interrupt)? {
+                return Ok(SessionTurn::new(self, permit));
+            }
+        }
+    }
+
+    /// One chat turn on session `id` ([`SessionTurn::chat`]), waiting for a turn in progress to end.
+    pub fn chat(
+        &self,
+        id: &str,
+        user_message: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Generation> {
+        self.begin_turn(id, TurnWait::UntilFree, interrupt)?
+            .chat(user_message, options, interrupt)
+    }
+
+    /// Starts a chat turn on session `id` whose answer is read piece by piece ([`SessionTurn::start_chat`]),
+    /// waiting for a turn in progress to end.
+    pub fn start_chat(
+        &self,
+        id: &str,
+        user_message: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<ChatTurn> {
+        self.begin_turn(id, TurnWait::UntilFree, interrupt)?
+            .start_chat(user_message, options, interrupt)
+    }
+
+    /// Generates on session `id` after `full_prompt` ([`SessionTurn::generate_reusing_prefix`]), waiting for
+    /// a turn in progress to end.
+    pub fn generate_reusing_prefix(
+        &self,
+        id: &str,
+        full_prompt: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generation, usize)> {
+        self.begin_turn(id, TurnWait::UntilFree, interrupt)?
+            .generate_reusing_prefix(full_prompt, options, interrupt)
+    }
+
+    /// Puts session `id` back to checkpoint `label` ([`SessionTurn::revert`]), waiting for a turn in progress
+    /// to end.
+    pub fn revert(&self, id: &str, label: &str) -> Result<()> {
+        validate_label(label)?;
+        self.begin_turn(id, TurnWait::UntilFree, &mut crate::NeverInterrupt)?
+            .revert(label)
+    }
+
+    /// Stores the current state and history of session `id` as checkpoint `label` (replacing one of that
+    /// label). During a streamed turn, that is the state so far (the turn joins the history when it ends).
+    pub fn checkpoint(&self, id: &str, label: &str) -> Result<()> {
+        validate_label(label)?;
+        let session = self.load(id)?;
+        let record = lock(&session.record);
+        let context = lock(&session.context);
+        let key = checkpoint_key(id, label);
+        let _key = self.store.lock(&key)?;
+        let bytes = record.checkpoint_bytes(&context)?;
+        self.store.put(&key, &bytes)
+    }
+
+    /// Labels of the checkpoints of session `id`, sorted.
+    pub fn checkpoints(&self, id: &str) -> Result<Vec<String>> {
+        validate_session_id(id)?;
+        records::checkpoint_labels(self.store.as_ref(), id)
+    }
+}
