@@ -110,7 +110,7 @@ impl<'m> SessionTurn<'m> {
             .ok_or_else(|| Error::SessionNotFound { id: key.clone() })?;
         let mut record = lock(&session.record);
         let mut context = lock(&session.context);
-        let info = context.restore_named(&bytes, None, &key, None)?;
+        let info = context.restore_named(&bytes, None, &key, self.manager.key())?;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         record.manager.history = manager.history;
         record.manager.system_prompt = manager.system_prompt;

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::context::{Context, GenerateOptions, Generation, Interrupt};
+use crate::signing::SessionKey;
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
 use crate::params::ContextParams;
@@ -74,6 +75,8 @@ pub struct SessionManager {
     /// Encoded system prompts: the session bytes of a context holding only the formatted prompt.
     prefixes: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     stats: Mutex<ManagerStats>,
+    /// Signs every session and checkpoint written, and is required of every one read.
+    key: Option<SessionKey>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -115,7 +118,20 @@ impl SessionManager {
             live: LiveSet::new(max_live),
             prefixes: Mutex::new(HashMap::new()),
             stats: Mutex::new(ManagerStats::default()),
+            key: None,
         })
+    }
+
+    /// Signs every session and checkpoint this manager writes with `key`, and loads only sessions signed by
+    /// it ([`Error::SessionSignature`] otherwise): for stores that others can write to.
+    pub fn with_secret_key(mut self, key: SessionKey) -> SessionManager {
+        self.key = Some(key);
+        self
+    }
+
+    /// The key sessions are signed and checked with, if any.
+    pub(crate) fn key(&self) -> Option<&SessionKey> {
+        self.key.as_ref()
     }
 
     /// The model.
@@ -263,7 +279,7 @@ impl SessionManager {
             .get(id)?
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let mut context = Context::new(&self.model, self.params.clone())?;
-        let info = context.restore_named(&bytes, None, &origin, None)?;
+        let info = context.restore_named(&bytes, None, &origin, self.key.as_ref())?;
         lock(&self.stats).store_loads += 1;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         let record = Record::read(manager, user_metadata, &context);
@@ -343,7 +359,7 @@ impl SessionManager {
 
     /// Stores `record` and `context` (both held by the caller) as session `id` with the version check.
     fn store_record(&self, id: &str, record: &mut Record, context: &Context) -> Result<()> {
-        record.store(self.store.as_ref(), id, context)?;
+        record.store(self.store.as_ref(), id, context, self.key.as_ref())?;
         lock(&self.stats).store_saves += 1;
         Ok(())
     }
@@ -389,7 +405,7 @@ impl SessionManager {
         };
         {
             let context = lock(context);
-            record.replace(self.store.as_ref(), id, &context)?;
+            record.replace(self.store.as_ref(), id, &context, self.key.as_ref())?;
             lock(&self.stats).store_saves += 1;
         }
         // The live copy is now stale: it goes, so that the next load reads what was just stored.
@@ -496,7 +512,7 @@ impl SessionManager {
         let context = lock(&session.context);
         let key = checkpoint_key(id, label);
         let _key = self.store.lock(&key)?;
-        let bytes = record.checkpoint_bytes(&context)?;
+        let bytes = record.checkpoint_bytes(&context, self.key.as_ref())?;
         self.store.put(&key, &bytes)
     }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{checkpoint_key, checkpoint_prefix, validate_session_id, CHECKPOINT_SEPARATOR};
 use crate::context::Context;
+use crate::signing::SessionKey;
 use crate::error::{Error, Result};
 use crate::model::ChatMessage;
 use crate::session::Metadata;
@@ -131,8 +132,12 @@ impl Record {
     }
 
     /// The bytes of checkpoint: `context` with this record, at the current version.
-    pub(super) fn checkpoint_bytes(&self, context: &Context) -> Result<Vec<u8>> {
-        context.snapshot(None, &self.metadata(self.manager.version, now()), None)
+    pub(super) fn checkpoint_bytes(
+        &self,
+        context: &Context,
+        key: Option<&SessionKey>,
+    ) -> Result<Vec<u8>> {
+        context.snapshot(None, &self.metadata(self.manager.version, now()), key)
     }
 
     /// Stores this record and `context` as session `id` if the store still holds the version this copy
@@ -143,6 +148,7 @@ impl Record {
         store: &dyn SessionStore,
         id: &str,
         context: &Context,
+        key: Option<&SessionKey>,
     ) -> Result<()> {
         let _key = store.lock(id)?;
         let found = stored_version(store, id)?.unwrap_or(0);
@@ -153,7 +159,7 @@ impl Record {
                 found,
             });
         }
-        self.write_locked(store, id, context)
+        self.write_locked(store, id, context, key)
     }
 
     /// Stores this record and `context` as session `id` whatever version the store holds (replacing it).
@@ -163,10 +169,11 @@ impl Record {
         store: &dyn SessionStore,
         id: &str,
         context: &Context,
+        key: Option<&SessionKey>,
     ) -> Result<()> {
         let _key = store.lock(id)?;
         self.stored_version = stored_version(store, id)?.unwrap_or(0);
-        self.write_locked(store, id, context)
+        self.write_locked(store, id, context, key)
     }
 
     fn write_locked(
@@ -174,10 +181,11 @@ impl Record {
         store: &dyn SessionStore,
         id: &str,
         context: &Context,
+        key: Option<&SessionKey>,
     ) -> Result<()> {
         let version = self.stored_version + 1;
         let updated_at = now();
-        let bytes = context.snapshot(None, &self.metadata(version, updated_at.clone()), None)?;
+        let bytes = context.snapshot(None, &self.metadata(version, updated_at.clone()), key)?;
         store.put(id, &bytes)?;
         self.stored_version = version;
         self.manager.version = version;
