@@ -1,0 +1,134 @@
+//! Replays the fuzz corpus (`fuzz/corpus/<target>/`) and every crash the fuzzer ever found
+//! (`fuzz/regressions/<target>/`) through the same checks the fuzz targets run (`fuzz/src/checks.rs`), here
+//! against the real crate, so that the default `cargo test` keeps them passing. Also checks that the layouts
+//! the state checker is fuzzed against are SmolLM2's real ones.
+
+#[allow(dead_code)]
+mod common;
+
+// What `checks.rs` reaches through `crate::` (the fuzz crate's root provides the same names).
+use llama_sessions::{llama_state, session_format, Error, SessionKey};
+
+#[path = "../../../fuzz/src/checks.rs"]
+#[allow(dead_code)]
+mod checks;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use checks::Outcome;
+use llama_sessions::{Context, ContextParams, KvType};
+
+const TARGETS: [(&str, fn(&[u8]) -> Outcome); 3] = [
+    ("session_envelope", checks::check_envelope),
+    ("state_checker", checks::check_state),
+    ("structured_session", checks::check_structured),
+];
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `check` on every file of `dir`, naming the file that fails; counts the outcomes.
+fn replay(
+    dir: &Path,
+    check: fn(&[u8]) -> Outcome,
+    outcomes: &mut BTreeMap<(&'static str, bool), usize>,
+) -> usize {
+    let files = files(dir);
+    for path in &files {
+        let bytes = std::fs::read(path).unwrap();
+        match std::panic::catch_unwind(|| check(&bytes)) {
+            Ok(outcome) => {
+                *outcomes
+                    .entry((outcome.what, outcome.accepted))
+                    .or_default() += 1
+            }
+            Err(_) => panic!(
+                "{} fails the fuzz checks (see the panic above)",
+                path.display()
+            ),
+        }
+    }
+    files.len()
+}
+
+#[test]
+fn the_fuzz_corpus_and_every_regression_pass_the_fuzz_checks() {
+    let mut outcomes = BTreeMap::new();
+    for (target, check) in TARGETS {
+        let corpus = replay(
+            &fuzz_dir().join("corpus").join(target),
+            check,
+            &mut outcomes,
+        );
+        assert!(corpus > 0, "fuzz/corpus/{target} is empty");
+        replay(
+            &fuzz_dir().join("regressions").join(target),
+            check,
+            &mut outcomes,
+        );
+    }
+    // The corpus reaches both sides of every reader; a corpus that stopped reaching acceptance would replay
+    // without testing it.
+    for what in [
+        "session",
+        "sequence state",
+        "whole state",
+        "structured session",
+    ] {
+        for accepted in [true, false] {
+            assert!(
+                outcomes.get(&(what, accepted)).copied().unwrap_or(0) > 0,
+                "no corpus file where the {what} is accepted={accepted}: {outcomes:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_fuzzed_smollm2_layouts_are_the_real_ones() {
+    let params = |flash_attn: bool, n_seq_max: u32, kv: KvType| ContextParams {
+        n_ctx: 256,
+        n_batch: 64,
+        type_k: kv,
+        type_v: kv,
+        flash_attn,
+        n_seq_max,
+        ..ContextParams::default()
+    };
+    let real = [
+        params(false, 1, KvType::F16),
+        params(true, 1, KvType::F16),
+        params(false, 2, KvType::F16),
+        params(true, 2, KvType::F16),
+        params(true, 1, KvType::Q8_0),
+    ];
+    let fuzzed = checks::layouts();
+    for (i, p) in real.into_iter().enumerate() {
+        let ctx = Context::new(common::model(), p.clone()).unwrap();
+        assert_eq!(ctx.state_layout().unwrap(), &fuzzed[i], "{p:?}");
+    }
+}
+
+#[test]
+fn the_fuzz_crate_bounds_sequences_as_the_library_does() {
+    let root = std::fs::read_to_string(fuzz_dir().join("src/lib.rs")).unwrap();
+    let line = format!(
+        "pub const MAX_SEQUENCES: u32 = {};",
+        llama_sessions::MAX_SEQUENCES
+    );
+    assert!(root.contains(&line), "fuzz/src/lib.rs lacks {line:?}");
+}
