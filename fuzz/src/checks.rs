@@ -860,6 +860,8 @@ struct EditableState {
     /// Bytes cut from the end of the encoding, then bytes appended.
     truncate: usize,
     append: Vec<u8>,
+    /// The `state_bytes` the header records, once an edit chose it (until then it follows the encoding).
+    state_bytes: Option<u64>,
 }
 
 impl EditableState {
@@ -1092,7 +1094,7 @@ fn apply_edit(
                 record.tokens.push(input.u32() as i32);
             }
         }
-        19 => record.state_bytes = interesting_u64(input, record.state_bytes),
+        19 => state.state_bytes = Some(interesting_u64(input, record.state_bytes)),
         20 => record.seq = interesting_u32(input, record.seq),
         21 => header.params.n_seq_max = interesting_u32(input, header.params.n_seq_max),
         22 => {
@@ -1186,6 +1188,7 @@ pub fn check_structured(data: &[u8]) -> Outcome {
             raw: None,
             truncate: 0,
             append: Vec::new(),
+            state_bytes: None,
         });
     }
     let mut header = header_for(layout, records);
@@ -1197,12 +1200,8 @@ pub fn check_structured(data: &[u8]) -> Outcome {
         apply_edit(&mut input, &mut header, &mut states, layout.cell_ext_bytes);
     }
     let encoded: Vec<Vec<u8>> = states.iter().map(EditableState::encode).collect();
-    // An edit of state_bytes is kept when it was chosen; otherwise the header follows the edited states.
-    let sizes_follow = !input.u8().is_multiple_of(4);
-    if sizes_follow {
-        for (record, state) in header.sequences.iter_mut().zip(&encoded) {
-            record.state_bytes = state.len() as u64;
-        }
+    for ((record, state), bytes) in header.sequences.iter_mut().zip(&states).zip(&encoded) {
+        record.state_bytes = state.state_bytes.unwrap_or(bytes.len() as u64);
     }
     let key = key();
     let bytes = seal_session(&header, &encoded, signed.then_some(&key));

@@ -98,6 +98,43 @@ fn the_fuzz_corpus_and_every_regression_pass_the_fuzz_checks() {
     }
 }
 
+/// Coverage decides what the kept corpus holds, not defects: an input with one wrong cell position may be
+/// dropped for one that covers the same branches with several defects at once. So every kind of edit of the
+/// structure-aware target is also applied alone (with values from a fixed pseudo-random sequence) to a valid
+/// session of every fuzzed layout, signed and not, and judged against the oracle.
+#[test]
+fn each_edit_of_the_structured_target_alone_is_judged_as_the_oracle_judges_it() {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut outcomes = BTreeMap::new();
+    for (index, layout) in checks::layouts().iter().enumerate() {
+        for kind in 0..24u8 {
+            for case in 0..8u8 {
+                // Layout, signed (0) or not, one sequence (with its id when there are several streams),
+                // three tokens, a fill byte, one edit of this kind to that sequence, then its values.
+                let mut input = vec![index as u8, case % 2, 0];
+                if layout.n_stream > 1 {
+                    input.push(case / 2);
+                }
+                input.extend_from_slice(&[3, 0x5a, 1, kind, 0]);
+                input.extend(random().to_le_bytes());
+                input.extend(random().to_le_bytes());
+                let outcome = std::panic::catch_unwind(|| checks::check_structured(&input))
+                    .unwrap_or_else(|_| {
+                        panic!("edit kind {kind}: structured input {input:?} fails")
+                    });
+                *outcomes.entry(outcome.accepted).or_insert(0) += 1;
+            }
+        }
+    }
+    assert!(outcomes.len() == 2, "{outcomes:?}");
+}
+
 #[test]
 fn the_fuzzed_smollm2_layouts_are_the_real_ones() {
     let params = |flash_attn: bool, n_seq_max: u32, kv: KvType| ContextParams {
