@@ -8,8 +8,8 @@
 #   bash scripts/fuzz.sh --minimize           # then rewrite fuzz/corpus/ as a minimized corpus
 #
 # Stable Rust: cargo-fuzz with --sanitizer none builds libFuzzer targets with SanitizerCoverage only (the
-# code under test is safe Rust: the findings are panics, overflows, aborts, hangs and oversized allocations,
-# each reported as a crash). Exits non-zero if any target crashed or hung.
+# code under test is safe Rust: the findings are panics, overflows, aborts, hangs and excessive memory, each
+# reported as a crash). Exits non-zero if any target crashed or hung.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/common.sh"
 cd "$here/.."
@@ -54,10 +54,10 @@ for target in "${targets[@]}"; do
     [ -d "fuzz/regressions/$target" ] && seeds+=("fuzz/regressions/$target")
     start=$(date +%s)
     set +e
-    # -timeout: an input that runs 10 s is a hang; -rss_limit_mb/-malloc_limit_mb: an allocation sized by
-    # what a file announces would exceed them.
+    # -timeout: an input that runs 10 s is a hang; -rss_limit_mb: memory sized by what a file announces
+    # would exceed it (an allocation that fails aborts, which is a crash).
     "$bin/$target" "$corpus" "${seeds[@]}" -runs="$runs" -max_len=4096 -timeout=10 \
-        -rss_limit_mb=2048 -malloc_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
+        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
         >"$log" 2>&1
     status=$?
     set -e

@@ -14,6 +14,8 @@ import xxhash
 
 from llama_sessions import Context, Model, SessionError
 
+from conftest import assert_same_output
+
 PROMPT = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
 MORE = "<|im_start|>user\nAnd three animals?<|im_end|>\n<|im_start|>assistant\n"
 #: One thread: on a loaded machine (two shared cores) a second thread mostly waits at barriers.
@@ -216,7 +218,7 @@ def test_restoring_structure_aware_mutations_loads_exactly_or_changes_nothing(mo
             assert target.tokens == before, what
             refused += 1
             if refused % GENERATE_EVERY == 0:
-                assert answer(target) == expected_answer, what
+                assert_same_output(answer(target), expected_answer)
                 target.restore(original)
             continue
         outcomes["loaded"] = outcomes.get("loaded", 0) + 1

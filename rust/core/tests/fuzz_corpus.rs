@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 use checks::Outcome;
 use llama_sessions::{Context, ContextParams, KvType};
 
-const TARGETS: [(&str, fn(&[u8]) -> Outcome); 3] = [
+/// A fuzz target's checks.
+type Check = fn(&[u8]) -> Outcome;
+
+const TARGETS: [(&str, Check); 3] = [
     ("session_envelope", checks::check_envelope),
     ("state_checker", checks::check_state),
     ("structured_session", checks::check_structured),
@@ -42,11 +45,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs `check` on every file of `dir`, naming the file that fails; counts the outcomes.
-fn replay(
-    dir: &Path,
-    check: fn(&[u8]) -> Outcome,
-    outcomes: &mut BTreeMap<(&'static str, bool), usize>,
-) -> usize {
+fn replay(dir: &Path, check: Check, outcomes: &mut BTreeMap<(&'static str, bool), usize>) -> usize {
     let files = files(dir);
     for path in &files {
         let bytes = std::fs::read(path).unwrap();
