@@ -281,7 +281,9 @@ pub fn decode_state(state: &[u8], cell_ext: usize) -> Option<DecodedState> {
     })
 }
 
-/// Writes a decoded state back; payloads are copied from `source` (the bytes it was decoded from).
+/// Writes a decoded state back, with `counts` as the stream count and then each stream's cell count (which an
+/// edit may have made disagree with the records); payloads are copied from `source` (the bytes it was decoded
+/// from).
 pub fn encode_state(state: &DecodedState, counts: &[u32], source: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let put = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_le_bytes());
