@@ -471,7 +471,8 @@ mod tests {
     fn bad_cells_are_refused_with_what_was_found() {
         let l = layout(false, 1);
         let good = synthesize(&l, 0, 4, 0);
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|s| put_i32(s, cell_offset(0), -5)),
                 "cell 0 is at position -5, expected 0",

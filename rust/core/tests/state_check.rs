@@ -79,6 +79,9 @@ fn reseal(bytes: &mut [u8]) {
     bytes[body..].copy_from_slice(&checksum.to_le_bytes());
 }
 
+/// An edit of session bytes.
+type Forgery = Box<dyn Fn(&mut Vec<u8>)>;
+
 fn put_i32(bytes: &mut [u8], at: usize, value: i32) {
     bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
 }
@@ -89,7 +92,7 @@ fn forged_cell_records_are_refused_and_change_nothing() {
     let snapshot = source.snapshot(None, &Metadata::new(), None).unwrap();
     let start = open(&snapshot, "t").unwrap().state_ranges[0].start;
     let n = source.token_count(0).unwrap();
-    let forgeries: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let forgeries: Vec<(&str, Forgery)> = vec![
         (
             "a cell at position -5",
             Box::new(move |b| put_i32(b, cell_at(start, 0, 0), -5)),
