@@ -328,3 +328,29 @@ def test_the_log_switch_is_read_once_when_the_backend_starts(model_path: pathlib
         check=True,
     )
     assert "llama_context" in early.stderr
+
+
+def test_a_manager_with_a_secret_key_signs_what_it_writes_and_loads_only_that(
+    model: Model, tmp_path: pathlib.Path
+) -> None:
+    from llama_sessions import SessionManager
+
+    signed = SessionManager(model, tmp_path, n_ctx=256, autosave=True, secret_key=KEY)
+    answer = signed.chat("ada", "Name a colour.", 4, temperature=0)
+    assert answer != ""
+    signed.checkpoint("ada", "one")
+    assert inspect_session(signed.session_path("ada")).signed
+    assert inspect_session(tmp_path / "ada@one.session").signed
+    # Another manager on the same directory: with the key it resumes; without, or with another, it refuses.
+    again = SessionManager(model, tmp_path, n_ctx=256, secret_key=KEY)
+    assert [m["content"] for m in again.history("ada")] == ["Name a colour.", answer]
+    again.revert("ada", "one")
+    for other in (None, b"another secret, as long"):
+        with pytest.raises(SessionSignatureError):
+            SessionManager(model, tmp_path, n_ctx=256, secret_key=other).load("ada")
+    # An unsigned session planted in the directory is refused by the signing manager.
+    plain = SessionManager(model, tmp_path / "plain", n_ctx=256, autosave=True)
+    plain.chat("bob", "Hi", 2, temperature=0)
+    (tmp_path / "bob.session").write_bytes(plain.session_path("bob").read_bytes())
+    with pytest.raises(SessionSignatureError, match="it is not signed"):
+        again.load("bob")

@@ -11,6 +11,11 @@ from typing_extensions import disjoint_base
 
 __version__: str
 
+#: The defaults of every generation call (``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+#: ``repeat_penalty``), from the Rust core, their one home: 256, 0.8, 40, 0.95, 0.05 and 1.0 today. Signatures
+#: show them as ``...``.
+SAMPLING_DEFAULTS: dict[str, Any]
+
 KvType = Literal["f16", "q8_0", "q4_0"]
 StopReason = Literal["eog", "stop", "length", "context_full"]
 SessionFileFormat = Literal["llama-sessions", "llama.cpp"]
@@ -231,13 +236,13 @@ class Context:
     def generate(
         self,
         prompt: str,
-        max_tokens: int = 256,
+        max_tokens: int = ...,
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         seq: int = 0,
@@ -256,13 +261,13 @@ class Context:
     def stream(
         self,
         prompt: str,
-        max_tokens: int = 256,
+        max_tokens: int = ...,
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         seq: int = 0,
@@ -478,10 +483,13 @@ class SessionManager:
         type_k: KvType | None = None,
         type_v: KvType | None = None,
         flash_attn: bool | None = None,
+        secret_key: bytes | None = None,
     ) -> SessionManager:
         """Manage the sessions in ``session_dir`` (created if missing); every session's context uses
         ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded; with ``autosave``
-        every chat turn is saved as it ends."""
+        every chat turn is saved as it ends. With ``secret_key`` (bytes, at least 16) every session and
+        checkpoint is signed as it is written, and one that is unsigned, modified or signed with another key
+        raises SessionSignatureError when it is loaded (see docs/reliability.md)."""
     @property
     def model(self) -> Model:
         """The model."""
@@ -545,13 +553,13 @@ class SessionManager:
         self,
         session_id: str,
         user_message: str,
-        max_tokens: int = 256,
+        max_tokens: int = ...,
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         timeout: float | None = None,
@@ -568,13 +576,13 @@ class SessionManager:
         self,
         session_id: str,
         user_message: str,
-        max_tokens: int = 256,
+        max_tokens: int = ...,
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         timeout: float | None = None,
@@ -585,13 +593,13 @@ class SessionManager:
         self,
         session_id: str,
         prompt: str,
-        max_tokens: int = 256,
+        max_tokens: int = ...,
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         timeout: float | None = None,

@@ -12,6 +12,7 @@ import builtins
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from ._native import SAMPLING_DEFAULTS as _DEFAULTS
 from ._native import Context, StoredSession
 from ._native import SessionManager as _NativeSessionManager
 
@@ -73,13 +74,13 @@ class SessionManager(_NativeSessionManager):
         self,
         session_id: str,
         user_message: str,
-        max_tokens: int = 256,
+        max_tokens: int = _DEFAULTS["max_tokens"],
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = _DEFAULTS["temperature"],
+        top_k: int = _DEFAULTS["top_k"],
+        top_p: float = _DEFAULTS["top_p"],
+        min_p: float = _DEFAULTS["min_p"],
+        repeat_penalty: float = _DEFAULTS["repeat_penalty"],
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         timeout: float | None = None,
@@ -104,13 +105,13 @@ class SessionManager(_NativeSessionManager):
         self,
         session_id: str,
         user_message: str,
-        max_tokens: int = 256,
+        max_tokens: int = _DEFAULTS["max_tokens"],
         *,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        temperature: float = _DEFAULTS["temperature"],
+        top_k: int = _DEFAULTS["top_k"],
+        top_p: float = _DEFAULTS["top_p"],
+        min_p: float = _DEFAULTS["min_p"],
+        repeat_penalty: float = _DEFAULTS["repeat_penalty"],
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         timeout: float | None = None,

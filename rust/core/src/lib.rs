@@ -46,7 +46,7 @@ pub use manager::{
 };
 pub use model::{ChatMessage, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
-pub use sampling::SamplingParams;
+pub use sampling::{SamplingParams, DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 pub use session::{
     inspect_session, inspect_session_bytes, params_from_record, Loaded, Metadata, SessionFormat,
     SessionInfo, SessionPlan,

@@ -24,17 +24,25 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
 }
 
+/// Tokens a generation may produce unless the caller says otherwise.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// The sampling defaults: the one home of these values. [`SamplingParams::default`], the Python binding's
+/// signatures and the Python package's wrappers (through `_native.SAMPLING_DEFAULTS`) all read them from
+/// here, and a test checks the stub against them.
+pub const DEFAULT_SAMPLING: SamplingParams = SamplingParams {
+    temperature: 0.8,
+    top_k: 40,
+    top_p: 0.95,
+    min_p: 0.05,
+    repeat_penalty: 1.0,
+    repeat_last_n: 64,
+    seed: None,
+};
+
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: None,
-        }
+        DEFAULT_SAMPLING
     }
 }
 

@@ -1,13 +1,11 @@
 //! `llama_sessions.Context` and its token stream.
 //!
 //! The core Context is `Send` but not `Sync`; here it sits behind a `Mutex` inside a frozen pyclass, so a
-//! call from a second thread waits for the first instead of corrupting anything. The lock is always taken
-//! with the GIL released (inside `py.detach`), so a thread waiting for it never blocks the thread holding it,
-//! which needs the GIL briefly to check for Ctrl-C.
+//! call from a second thread waits for the first instead of corrupting anything. Every call goes through
+//! `crate::native`: the lock is only ever taken with the GIL released, so a thread waiting for it never
+//! blocks the thread holding it, which needs the GIL briefly to check for Ctrl-C.
 
-// Not yet converted to crate::native (the lead's part of issue 9); allowed until then.
-#![allow(clippy::disallowed_methods)]
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use std::path::PathBuf;
 
@@ -15,6 +13,7 @@ use llama_sessions::{
     default_threads, Context, Error, GenerateOptions, GenerationStats, Generator, SamplingParams,
     SessionFormat, StopReason,
 };
+use llama_sessions::{DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
@@ -22,6 +21,7 @@ use pyo3::types::PyBytes;
 use crate::errors::to_py;
 use crate::interrupt::SignalCheck;
 use crate::model::{tokens_to_py, PyModel};
+use crate::native::{lock_shared, native, DetachedMutex};
 use crate::params::PyContextParams;
 use crate::session::{metadata_from_py, seq_arg, seq_id, session_key, warn_all, PySessionInfo};
 
@@ -104,15 +104,7 @@ pub struct PyContext {
     /// Shared with a SessionManager when the context is one of its live sessions.
     pub(crate) inner: Arc<Mutex<Context>>,
     model: Py<PyModel>,
-    last_stats: Mutex<Option<PyGenerationStats>>,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic inside the core is turned into a Python exception by PyO3; the bookkeeping is checked after
-    // every change to the KV cache, so the data behind a poisoned lock is still consistent.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    last_stats: DetachedMutex<Option<PyGenerationStats>>,
 }
 
 /// Turns a core result into a Python one; an interruption raises the exception the signal handler raised.
@@ -167,12 +159,15 @@ impl PyContext {
         PyContext {
             inner,
             model,
-            last_stats: Mutex::new(None),
+            last_stats: DetachedMutex::new(None),
         }
     }
 
-    fn record(&self, stats: PyGenerationStats) {
-        *lock(&self.last_stats) = Some(stats);
+    fn record(&self, py: Python<'_>, stats: PyGenerationStats) -> PyResult<()> {
+        native(py, |d| {
+            *self.last_stats.lock(d) = Some(stats);
+            Ok(())
+        })
     }
 }
 
@@ -203,9 +198,7 @@ impl PyContext {
             )?
             .inner;
         let core_model = model.get().inner.clone();
-        let context = py
-            .detach(|| Context::new(&core_model, params))
-            .map_err(to_py)?;
+        let context = native(py, |_| Context::new(&core_model, params))?;
         Ok(PyContext::shared(Arc::new(Mutex::new(context)), model))
     }
 
@@ -217,54 +210,58 @@ impl PyContext {
 
     /// The parameters the context was created with.
     #[getter]
-    fn params(&self, py: Python<'_>) -> PyContextParams {
-        let params = py.detach(|| lock(&self.inner).params().clone());
-        PyContextParams { inner: params }
+    fn params(&self, py: Python<'_>) -> PyResult<PyContextParams> {
+        let params = native(py, |d| Ok(lock_shared(&self.inner, d).params().clone()))?;
+        Ok(PyContextParams { inner: params })
     }
 
     /// Most tokens the context can hold.
     #[getter]
-    fn n_ctx(&self, py: Python<'_>) -> usize {
-        py.detach(|| lock(&self.inner).capacity())
+    fn n_ctx(&self, py: Python<'_>) -> PyResult<usize> {
+        native(py, |d| Ok(lock_shared(&self.inner, d).capacity()))
     }
 
     /// The token ids in the context, in position order.
     #[getter]
     fn tokens(&self, py: Python<'_>) -> PyResult<Vec<i32>> {
-        py.detach(|| lock(&self.inner).tokens(0).map(tokens_to_py))
-            .map_err(to_py)
+        native(py, |d| {
+            lock_shared(&self.inner, d).tokens(0).map(tokens_to_py)
+        })
     }
 
     /// The token ids in sequence `seq`, in position order.
     fn sequence_tokens(&self, py: Python<'_>, seq: i64) -> PyResult<Vec<i32>> {
         let seq = seq_id(seq)?;
-        py.detach(|| lock(&self.inner).tokens(seq).map(tokens_to_py))
-            .map_err(to_py)
+        native(py, |d| {
+            lock_shared(&self.inner, d).tokens(seq).map(tokens_to_py)
+        })
     }
 
     /// Independent sequences in the context.
     #[getter]
-    fn n_seq_max(&self, py: Python<'_>) -> u32 {
-        py.detach(|| lock(&self.inner).params().n_seq_max)
+    fn n_seq_max(&self, py: Python<'_>) -> PyResult<u32> {
+        native(py, |d| Ok(lock_shared(&self.inner, d).params().n_seq_max))
     }
 
     /// How many tokens sequence `seq` holds; the next token goes to this position.
     #[pyo3(signature = (seq = 0))]
     fn token_count(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
         let seq = seq_id(seq)?;
-        py.detach(|| lock(&self.inner).token_count(seq))
-            .map_err(to_py)
+        native(py, |d| lock_shared(&self.inner, d).token_count(seq))
     }
 
     /// Counts and times of the last generate() or finished stream(), or None.
     #[getter]
-    fn last_stats(&self) -> Option<PyGenerationStats> {
-        lock(&self.last_stats).clone()
+    fn last_stats(&self, py: Python<'_>) -> PyResult<Option<PyGenerationStats>> {
+        native(py, |d| Ok(self.last_stats.lock(d).clone()))
     }
 
     /// Empties the context.
-    fn reset(&self, py: Python<'_>) {
-        py.detach(|| lock(&self.inner).reset());
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        native(py, |d| {
+            lock_shared(&self.inner, d).reset();
+            Ok(())
+        })
     }
 
     /// Keeps the first `n` tokens of sequence `seq` and drops the rest; the next call continues at position
@@ -277,8 +274,7 @@ impl PyContext {
                 "invalid n: expected an integer >= 0, found {n}"
             ))
         })?;
-        py.detach(|| lock(&self.inner).truncate(seq, n))
-            .map_err(to_py)
+        native(py, |d| lock_shared(&self.inner, d).truncate(seq, n))
     }
 
     /// Appends `prompt` after what the context holds and generates up to `max_tokens` tokens, returning the
@@ -286,7 +282,7 @@ impl PyContext {
     /// ends at an end-of-generation token, at any `stop` string (not returned), at `max_tokens` or when the
     /// context is full. Generated tokens stay in the context. `temperature=0` is greedy and deterministic.
     /// Raises ContextFullError, before decoding anything, when the prompt does not fit.
-    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, seq = 0))]
+    #[pyo3(signature = (prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -313,20 +309,21 @@ impl PyContext {
             seed,
             stop,
         )?;
-        let mut signals = SignalCheck::new();
-        let result = py.detach(|| lock(&self.inner).generate(seq, prompt, options, &mut signals));
-        let generation = finish(result, &mut signals)?;
-        self.record(PyGenerationStats::new(
-            generation.stats,
-            generation.stop_reason,
-        ));
+        let generation = native(py, |d| {
+            let mut ctx = lock_shared(&self.inner, d);
+            ctx.generate(seq, prompt, options, d)
+        })?;
+        self.record(
+            py,
+            PyGenerationStats::new(generation.stats, generation.stop_reason),
+        )?;
         Ok(generation.text)
     }
 
     /// Like generate(), but returns an iterator of text pieces as they are produced. The prompt is encoded
     /// by this call (so ContextFullError is raised here); generation happens as the iterator is advanced.
     /// Pieces never split a multi-byte character.
-    #[pyo3(signature = (prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, seq = 0))]
+    #[pyo3(signature = (prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         slf: &Bound<'_, Self>,
@@ -354,21 +351,20 @@ impl PyContext {
             stop,
         )?;
         let this = slf.get();
-        let mut signals = SignalCheck::new();
-        let result =
-            py.detach(|| lock(&this.inner).start_generation(seq, prompt, options, &mut signals));
-        let generator = finish(result, &mut signals)?;
+        let generator = native(py, |d| {
+            let mut ctx = lock_shared(&this.inner, d);
+            ctx.start_generation(seq, prompt, options, d)
+        })?;
         Ok(TokenStream {
             context: slf.clone().unbind(),
-            generator: Mutex::new(Some(generator)),
+            generator: DetachedMutex::new(Some(generator)),
         })
     }
 
     /// Replaces sequence `dst` by a copy of sequence `src` (tokens and KV cache) without decoding anything.
     fn copy_sequence(&self, py: Python<'_>, src: i64, dst: i64) -> PyResult<()> {
         let (src, dst) = (seq_id(src)?, seq_id(dst)?);
-        py.detach(|| lock(&self.inner).copy_sequence(src, dst))
-            .map_err(to_py)
+        native(py, |d| lock_shared(&self.inner, d).copy_sequence(src, dst))
     }
 
     /// Saves the context (or sequence `seq`) to `path`, atomically and durably.
@@ -386,8 +382,8 @@ impl PyContext {
         let key = session_key(secret_key)?;
         let seq = seq_arg(seq)?;
         let metadata = metadata_from_py(py, metadata)?;
-        let info = py.detach(|| {
-            let ctx = lock(&self.inner);
+        let info = native(py, |d| {
+            let ctx = lock_shared(&self.inner, d);
             match format {
                 SessionFormat::LlamaSessions => {
                     ctx.save_session(&path, seq, &metadata, key.as_ref())
@@ -405,7 +401,7 @@ impl PyContext {
                 }
             }
         });
-        info.map(|info| PySessionInfo { info }).map_err(to_py)
+        Ok(PySessionInfo { info: info? })
     }
 
     /// Loads a session file (ours, or llama.cpp's own with a SessionInteropWarning) into the context, or into
@@ -420,15 +416,19 @@ impl PyContext {
     ) -> PyResult<PySessionInfo> {
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
-        let loaded = py
-            .detach(|| lock(&self.inner).load_session(&path, seq, key.as_ref()))
-            .map_err(to_py)?;
+        let loaded = native(py, |d| {
+            lock_shared(&self.inner, d).load_session(&path, seq, key.as_ref())
+        })?;
         warn_all(py, &loaded.warnings)?;
         Ok(PySessionInfo { info: loaded.info })
     }
 
     /// The context (or sequence `seq`) as session bytes.
     #[pyo3(signature = (*, seq = None, metadata = None, secret_key = None))]
+    // The one binding call that takes the GIL back while it holds the context's lock: the `bytes` object must be
+    // allocated with the GIL, and llama.cpp then writes the state straight into it with the GIL released again
+    // (no copy). The lock itself is still taken with the GIL released, so no thread waits for it holding the GIL.
+    #[allow(clippy::disallowed_methods)]
     fn snapshot<'py>(
         &self,
         py: Python<'py>,
@@ -440,7 +440,10 @@ impl PyContext {
         let key = session_key(secret_key)?;
         let metadata = metadata_from_py(py, metadata)?;
         let bytes = py.detach(|| -> PyResult<Py<PyBytes>> {
-            let mut guard = lock(&self.inner);
+            let mut guard = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let ctx: &mut Context = &mut guard;
             let plan = ctx
                 .plan_session(seq, &metadata, key.is_some())
@@ -470,9 +473,10 @@ impl PyContext {
     ) -> PyResult<PySessionInfo> {
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
-        py.detach(|| lock(&self.inner).restore(&data, seq, key.as_ref()))
-            .map(|info| PySessionInfo { info })
-            .map_err(to_py)
+        native(py, |d| {
+            lock_shared(&self.inner, d).restore(&data, seq, key.as_ref())
+        })
+        .map(|info| PySessionInfo { info })
     }
 
     /// Creates a context with the parameters recorded in the session at `path` and loads it.
@@ -495,19 +499,19 @@ impl PyContext {
             })?,
         };
         let core_model = model.get().inner.clone();
-        let (context, loaded) = py
-            .detach(|| Context::from_session(&core_model, &path, n_threads, key.as_ref()))
-            .map_err(to_py)?;
+        let (context, loaded) = native(py, |_| {
+            Context::from_session(&core_model, &path, n_threads, key.as_ref())
+        })?;
         warn_all(py, &loaded.warnings)?;
         Ok(PyContext::shared(Arc::new(Mutex::new(context)), model))
     }
 
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let (held, capacity) = py.detach(|| {
-            let ctx = lock(&self.inner);
-            (ctx.token_count(0).unwrap_or(0), ctx.capacity())
-        });
-        format!("Context(tokens={held}, n_ctx={capacity})")
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let (held, capacity) = native(py, |d| {
+            let ctx = lock_shared(&self.inner, d);
+            Ok((ctx.token_count(0).unwrap_or(0), ctx.capacity()))
+        })?;
+        Ok(format!("Context(tokens={held}, n_ctx={capacity})"))
     }
 }
 
@@ -517,7 +521,7 @@ impl PyContext {
 #[pyclass(module = "llama_sessions._native", frozen)]
 pub struct TokenStream {
     context: Py<PyContext>,
-    generator: Mutex<Option<Generator>>,
+    generator: DetachedMutex<Option<Generator>>,
 }
 
 #[pymethods]
@@ -528,13 +532,12 @@ impl TokenStream {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let context = self.context.get();
-        let mut signals = SignalCheck::new();
-        let result = py.detach(|| {
-            let mut slot = lock(&self.generator);
+        let (piece, stats) = native(py, |d| {
+            let mut slot = self.generator.lock(d);
             let Some(generator) = slot.as_mut() else {
                 return Ok((None, None));
             };
-            let step = generator.next_piece(&mut lock(&context.inner), &mut signals);
+            let step = generator.next_piece(&mut lock_shared(&context.inner, d), d);
             let ended = !matches!(step, Ok(Some(_)));
             let stats = ended.then(|| {
                 let reason = generator.stop_reason().unwrap_or(StopReason::MaxTokens);
@@ -544,10 +547,9 @@ impl TokenStream {
                 *slot = None;
             }
             step.map(|piece| (piece, stats))
-        });
-        let (piece, stats) = finish(result, &mut signals)?;
+        })?;
         if let Some(stats) = stats {
-            context.record(stats);
+            context.record(py, stats)?;
         }
         Ok(piece)
     }

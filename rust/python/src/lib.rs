@@ -30,5 +30,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(manager::validate_session_id, m)?)?;
     m.add_function(wrap_pyfunction!(session::inspect_session, m)?)?;
     m.add("__version__", llama_sessions::VERSION)?;
+    let defaults = pyo3::types::PyDict::new(m.py());
+    let sampling = llama_sessions::DEFAULT_SAMPLING;
+    // The f32 values as their shortest decimal (0.8, not 0.800000011920929), which is what Python users type.
+    let decimal = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
+    defaults.set_item("max_tokens", llama_sessions::DEFAULT_MAX_TOKENS)?;
+    defaults.set_item("temperature", decimal(sampling.temperature))?;
+    defaults.set_item("top_k", sampling.top_k)?;
+    defaults.set_item("top_p", decimal(sampling.top_p))?;
+    defaults.set_item("min_p", decimal(sampling.min_p))?;
+    defaults.set_item("repeat_penalty", decimal(sampling.repeat_penalty))?;
+    m.add("SAMPLING_DEFAULTS", defaults)?;
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use llama_sessions::{
     ChatTurn, DirectoryStore, Error, ListedSession, SessionManager, SessionStore, TurnWait,
 };
+use llama_sessions::{DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
 
 use crate::context::{options, PyContext};
@@ -165,8 +167,8 @@ impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = false, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None),
-        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=False, n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None)"
+        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = false, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=False, n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -182,7 +184,9 @@ impl PySessionManager {
         type_k: Option<String>,
         type_v: Option<String>,
         flash_attn: Option<Bound<'_, PyAny>>,
+        secret_key: Option<PyBackedBytes>,
     ) -> PyResult<Self> {
+        let key = crate::session::session_key(secret_key)?;
         let base = PyContextParams {
             inner: params.map(|p| p.inner.clone()).unwrap_or_default(),
         };
@@ -195,7 +199,11 @@ impl PySessionManager {
         let dir = session_dir.clone();
         let manager = native(py, |_| {
             let store: Arc<dyn SessionStore> = Arc::new(DirectoryStore::open(dir)?);
-            SessionManager::new(&core_model, params, store, max_live, autosave)
+            let manager = SessionManager::new(&core_model, params, store, max_live, autosave)?;
+            Ok(match key {
+                Some(key) => manager.with_secret_key(key),
+                None => manager,
+            })
         })?;
         Ok(PySessionManager {
             inner: Arc::new(manager),
@@ -328,7 +336,7 @@ impl PySessionManager {
     }
 
     /// One chat turn; returns the answer.
-    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, timeout = None))]
+    #[pyo3(signature = (session_id, user_message, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
         &self,
@@ -363,7 +371,7 @@ impl PySessionManager {
     }
 
     /// One chat turn whose answer arrives piece by piece.
-    #[pyo3(signature = (session_id, user_message, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, timeout = None))]
+    #[pyo3(signature = (session_id, user_message, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream_chat(
         &self,
@@ -404,7 +412,7 @@ impl PySessionManager {
 
     /// Generates after `prompt`, the whole text the session's context should hold; only the part after the
     /// longest common prefix with what it holds is decoded. Returns the text and the tokens reused.
-    #[pyo3(signature = (session_id, prompt, max_tokens = 256, *, temperature = 0.8, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, seed = None, stop = None, timeout = None))]
+    #[pyo3(signature = (session_id, prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_reusing_prefix(
         &self,

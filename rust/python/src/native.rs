@@ -67,3 +67,14 @@ impl<T: Send> DetachedMutex<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+/// Locks a mutex the core shares with the binding (a Context that is also a SessionManager's live session);
+/// like [`DetachedMutex::lock`], only with the GIL released.
+#[allow(clippy::disallowed_methods)] // The GIL is released: the proof says so.
+pub fn lock_shared<'a, T>(mutex: &'a Mutex<T>, _detached: &Detached) -> MutexGuard<'a, T> {
+    // As for DetachedMutex: the core checks its bookkeeping after every change, so a poisoned context is
+    // still consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,8 +1,6 @@
 //! `SessionInfo`, `inspect_session`, and the conversions the session methods of `Context` need (metadata as
 //! JSON, sequence ids, interop warnings).
 
-// Not yet converted to crate::native (the lead's part of issue 9); allowed until then.
-#![allow(clippy::disallowed_methods)]
 use std::path::PathBuf;
 
 use llama_sessions::SessionKey;
@@ -12,6 +10,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyDict, PyString};
 
 use crate::errors::{to_py, InvalidParameterError, SessionInteropWarning};
+use crate::native::native;
 use crate::params::PyContextParams;
 
 /// What a session holds, read from its verified header.
@@ -174,12 +173,14 @@ pub fn inspect_session(
 ) -> PyResult<PySessionInfo> {
     let key = session_key(secret_key)?;
     let info = if let Ok(bytes) = source.extract::<PyBackedBytes>() {
-        py.detach(|| llama_sessions::inspect_session_bytes(&bytes, "session bytes", key.as_ref()))
+        native(py, |_| {
+            llama_sessions::inspect_session_bytes(&bytes, "session bytes", key.as_ref())
+        })
     } else {
         let path: PathBuf = source.extract()?;
-        py.detach(|| llama_sessions::inspect_session(&path, key.as_ref()))
+        native(py, |_| llama_sessions::inspect_session(&path, key.as_ref()))
     };
-    info.map(|info| PySessionInfo { info }).map_err(to_py)
+    info.map(|info| PySessionInfo { info })
 }
 
 /// The key derived from a `secret_key` argument (bytes of at least 16), if one was given.

@@ -31,11 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::context::{Context, GenerateOptions, Generation, Interrupt};
-use crate::signing::SessionKey;
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
 use crate::params::ContextParams;
 use crate::session::Metadata;
+use crate::signing::SessionKey;
 use crate::store::SessionStore;
 
 pub use chat::{ChatTurn, SessionTurn};

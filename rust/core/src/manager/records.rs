@@ -6,11 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{checkpoint_key, checkpoint_prefix, validate_session_id, CHECKPOINT_SEPARATOR};
 use crate::context::Context;
-use crate::signing::SessionKey;
 use crate::error::{Error, Result};
 use crate::model::ChatMessage;
 use crate::session::Metadata;
 use crate::session_format::{self as format, SessionHeader};
+use crate::signing::SessionKey;
 use crate::store::SessionStore;
 
 /// Metadata key under which the manager keeps its record in a session file.
