@@ -336,6 +336,7 @@ def test_a_manager_with_a_secret_key_signs_what_it_writes_and_loads_only_that(
     from llama_sessions import SessionManager
 
     signed = SessionManager(model, tmp_path, n_ctx=256, autosave=True, secret_key=KEY)
+    signed.create_session("ada")
     answer = signed.chat("ada", "Name a colour.", 4, temperature=0)
     assert answer != ""
     signed.checkpoint("ada", "one")
@@ -350,6 +351,7 @@ def test_a_manager_with_a_secret_key_signs_what_it_writes_and_loads_only_that(
             SessionManager(model, tmp_path, n_ctx=256, secret_key=other).load("ada")
     # An unsigned session planted in the directory is refused by the signing manager.
     plain = SessionManager(model, tmp_path / "plain", n_ctx=256, autosave=True)
+    plain.create_session("bob")
     plain.chat("bob", "Hi", 2, temperature=0)
     (tmp_path / "bob.session").write_bytes(plain.session_path("bob").read_bytes())
     with pytest.raises(SessionSignatureError, match="it is not signed"):
