@@ -50,7 +50,7 @@ def save_loop(model: Model, directory: Path) -> None:
         ctx = Context(model, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=1)
         ctx.generate(PROMPT, max_tokens=0)
         ctx.save_session(path)
-    held = len(model.tokenize(PROMPT, add_bos=True))
+    held = len(model.tokenize(PROMPT, add_bos=True, special=True))  # as generate() parses it
     print(f"saved {ctx.token_count()}", flush=True)
     while True:
         if ctx.token_count() >= held + EXTRA:

@@ -81,18 +81,25 @@ def run_round(mode: str, model_path: Path, directory: Path, rng: random.Random) 
             raise RuntimeError(f"{mode} worker failed: {first!r} {stderr}")
         ack = int(first.split()[1])
         aim = mode != "autosave"  # the autosave worker saves inside chat: aim at the whole turn
-        durations = []
-        for _ in range(rng.randint(1, 3)):
-            started = time.monotonic()
+        wanted = rng.randint(1, 3)  # acknowledged saves to let through before the kill
+        durations: list[float] = []  # of saves (aim) or of whole turns (autosave)
+        started: float | None = None if aim else time.monotonic()
+        while True:
             line = worker.stdout.readline()
-            if aim:
-                assert line == "saving\n", line
+            if not line:
+                stderr = worker.stderr.read() if worker.stderr else ""
+                raise RuntimeError(f"{mode} worker ended: {stderr}")
+            if line == "saving\n":
                 started = time.monotonic()
-                line = worker.stdout.readline()
-            ack = read_ack(line) if read_ack(line) is not None else ack
-            durations.append(time.monotonic() - started)
-        if aim:
-            assert worker.stdout.readline() == "saving\n"
+                if len(durations) >= wanted:
+                    break  # kill inside this save
+            elif (value := read_ack(line)) is not None:
+                ack = value
+                if started is not None:
+                    durations.append(time.monotonic() - started)
+                started = None if aim else time.monotonic()
+                if not aim and len(durations) >= wanted:
+                    break  # kill somewhere inside the next turn
         time.sleep(rng.uniform(0.0, 1.0) * min(durations))
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
