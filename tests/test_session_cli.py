@@ -119,3 +119,25 @@ def test_demo_restores_the_system_prompt_faster_than_it_prefills(model_path: pat
     compared = re.search(r" in [0-9.]+ ms: ([0-9.]+)x (faster|slower) than the prefill$", restore)
     assert compared is not None, restore
     assert compared[2] == "faster" and float(compared[1]) >= 2, restore
+
+
+def test_inspect_and_verify_signed_sessions_with_a_key_file(
+    model: Model, model_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"a secret of at least sixteen bytes")
+    path = tmp_path / "signed.session"
+    ctx = Context(model, n_ctx=256)
+    ctx.generate("Hello", max_tokens=0)
+    ctx.save_session(path, secret_key=key.read_bytes())
+    shown = run_cli("inspect", str(path), model_path=model_path)
+    assert shown.returncode == 0 and "signed        yes (keyed BLAKE3)" in shown.stdout
+    unkeyed = run_cli("verify", str(path), model_path=model_path)
+    assert unkeyed.stdout.startswith(f"OK: {path} is intact (signed: pass --key-file to check it)")
+    keyed = run_cli(
+        "verify", str(path), "--key-file", str(key), "--model", str(model_path), model_path=model_path
+    )
+    assert keyed.returncode == 0 and keyed.stdout.startswith(f"OK: {path} loads with"), keyed.stderr
+    refused = run_cli("verify", str(path), "--model", str(model_path), model_path=model_path)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("llama-sessions: SessionSignatureError: "), refused.stderr

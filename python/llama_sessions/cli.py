@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -156,13 +157,20 @@ def _describe(info: SessionInfo) -> list[str]:
         f"state {info.state_bytes:,}"
     )
     if info.format != "llama.cpp":
+        lines.append(f"signed        {'yes (keyed BLAKE3)' if info.signed else 'no'}")
         lines.append(f"metadata      {json.dumps(info.metadata, ensure_ascii=False, sort_keys=True)}")
     return lines
 
 
+def _secret_key(args: argparse.Namespace) -> bytes | None:
+    """The secret key of signed sessions: the bytes of --key-file, or of $LLAMA_SESSIONS_SECRET_KEY_FILE."""
+    path = args.key_file or os.environ.get("LLAMA_SESSIONS_SECRET_KEY_FILE")
+    return Path(path).read_bytes() if path else None
+
+
 def inspect(args: argparse.Namespace) -> int:
     """Print what a session file holds (verifying it), and with --text its tokens as text."""
-    info = inspect_session(args.file)
+    info = inspect_session(args.file, secret_key=_secret_key(args))
     if args.json:
         print(json.dumps(_as_json(info), indent=2, ensure_ascii=False))
     else:
@@ -212,15 +220,18 @@ def _as_json(info: SessionInfo) -> dict[str, object]:
         "header_bytes": info.header_bytes,
         "state_bytes": info.state_bytes,
         "total_bytes": info.total_bytes,
+        "signed": info.signed,
         "metadata": info.metadata,
     }
 
 
 def verify(args: argparse.Namespace) -> int:
     """Exit 0 when the session is intact (and, with --model, loadable with that model); 1 with the reason."""
-    info = inspect_session(args.file)
+    key = _secret_key(args)
+    info = inspect_session(args.file, secret_key=key)
     if args.model is None:
         what = "intact" if info.format == "llama-sessions" else "a llama.cpp session with a valid header"
+        what += " and signed with this key" if key else " (signed: pass --key-file to check it)" * info.signed
         print(f"OK: {args.file} is {what} ({info.token_count} tokens)")
         return 0
     model = Model.load(args.model)
@@ -230,7 +241,7 @@ def verify(args: argparse.Namespace) -> int:
         ctx = Context(model, n_ctx=n_ctx)
         ctx.load_session(args.file)
     else:
-        ctx = Context.from_session(model, args.file)
+        ctx = Context.from_session(model, args.file, secret_key=key)
     print(f"OK: {args.file} loads with {Path(args.model).name} ({ctx.token_count()} tokens)")
     return 0
 
@@ -334,12 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("--text", action="store_true", help="also print the tokens as text")
     inspect_parser.add_argument("--json", action="store_true", help="print the header as JSON")
     inspect_parser.add_argument("--model", help="GGUF file for --text (default: the default model)")
+    key_help = "file holding the secret key of signed sessions (or $LLAMA_SESSIONS_SECRET_KEY_FILE)"
+    inspect_parser.add_argument("--key-file", help=key_help)
     inspect_parser.set_defaults(run=inspect)
     verify_parser = commands.add_parser(
         "verify", help="check that a session file is intact (and loadable with --model)"
     )
     verify_parser.add_argument("file", help="a session file")
     verify_parser.add_argument("--model", help="also load the session into a context of this GGUF model")
+    verify_parser.add_argument("--key-file", help=key_help)
     verify_parser.set_defaults(run=verify)
     chat_parser = commands.add_parser("chat", help="an interactive chat that persists and resumes")
     chat_parser.add_argument("--session", required=True, help="session id (its file: DIR/ID.session)")
