@@ -716,26 +716,38 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
+/// What the unit tests of this module tree share: the real test model and greedy options.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use super::GenerateOptions;
+    use crate::{Model, ModelParams, SamplingParams};
 
-    use crate::{ModelParams, SamplingParams};
-
-    fn test_model() -> Model {
+    /// `$LLAMA_SESSIONS_MODEL`, or the default model in the user cache.
+    pub(crate) fn test_model() -> Model {
         let path = std::env::var_os("LLAMA_SESSIONS_MODEL")
             .map(std::path::PathBuf::from)
-            .expect("LLAMA_SESSIONS_MODEL names the test model");
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").expect("HOME");
+                std::path::PathBuf::from(home)
+                    .join(".cache/llama-sessions/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            });
         Model::load(path, &ModelParams::default()).expect("the test model")
     }
 
-    fn options(max_tokens: usize) -> GenerateOptions {
+    pub(crate) fn greedy(max_tokens: usize) -> GenerateOptions {
         GenerateOptions {
             max_tokens,
             sampling: SamplingParams::greedy(),
             stop: Vec::new(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::test_support::{greedy as options, test_model};
 
     /// Plants a cell at position -5 in sequence `seq` the way a forged state did before states were checked:
     /// straight through llama.cpp, bypassing `replace_sequence`.

@@ -535,18 +535,8 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ContextParams, GenerateOptions, ModelParams, NeverInterrupt, SamplingParams};
-
-    fn test_model() -> Model {
-        let path = std::env::var_os("LLAMA_SESSIONS_MODEL")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").expect("HOME");
-                std::path::PathBuf::from(home)
-                    .join(".cache/llama-sessions/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
-        Model::load(path, &ModelParams::default()).expect("the test model")
-    }
+    use crate::context::test_support::{greedy, test_model};
+    use crate::{ContextParams, NeverInterrupt};
 
     #[test]
     fn our_llama_cpp_file_is_byte_identical_to_llama_cpp_s_own() {
@@ -557,12 +547,7 @@ mod tests {
             ..ContextParams::default()
         };
         let mut ctx = Context::new(&model, params).unwrap();
-        let options = GenerateOptions {
-            max_tokens: 3,
-            sampling: SamplingParams::greedy(),
-            stop: Vec::new(),
-        };
-        ctx.generate(0, "The lighthouse keeper", options, &mut NeverInterrupt)
+        ctx.generate(0, "The lighthouse keeper", greedy(3), &mut NeverInterrupt)
             .unwrap();
         let dir = std::env::temp_dir().join(format!("llama-sessions-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
