@@ -192,8 +192,8 @@ pub fn inspect_session(path: &Path, key: Option<&SessionKey>) -> Result<SessionI
     open_session_file(path, &origin, key).map(|(_, opened)| SessionInfo::from_opened(opened))
 }
 
-/// Reads a llama-sessions file and verifies it: with a key its signature, without one its checksum, each
-/// computed while the file is read. A file that does not start with
+/// Reads a llama-sessions file and verifies it: with a key its signature (computed on this thread while
+/// another reads the file), without one its checksum (computed while reading). A file that does not start with
 /// our magic is refused before the rest of it is read.
 pub(crate) fn open_session_file(
     path: &Path,
@@ -211,10 +211,10 @@ pub(crate) fn open_session_file(
     let key = key.expect("checked above");
     let signed_end = file_len(path)?.saturating_sub(MAC_LEN);
     let mut hasher = key.hasher();
-    let (bytes, whole) = durable::read_all(path, &mut |offset, chunk| {
+    let (bytes, whole) = durable::read_all_overlapped(path, &mut |offset, chunk| {
         let end = (offset + chunk.len()).min(signed_end);
         if offset < end {
-            hasher.update_rayon(&chunk[..end - offset]);
+            hasher.update(&chunk[..end - offset]);
         }
     })?;
     let precomputed = (whole && bytes.len() == signed_end + MAC_LEN).then(|| hasher.finalize());
