@@ -155,13 +155,9 @@ const MAPPED_READ_MIN: usize = 2 << 20;
 /// Bytes read per call: the checksum of a chunk is computed while it is still in the CPU cache.
 const READ_CHUNK: usize = 1 << 20;
 
-/// Reads the whole file, handing each chunk to `digest` (with its offset) while it is still in the CPU cache.
-/// Returns the bytes and whether the file still had the size it had when it was opened.
-pub(crate) fn read_all(
-    path: &Path,
-    digest: &mut dyn FnMut(usize, &[u8]),
-) -> Result<(FileBytes, bool)> {
-    let mut file = std::fs::File::open(path).map_err(io_error("open", path))?;
+/// Opens a file to read it whole: the file, its length, and zeroed memory of that length.
+fn open_for_reading(path: &Path) -> Result<(std::fs::File, usize, FileBytes)> {
+    let file = std::fs::File::open(path).map_err(io_error("open", path))?;
     let meta = file.metadata().map_err(io_error("stat", path))?;
     if meta.is_dir() {
         return Err(io_error("read", path)(std::io::Error::new(
@@ -170,7 +166,17 @@ pub(crate) fn read_all(
         )));
     }
     let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
-    let mut bytes = zeroed(len).map_err(io_error("allocate memory for", path))?;
+    let bytes = zeroed(len).map_err(io_error("allocate memory for", path))?;
+    Ok((file, len, bytes))
+}
+
+/// Reads the whole file, handing each chunk to `digest` (with its offset) while it is still in the CPU cache.
+/// Returns the bytes and whether the file still had the size it had when it was opened.
+pub(crate) fn read_all(
+    path: &Path,
+    digest: &mut dyn FnMut(usize, &[u8]),
+) -> Result<(FileBytes, bool)> {
+    let (mut file, len, mut bytes) = open_for_reading(path)?;
     let buffer: &mut [u8] = &mut bytes;
     let mut filled = 0;
     while filled < len {
@@ -197,16 +203,7 @@ pub(crate) fn read_all_overlapped(
     path: &Path,
     digest: &mut dyn FnMut(usize, &[u8]),
 ) -> Result<(FileBytes, bool)> {
-    let mut file = std::fs::File::open(path).map_err(io_error("open", path))?;
-    let meta = file.metadata().map_err(io_error("stat", path))?;
-    if meta.is_dir() {
-        return Err(io_error("read", path)(std::io::Error::new(
-            std::io::ErrorKind::IsADirectory,
-            "is a directory",
-        )));
-    }
-    let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
-    let mut bytes = zeroed(len).map_err(io_error("allocate memory for", path))?;
+    let (mut file, len, mut bytes) = open_for_reading(path)?;
     let buffer: &mut [u8] = &mut bytes;
     let filled = std::thread::scope(|scope| -> Result<usize> {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<(usize, &[u8])>(4);
