@@ -226,6 +226,55 @@ impl Model {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// Tokens of `messages` formatted with the model's chat template, where only the template's own markup
+    /// can become control tokens: each message's content is tokenized as plain text, so a user who writes
+    /// `<|im_start|>system` gets those characters, not a system turn. (The template is rendered around
+    /// placeholders; the markup between them is tokenized with special-token parsing, the contents without.)
+    pub fn tokenize_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        add_bos: bool,
+    ) -> Result<Vec<LlamaToken>> {
+        // Placeholders of private-use characters with a nonce, so that no message can contain one.
+        let nonce = blake3::hash(
+            messages
+                .iter()
+                .flat_map(|m| [m.role.as_bytes(), m.content.as_bytes()])
+                .flatten()
+                .copied()
+                .collect::<Vec<u8>>()
+                .as_slice(),
+        )
+        .to_hex();
+        let placeholder = |i: usize| format!("\u{E000}{}{i}\u{E001}", &nonce[..16]);
+        let masked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage {
+                role: m.role.clone(),
+                content: placeholder(i),
+            })
+            .collect();
+        let mut rest = self.apply_chat_template(&masked, add_generation_prompt)?;
+        let mut tokens = Vec::new();
+        let mut first = add_bos;
+        for (i, message) in messages.iter().enumerate() {
+            let marker = placeholder(i);
+            let Some((markup, after)) = rest.split_once(&marker) else {
+                return Err(Error::ChatTemplate(format!(
+                    "the chat template dropped or changed message {i}'s content; it cannot be tokenized safely"
+                )));
+            };
+            tokens.extend(self.tokenize(markup, first, true)?);
+            tokens.extend(self.tokenize(&message.content, false, false)?);
+            first = false;
+            rest = after.to_owned();
+        }
+        tokens.extend(self.tokenize(&rest, first, true)?);
+        Ok(tokens)
+    }
+
     /// Formats a conversation with the model's own chat template (llama.cpp's built-in template engine, which
     /// recognises the common templates; not a full Jinja engine).
     pub fn apply_chat_template(

@@ -582,6 +582,19 @@ impl Context {
     ) -> Result<(Generator, usize)> {
         self.check_seq(seq)?;
         let tokens = self.model.tokenize(full_prompt, true, true)?;
+        self.start_generation_reusing_prefix_tokens(seq, &tokens, options, interrupt)
+    }
+
+    /// [`Context::start_generation_reusing_prefix`] with the whole sequence already tokenized (a chat
+    /// tokenized by [`Model::tokenize_chat`], say).
+    pub fn start_generation_reusing_prefix_tokens(
+        &mut self,
+        seq: SeqId,
+        tokens: &[LlamaToken],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generator, usize)> {
+        self.check_seq(seq)?;
         if tokens.len() > self.capacity_per_sequence {
             return Err(Error::ContextFull {
                 requested: tokens.len(),
@@ -591,9 +604,9 @@ impl Context {
             });
         }
         options.sampling.validate()?;
-        self.model.check_tokens(&tokens)?;
+        self.model.check_tokens(tokens)?;
         let held = &self.sequences[seq as usize];
-        let reused = held.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        let reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
         self.truncate(seq, reused)?;
         let generator = Generator::start_tokens(self, seq, &tokens[reused..], options, interrupt)?;
         Ok((generator, reused))

@@ -12,6 +12,7 @@ use crate::context::generation::Generator;
 use crate::context::{GenerateOptions, Generation, Interrupt};
 use crate::error::{Error, Result};
 use crate::model::ChatMessage;
+use llama_cpp_2::token::LlamaToken;
 
 /// The exclusive right to change one live session's conversation, from [`SessionManager::begin_turn`]: while
 /// it is held, no other turn runs on the session and the session is not evicted. Each method uses it up; so
@@ -68,13 +69,13 @@ impl<'m> SessionTurn<'m> {
     ) -> Result<ChatTurn> {
         let session = Arc::clone(self.session());
         // The record is only read: the permit keeps other turns from changing it meanwhile.
-        let prompt = {
+        let tokens = {
             let record = lock(&session.record);
             self.manager
-                .conversation_prompt(&record.manager, user_message)?
+                .conversation_tokens(&record.manager, user_message)?
         };
         let generator = lock(&session.context)
-            .start_generation_reusing_prefix(0, &prompt, options, interrupt)?
+            .start_generation_reusing_prefix_tokens(0, &tokens, options, interrupt)?
             .0;
         Ok(ChatTurn {
             permit: self.permit,
@@ -129,8 +130,14 @@ impl<'m> SessionTurn<'m> {
 }
 
 impl SessionManager {
-    /// The whole conversation formatted with the chat template, ready for the assistant's answer.
-    fn conversation_prompt(&self, record: &ManagerRecord, user_message: &str) -> Result<String> {
+    /// The whole conversation formatted with the chat template and tokenized, ready for the assistant's
+    /// answer. Message contents are plain text: only the template's markup becomes control tokens, so no
+    /// user can forge a turn of another role ([`crate::Model::tokenize_chat`]).
+    fn conversation_tokens(
+        &self,
+        record: &ManagerRecord,
+        user_message: &str,
+    ) -> Result<Vec<LlamaToken>> {
         let mut messages = Vec::with_capacity(record.history.len() + 2);
         if let Some(system) = &record.system_prompt {
             messages.push(ChatMessage {
@@ -143,7 +150,7 @@ impl SessionManager {
             role: "user".to_owned(),
             content: user_message.to_owned(),
         });
-        self.model.apply_chat_template(&messages, true)
+        self.model.tokenize_chat(&messages, true, true)
     }
 }
 

@@ -72,8 +72,8 @@ pub struct SessionManager {
     store: Arc<dyn SessionStore>,
     autosave: bool,
     live: LiveSet,
-    /// Encoded system prompts: the session bytes of a context holding only the formatted prompt.
-    prefixes: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    /// Encoded system prompts, by their token ids: the session bytes of a context holding only them.
+    prefixes: Mutex<HashMap<Vec<i32>, Arc<Vec<u8>>>>,
     stats: Mutex<ManagerStats>,
     /// Signs every session and checkpoint written, and is required of every one read.
     key: Option<SessionKey>,
@@ -236,29 +236,28 @@ impl SessionManager {
         let Some(system_prompt) = system_prompt else {
             return Ok(context);
         };
-        let formatted = self.model.apply_chat_template(
+        // Tokenized as every chat turn is (the prompt as plain text inside the template's markup), so that the
+        // conversation's tokens start with exactly these.
+        let tokens = self.model.tokenize_chat(
             &[ChatMessage {
                 role: "system".to_owned(),
                 content: system_prompt.to_owned(),
             }],
             false,
+            true,
         )?;
-        let cached = lock(&self.prefixes).get(&formatted).cloned();
+        let key: Vec<i32> = tokens.iter().map(|t| t.0).collect();
+        let cached = lock(&self.prefixes).get(&key).cloned();
         match cached {
             Some(bytes) => {
                 context.restore(&bytes, None, None)?;
                 lock(&self.stats).prefix_reuses += 1;
             }
             None => {
-                let options = GenerateOptions {
-                    max_tokens: 0,
-                    ..GenerateOptions::default()
-                };
-                let generation =
-                    context.generate(0, &formatted, options, &mut crate::NeverInterrupt)?;
-                lock(&self.stats).prefill_tokens += generation.stats.prompt_tokens as u64;
+                context.append(0, &tokens, false, &mut crate::NeverInterrupt)?;
+                lock(&self.stats).prefill_tokens += tokens.len() as u64;
                 let bytes = context.snapshot(None, &Metadata::new(), None)?;
-                lock(&self.prefixes).insert(formatted, Arc::new(bytes));
+                lock(&self.prefixes).insert(key, Arc::new(bytes));
             }
         }
         Ok(context)
