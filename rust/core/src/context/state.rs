@@ -2,7 +2,7 @@
 //!
 //! Saving copies llama.cpp's per-sequence state straight into the final buffer behind our header, then seals
 //! it. Loading verifies the envelope (`session_format`), compares the header with this context, then parses
-//! llama.cpp's bytes of every sequence against this context's [`StateLayout`] (`llama_state`), all before a
+//! llama.cpp's bytes of every sequence against this context's [`StateLayout`](crate::llama_state::StateLayout), all before a
 //! byte reaches llama.cpp. [`Context::replace_sequence`] is the only way state bytes enter the cache, and it
 //! runs that last check itself, so no caller can hand llama.cpp unchecked bytes.
 
@@ -12,12 +12,10 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::token::LlamaToken;
 
 use super::{Context, SeqId};
-
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::llama_state;
 use crate::model::Model;
-
 use crate::session::{
     model_record, open_session_bytes, open_session_file, param_mismatches, params_from_record,
     params_record, to_tokens, Loaded, Metadata, SessionInfo, SessionPlan,
