@@ -46,3 +46,42 @@ def test_the_system_prompt_is_prefilled_once_and_reused_by_the_conversation(
     assert prefix.count(control_token(model, "<|im_start|>")) == 1
     manager.chat("b", "Name a colour.", 4, temperature=0)
     assert manager.load("b").tokens[: len(prefix)] == prefix
+
+
+def test_stop_takes_one_string_or_several_and_seed_is_range_checked(model: Model) -> None:
+    from llama_sessions import Context, InvalidParameterError
+
+    prompt = "<|im_start|>user\nCount from 1 to 9 with commas.<|im_end|>\n<|im_start|>assistant\n"
+    full = Context(model, n_ctx=256).generate(prompt, max_tokens=24, temperature=0)
+    assert len(full) > 10
+    needle = full[len(full) // 2 : len(full) // 2 + 2]
+    one = Context(model, n_ctx=256).generate(prompt, max_tokens=24, temperature=0, stop=needle)
+    many = Context(model, n_ctx=256).generate(prompt, max_tokens=24, temperature=0, stop=[needle])
+    assert one == many == full[: full.index(needle)]
+    ctx = Context(model, n_ctx=256)
+    for bad, found in ((7, "int"), ([1], "list")):
+        try:
+            ctx.generate(prompt, max_tokens=2, stop=bad)  # type: ignore[arg-type]
+        except InvalidParameterError as e:
+            assert str(e) == f"invalid stop: expected a str or a list of str, found {found}"
+        else:
+            raise AssertionError(f"stop={bad!r} was accepted")
+    try:
+        ctx.generate(prompt, max_tokens=2, seed=-1)
+    except InvalidParameterError as e:
+        assert str(e) == "invalid seed: expected an integer in 0..=4294967295, or None, found -1"
+    else:
+        raise AssertionError("seed=-1 was accepted")
+    assert ctx.token_count() == 0
+
+
+def test_reset_and_restore_clear_last_stats(model: Model) -> None:
+    from llama_sessions import Context
+
+    ctx = Context(model, n_ctx=256)
+    snapshot = ctx.snapshot()
+    for clear in (ctx.reset, lambda: ctx.restore(snapshot)):
+        ctx.generate("Hello", max_tokens=2, temperature=0)
+        assert ctx.last_stats is not None
+        clear()
+        assert ctx.last_stats is None

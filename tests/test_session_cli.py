@@ -141,3 +141,12 @@ def test_inspect_and_verify_signed_sessions_with_a_key_file(
     refused = run_cli("verify", str(path), "--model", str(model_path), model_path=model_path)
     assert refused.returncode == 1
     assert refused.stderr.startswith("llama-sessions: SessionSignatureError: "), refused.stderr
+
+
+def test_version_names_the_library_and_the_llama_cpp_build(model_path: pathlib.Path) -> None:
+    from llama_sessions import __version__
+    from llama_sessions._native import LLAMA_CPP_BUILD
+
+    result = run_cli("--version", model_path=model_path)
+    assert result.returncode == 0
+    assert result.stdout == f"llama-sessions {__version__} (llama.cpp from {LLAMA_CPP_BUILD})\n"

@@ -10,6 +10,8 @@ from typing import Any, Literal, final
 from typing_extensions import disjoint_base
 
 __version__: str
+#: The llama.cpp build this module is compiled against (recorded in every session).
+LLAMA_CPP_BUILD: str
 
 #: The defaults of every generation call (``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
 #: ``repeat_penalty``), from the Rust core, their one home: 256, 0.8, 40, 0.95, 0.05 and 1.0 today. Signatures
@@ -222,7 +224,8 @@ class Context:
         """The token ids in sequence ``seq``, in position order."""
     @property
     def last_stats(self) -> GenerationStats | None:
-        """Counts and times of the last generate() or finished stream(), or None."""
+        """Counts and times of the last generate() or finished stream(), or None (also after reset(),
+        restore() and load_session(), which replace what they described)."""
     def token_count(self, seq: int = 0) -> int:
         """How many tokens sequence ``seq`` holds; the next token goes to this position."""
     def reset(self) -> None:
@@ -244,7 +247,7 @@ class Context:
         min_p: float = ...,
         repeat_penalty: float = ...,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         seq: int = 0,
     ) -> str:
         """Append ``prompt`` after what the context holds and generate up to ``max_tokens`` tokens.
@@ -269,7 +272,7 @@ class Context:
         min_p: float = ...,
         repeat_penalty: float = ...,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         seq: int = 0,
     ) -> TokenStream:
         """Like generate(), but yield text pieces as they are produced.
@@ -561,7 +564,7 @@ class SessionManager:
         min_p: float = ...,
         repeat_penalty: float = ...,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> str:
         """One chat turn: the conversation is formatted with the model's chat template, only what the context
@@ -584,7 +587,7 @@ class SessionManager:
         min_p: float = ...,
         repeat_penalty: float = ...,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> ChatStream:
         """Like chat(), the answer arriving piece by piece. The stream holds the session's turn until it is
@@ -601,7 +604,7 @@ class SessionManager:
         min_p: float = ...,
         repeat_penalty: float = ...,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> tuple[str, int]:
         """Generate after ``prompt``, the *whole* text the session's context should hold (a conversation

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from ._fetch import default_model_path
 from ._native import (
+    LLAMA_CPP_BUILD,
     Context,
     Model,
     SessionInfo,
+    __version__,
     delete_session,
     inspect_session,
     list_sessions,
@@ -331,6 +333,11 @@ def fetch_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-sessions", description="Resumable local LLM inference with llama.cpp."
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"llama-sessions {__version__} (llama.cpp from {LLAMA_CPP_BUILD})",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(

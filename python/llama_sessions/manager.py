@@ -82,7 +82,7 @@ class SessionManager(_NativeSessionManager):
         min_p: float = _DEFAULTS["min_p"],
         repeat_penalty: float = _DEFAULTS["repeat_penalty"],
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> str:
         """chat() without blocking the event loop."""
@@ -113,7 +113,7 @@ class SessionManager(_NativeSessionManager):
         min_p: float = _DEFAULTS["min_p"],
         repeat_penalty: float = _DEFAULTS["repeat_penalty"],
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[str]:
         """stream_chat() as an async iterator: each piece is generated in a worker thread. Leaving the loop

@@ -125,8 +125,8 @@ pub(crate) fn options(
     top_p: f32,
     min_p: f32,
     repeat_penalty: f32,
-    seed: Option<u32>,
-    stop: Option<Vec<String>>,
+    seed: Option<i64>,
+    stop: Option<Bound<'_, PyAny>>,
 ) -> PyResult<GenerateOptions> {
     let invalid = |name: &str, expected: &str, found: i64| {
         crate::errors::InvalidParameterError::new_err(format!(
@@ -136,6 +136,13 @@ pub(crate) fn options(
     let max_tokens = usize::try_from(max_tokens)
         .map_err(|_| invalid("max_tokens", "an integer >= 0", max_tokens))?;
     let top_k = u32::try_from(top_k).map_err(|_| invalid("top_k", "an integer >= 0", top_k))?;
+    let seed = seed
+        .map(|s| {
+            u32::try_from(s)
+                .map_err(|_| invalid("seed", "an integer in 0..=4294967295, or None", s))
+        })
+        .transpose()?;
+    let stop = stop_strings(stop)?;
     let sampling = SamplingParams {
         temperature,
         top_k,
@@ -149,7 +156,26 @@ pub(crate) fn options(
     Ok(GenerateOptions {
         max_tokens,
         sampling,
-        stop: stop.unwrap_or_default(),
+        stop,
+    })
+}
+
+/// `stop=`: one string, or a sequence of strings (not a single string's characters).
+fn stop_strings(stop: Option<Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+    let Some(stop) = stop.filter(|s| !s.is_none()) else {
+        return Ok(Vec::new());
+    };
+    if let Ok(one) = stop.extract::<String>() {
+        return Ok(vec![one]);
+    }
+    stop.extract::<Vec<String>>().map_err(|_| {
+        let found = stop
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        crate::errors::InvalidParameterError::new_err(format!(
+            "invalid stop: expected a str or a list of str, found {found}"
+        ))
     })
 }
 
@@ -260,6 +286,7 @@ impl PyContext {
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
         native(py, |d| {
             lock_shared(&self.inner, d).reset();
+            *self.last_stats.lock(d) = None; // they described what is gone
             Ok(())
         })
     }
@@ -294,8 +321,8 @@ impl PyContext {
         top_p: f32,
         min_p: f32,
         repeat_penalty: f32,
-        seed: Option<u32>,
-        stop: Option<Vec<String>>,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
         seq: i64,
     ) -> PyResult<String> {
         let seq = seq_id(seq)?;
@@ -334,8 +361,8 @@ impl PyContext {
         top_p: f32,
         min_p: f32,
         repeat_penalty: f32,
-        seed: Option<u32>,
-        stop: Option<Vec<String>>,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
         seq: i64,
     ) -> PyResult<TokenStream> {
         let py = slf.py();
@@ -417,7 +444,9 @@ impl PyContext {
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
         let loaded = native(py, |d| {
-            lock_shared(&self.inner, d).load_session(&path, seq, key.as_ref())
+            let loaded = lock_shared(&self.inner, d).load_session(&path, seq, key.as_ref())?;
+            *self.last_stats.lock(d) = None;
+            Ok(loaded)
         })?;
         warn_all(py, &loaded.warnings)?;
         Ok(PySessionInfo { info: loaded.info })
@@ -474,7 +503,9 @@ impl PyContext {
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
         native(py, |d| {
-            lock_shared(&self.inner, d).restore(&data, seq, key.as_ref())
+            let info = lock_shared(&self.inner, d).restore(&data, seq, key.as_ref())?;
+            *self.last_stats.lock(d) = None;
+            Ok(info)
         })
         .map(|info| PySessionInfo { info })
     }

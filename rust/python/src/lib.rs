@@ -30,6 +30,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(manager::validate_session_id, m)?)?;
     m.add_function(wrap_pyfunction!(session::inspect_session, m)?)?;
     m.add("__version__", llama_sessions::VERSION)?;
+    m.add(
+        "LLAMA_CPP_BUILD",
+        llama_sessions::session_format::LLAMA_CPP_BUILD,
+    )?;
     let defaults = pyo3::types::PyDict::new(m.py());
     let sampling = llama_sessions::DEFAULT_SAMPLING;
     // The f32 values as their shortest decimal (0.8, not 0.800000011920929), which is what Python users type.

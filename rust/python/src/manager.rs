@@ -349,8 +349,8 @@ impl PySessionManager {
         top_p: f32,
         min_p: f32,
         repeat_penalty: f32,
-        seed: Option<u32>,
-        stop: Option<Vec<String>>,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<String> {
         let options = options(
@@ -384,8 +384,8 @@ impl PySessionManager {
         top_p: f32,
         min_p: f32,
         repeat_penalty: f32,
-        seed: Option<u32>,
-        stop: Option<Vec<String>>,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<ChatStream> {
         let options = options(
@@ -425,8 +425,8 @@ impl PySessionManager {
         top_p: f32,
         min_p: f32,
         repeat_penalty: f32,
-        seed: Option<u32>,
-        stop: Option<Vec<String>>,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<(String, usize)> {
         let options = options(
