@@ -190,11 +190,15 @@ fn changes_made_through_the_live_context_are_saved_on_eviction() {
     assert_eq!(tokens_of(m.load("a").unwrap().context()), changed);
 }
 
-// Defect 11: victims are chosen under the live-set lock and saved after it is released.
-
-#[test]
-fn the_live_set_is_readable_while_an_eviction_writes_its_victim() {
-    let store = InstrumentedStore::open("hardening-eviction-io");
+/// A manager of one live session whose changed session "a" is being evicted (by a load of "b" in another
+/// thread) and is held inside its write until `release` is sent; join the evictor after that.
+fn evicting_a_held_in_its_write(
+    store: &Arc<InstrumentedStore>,
+) -> (
+    Arc<SessionManager>,
+    Sender<()>,
+    std::thread::JoinHandle<llama_sessions::Result<()>>,
+) {
     let m = Arc::new(manager(store.clone(), 1, false));
     m.create_session("b", Some(SYSTEM), Metadata::new())
         .unwrap();
@@ -210,6 +214,15 @@ fn the_live_set_is_readable_while_an_eviction_writes_its_victim() {
     entered
         .recv_timeout(HANG_BOUND)
         .expect("the eviction of the changed session writes it");
+    (m, release, evictor)
+}
+
+// Defect 11: victims are chosen under the live-set lock and saved after it is released.
+
+#[test]
+fn the_live_set_is_readable_while_an_eviction_writes_its_victim() {
+    let store = InstrumentedStore::open("hardening-eviction-io");
+    let (m, release, evictor) = evicting_a_held_in_its_write(&store);
     let (ids_tx, ids_rx) = mpsc::channel();
     {
         let m = Arc::clone(&m);
@@ -335,21 +348,7 @@ fn a_turn_on_a_busy_session_is_refused_or_waits_as_the_caller_says() {
 #[test]
 fn a_turn_claims_back_a_session_chosen_for_eviction() {
     let store = InstrumentedStore::open("hardening-claim-back");
-    let m = Arc::new(manager(store.clone(), 1, false));
-    m.create_session("b", Some(SYSTEM), Metadata::new())
-        .unwrap();
-    m.create_session("a", Some(SYSTEM), Metadata::new())
-        .unwrap();
-    m.chat("a", "Name a color.", greedy(4), &mut NeverInterrupt)
-        .unwrap();
-    let (entered, release) = store.hold_next_write("a");
-    let evictor = {
-        let m = Arc::clone(&m);
-        std::thread::spawn(move || m.load("b").map(|_| ()))
-    };
-    entered
-        .recv_timeout(HANG_BOUND)
-        .expect("the eviction of the changed session writes it");
+    let (m, release, evictor) = evicting_a_held_in_its_write(&store);
     // While "a" is being saved on its way out, a turn on it claims it back: it stays live.
     let turn = {
         let m = Arc::clone(&m);
