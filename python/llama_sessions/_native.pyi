@@ -540,7 +540,7 @@ class SessionManager:
         (an existing session's history, system prompt and metadata are kept); SessionBusyError, writing
         nothing, if a turn holds the live copy."""
     def delete(self, session_id: str) -> None:
-        """Delete a session and its checkpoints (SessionNotFoundError if there is none)."""
+        """Delete a session, its checkpoints and their lock files (SessionNotFoundError if there is none)."""
     def exists(self, session_id: str) -> bool:
         """Whether the session exists (live or stored)."""
     def list(self) -> builtins.list[StoredSession]:
@@ -630,9 +630,10 @@ def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
     verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error."""
 
 def delete_session(session_dir: str | PathLike[str], session_id: str) -> None:
-    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock),
-    without a model. SessionNotFoundError if there is none."""
+    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock), and
+    their lock files, without a model. SessionNotFoundError if there is none."""
 
 def validate_session_id(session_id: str) -> None:
     """Raise InvalidParameterError (a ValueError) unless ``session_id`` can name a session: 1 to 128 bytes, no
-    "/", "\\", ":", "@" or control characters, not starting with a dot or a space."""
+    "/", "\\", ":", "@" or control characters, not starting with a dot, neither starting nor ending with
+    whitespace."""

@@ -289,7 +289,7 @@ impl PySessionManager {
         })
     }
 
-    /// Deletes a session and its checkpoints.
+    /// Deletes a session, its checkpoints and their lock files.
     fn delete(&self, py: Python<'_>, session_id: &str) -> PyResult<()> {
         native(py, |_| self.inner.delete(session_id))
     }
@@ -566,7 +566,8 @@ pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PySto
         .collect())
 }
 
-/// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock; no model needed.
+/// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock, and their lock
+/// files; no model needed.
 #[pyfunction]
 pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) -> PyResult<()> {
     native(py, |_| {
