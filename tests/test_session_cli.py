@@ -116,6 +116,9 @@ def test_demo_restores_the_system_prompt_faster_than_it_prefills(model_path: pat
         next(line for line in lines if line.startswith("save ")),
     )
     assert ".session" not in result.stdout
+    assert "tokens/s" in prefill
+    assert any(line.startswith("generate ") and "tokens/s" in line for line in lines)
+    assert any(line.startswith("assistant ") for line in lines)
     prefill_tokens = int(prefill.split()[1])
     assert restore.startswith(f"restore   {prefill_tokens} tokens into a fresh context in ")
     # The demo's point: restoring the encoded system prompt beats decoding it again by far (a hundredfold and
