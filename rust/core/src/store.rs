@@ -54,10 +54,10 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
 /// Sessions as files in one directory: `<key>.session`, written atomically and durably; the lock of a key is
 /// an advisory `flock` on `.<key>.lock`. Other files in the directory are ignored.
 ///
-/// A lock file is removed when its key is deleted ([`StoreLock::release_and_remove`]), under the lock. So
-/// that removing a file someone waits on cannot let two holders in (one on the removed file, one on a new
-/// file of the same name), a locker that got the `flock` checks that the name still leads to the file it
-/// locked (same device and inode) and otherwise starts again on the file the name leads to now.
+/// On Unix a lock file is removed when its key is deleted ([`StoreLock::release_and_remove`]), under the
+/// lock. So that removing a file someone waits on cannot let two holders in (one on the removed file, one on
+/// a new file of the same name), a locker that got the `flock` checks that the name still leads to the file
+/// it locked (same device and inode) and otherwise starts again on the file the name leads to now.
 #[derive(Debug, Clone)]
 pub struct DirectoryStore {
     dir: PathBuf,
@@ -95,6 +95,7 @@ struct FileLock {
 }
 
 impl StoreLock for FileLock {
+    #[cfg(unix)]
     fn release_and_remove(self: Box<Self>) -> Result<()> {
         // Unlinked while held: a waiter on this file gets it after us, finds the name gone (or leading to a
         // newer file) and starts again, so it never holds the old file while someone holds a new one.
@@ -105,6 +106,12 @@ impl StoreLock for FileLock {
         );
         drop(self.file);
         removed.map(|_| ())
+    }
+
+    /// Elsewhere an open file cannot be unlinked (nor a locker re-check its file): the lock file stays.
+    #[cfg(not(unix))]
+    fn release_and_remove(self: Box<Self>) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -121,7 +128,7 @@ fn still_named(file: &File, path: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// Elsewhere an open file cannot be unlinked, so a held lock file keeps its name.
+/// Elsewhere lock files are never removed ([`FileLock::release_and_remove`]), so a lock file keeps its name.
 #[cfg(not(unix))]
 fn still_named(_file: &File, _path: &Path) -> std::io::Result<bool> {
     Ok(true)
