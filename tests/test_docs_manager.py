@@ -1,43 +1,52 @@
-"""The examples of docs/manager.md run as written."""
+"""The examples of docs/manager.md run as written, in order (by the rule of tests/doc_examples.py), and do
+what the page says."""
 
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
 
+from doc_examples import ROOT, DocumentRun
 from llama_sessions import SessionManager
-
-DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "manager.md"
 
 
 def test_the_multi_user_backend_example_runs(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    model_path: pathlib.Path,
 ) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 4
-    namespace: dict[str, object] = {"session_dir": tmp_path / "sessions"}
-    exec(compile(blocks[0], str(DOC), "exec"), namespace)
+    monkeypatch.chdir(tmp_path)
+    run = DocumentRun(ROOT / "docs" / "manager.md", model_path)
+    assert [b.language for b in run.blocks] == ["python"] * 4 + ["bash"]
+    run.run_through_python(1)
     assert sorted(p.name for p in (tmp_path / "sessions").glob("*.session")) == [
         "ada.session",
         "ada@before-offtopic.session",
         "grace.session",
         "linus.session",
     ]
-    exec(compile(blocks[1], str(DOC), "exec"), namespace)
-    manager = namespace["manager"]
+    run.run_through_python(2)
+    manager = run.namespace["manager"]
     assert isinstance(manager, SessionManager)
     assert manager.stats["prefill_tokens"] == 0  # the restarted manager only restored
     assert len(manager.history("ada")) == 4
-    exec(compile(blocks[2], str(DOC), "exec"), namespace)
-    replies = namespace["replies"]
+    run.run_through_python(3)
+    replies = run.namespace["replies"]
     assert isinstance(replies, list) and len(replies) == 3 and all(replies)
     assert len(manager.history("linus")) == 4
     before = len(manager.history("grace"))
-    exec(compile(blocks[3], str(DOC), "exec"), namespace)  # one turn at a time
+    run.run_through_python(4)  # one turn at a time
     history = manager.history("grace")
     assert len(history) == before + 2  # the closed stream's turn did not join the history
     assert history[-2] == {"role": "user", "content": "And how long do they last?"}
     assert history[-1]["content"]
     capsys.readouterr()
+    run.run_rest()  # the command line: create, resume, list, show, delete "bob"
+    created, resumed, listed, shown, deleted = run.commands
+    assert "created   bob" in created.stderr and "resumed   bob: " in resumed.stderr
+    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == ["ada", "bob", "grace", "linus"]
+    assert "system        You are terse." in shown.stdout
+    assert deleted.stdout == "deleted   bob\n"
+    assert not (tmp_path / "sessions" / "bob.session").exists()

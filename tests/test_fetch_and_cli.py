@@ -59,15 +59,6 @@ def test_an_unwritable_cache_is_a_clear_error(
         default_model_path()
 
 
-def test_demo_prints_prefill_and_generation_speed(model_path: pathlib.Path) -> None:
-    result = run_cli("demo", "--max-tokens", "8", model_path=model_path)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert any(line.startswith("prefill ") and "tokens/s" in line for line in lines)
-    assert any(line.startswith("generate ") and "tokens/s" in line for line in lines)
-    assert any(line.startswith("assistant ") for line in lines)
-
-
 def test_fetch_model_prints_the_path(model_path: pathlib.Path) -> None:
     result = run_cli("fetch-model", model_path=model_path)
     assert result.returncode == 0

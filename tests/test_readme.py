@@ -1,34 +1,41 @@
-"""The README's Python examples run as written, in order, in one namespace."""
+"""The README's examples run as written, in order (by the rule of tests/doc_examples.py), and print what they
+promise."""
 
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
 
+from doc_examples import ROOT, DocumentRun
 from llama_sessions import Context
-
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_quick_start_and_sessions_run(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+    model_path: pathlib.Path,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 3, "the README has a quick start, a sessions and a SessionManager example"
-    namespace: dict[str, object] = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
+    run = DocumentRun(ROOT / "README.md", model_path)
+    assert [b.language for b in run.blocks].count("python") == 3, "quick start, sessions, SessionManager"
+    run.run_through_python(1)
+    # Before it: the install line's `llama-sessions demo` (the install itself is skipped).
+    [demo] = run.commands
+    assert demo.args[2] == "llama-sessions demo" and "\nrestore   " in demo.stdout
     out = capsys.readouterr().out
     assert "Paris" in out and "GenerationStats(" in out
-    exec(compile(blocks[1], str(README), "exec"), namespace)
+    run.run_through_python(2)
     assert "Paris" in capsys.readouterr().out  # the restored context answers like the original
     assert (tmp_path / "assistant.session").is_file()
-    exec(compile(blocks[2], str(README), "exec"), namespace)
+    run.run_through_python(3)
     assert "Paris" in capsys.readouterr().out
     assert (tmp_path / "sessions" / "ada.session").is_file()
+    namespace = run.namespace
     restored, later = namespace["ctx"], namespace["later"]
     assert isinstance(restored, Context) and isinstance(later, Context)
     # The undo went back to the saved state.
     assert restored.tokens and restored.tokens == later.tokens[: len(restored.tokens)]
+    run.run_rest()
+    assert len(run.commands) == 1 and run.skipped  # the rest installs, tests and builds

@@ -1,7 +1,7 @@
 """Native core of llama_sessions (Rust, through PyO3). Import these names from ``llama_sessions``."""
 
 import builtins
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
@@ -71,6 +71,10 @@ class Model:
 
         ``add_bos`` adds the beginning-of-sequence token if the model uses one; ``special`` parses
         special-token text such as ``"<|im_start|>"`` into control tokens (otherwise it is plain text).
+
+        ``Context.generate`` and ``Context.stream`` tokenize their prompt with ``special=True`` (the caller
+        writes the markup), so to count a prompt's tokens as they will, pass ``special=True``: with the
+        default, each ``<|im_start|>`` of a templated prompt is several plain-text tokens instead of one.
         """
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         """Turn token ids into text. ``special`` renders control tokens as their text.
@@ -78,9 +82,13 @@ class Model:
         Raises TokenizeError for an id outside the vocabulary.
         """
     def apply_chat_template(
-        self, messages: list[Mapping[str, str]], add_generation_prompt: bool = True
+        self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True
     ) -> str:
         """Format ``[{"role": ..., "content": ...}, ...]`` with the model's chat template.
+
+        ``messages`` may be any sequence or iterable of such mappings (a list, a tuple, a generator); a str,
+        bytes or a single mapping raises InvalidParameterError, as does a message without a str "role" and
+        "content".
 
         Uses llama.cpp's built-in template engine (the common templates, not a full Jinja engine).
         Raises ChatTemplateError when the model has no usable template.
@@ -176,6 +184,10 @@ class TokenStream(Iterator[str]):
 
     def __iter__(self) -> TokenStream: ...
     def __next__(self) -> str: ...
+    def __repr__(self) -> str:
+        """``TokenStream(seq=0, generated=3, max_tokens=32, state='running')``: the tokens generated so far;
+        once the stream has ended, ``state='ended', stop_reason='length'`` (or another stop reason of
+        GenerationStats), or ``state='failed'`` after an error."""
 
 @final
 class Context:
@@ -463,6 +475,10 @@ class ChatStream(Iterator[str]):
 
     def __iter__(self) -> ChatStream: ...
     def __next__(self) -> str: ...
+    def __repr__(self) -> str:
+        """``ChatStream(session='ada', pieces=3, max_tokens=48, state='running')``: the pieces read so far,
+        and the state: ``'running'``, ``'ended'`` (the turn joined the history), ``'closed'`` or
+        ``'failed'``."""
     def close(self) -> None:
         """End the turn now and free the session: the answer so far stays in the context but does not join
         the history. Closing an ended stream does nothing."""
@@ -540,7 +556,7 @@ class SessionManager:
         (an existing session's history, system prompt and metadata are kept); SessionBusyError, writing
         nothing, if a turn holds the live copy."""
     def delete(self, session_id: str) -> None:
-        """Delete a session and its checkpoints (SessionNotFoundError if there is none)."""
+        """Delete a session, its checkpoints and their lock files (SessionNotFoundError if there is none)."""
     def exists(self, session_id: str) -> bool:
         """Whether the session exists (live or stored)."""
     def list(self) -> builtins.list[StoredSession]:
@@ -630,9 +646,10 @@ def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
     verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error."""
 
 def delete_session(session_dir: str | PathLike[str], session_id: str) -> None:
-    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock),
-    without a model. SessionNotFoundError if there is none."""
+    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock), and
+    their lock files, without a model. SessionNotFoundError if there is none."""
 
 def validate_session_id(session_id: str) -> None:
     """Raise InvalidParameterError (a ValueError) unless ``session_id`` can name a session: 1 to 128 bytes, no
-    "/", "\\", ":", "@" or control characters, not starting with a dot or a space."""
+    "/", "\\", ":", "@" or control characters, not starting with a dot, neither starting nor ending with
+    whitespace."""

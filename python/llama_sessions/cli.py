@@ -3,25 +3,33 @@
 ``llama-sessions demo`` runs the main job on the default model: encode a long system prompt, save it, load it
 into a fresh context and answer, printing the prefill time against the restore time.
 ``llama-sessions inspect FILE`` shows what a session holds; ``llama-sessions verify FILE [--model PATH]``
-checks that it is intact (and loadable with that model). ``llama-sessions fetch-model`` only puts the default
-model in the cache and prints its path.
+checks that it is intact (and loadable with that model). ``llama-sessions chat`` is a chat that persists in a
+session, ``llama-sessions sessions`` lists, shows and deletes them. ``llama-sessions fetch-model`` only puts
+the default model in the cache and prints its path.
+
+Options are checked before anything is loaded, created or changed; a refused command line exits with 2, a
+failure of the command itself with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
 from ._fetch import default_model_path
 from ._native import (
     LLAMA_CPP_BUILD,
     Context,
+    ContextParams,
     Model,
     SessionInfo,
     __version__,
@@ -30,8 +38,14 @@ from ._native import (
     list_sessions,
     validate_session_id,
 )
-from .errors import LlamaSessionsError, SessionNotFoundError
+from .errors import LlamaSessionsError, SessionNotFoundError, SessionParamsMismatchError
 from .manager import SessionManager
+
+#: Where a SessionManager keeps its record (system prompt, history, version) in a session's metadata.
+MANAGER_RECORD_KEY = "llama_sessions.manager"
+#: The JSON header of a llama-sessions file starts after its 32-byte prelude (docs/session-format.md, "The
+#: format"); SessionInfo.header_bytes is its length.
+PRELUDE_BYTES = 32
 
 #: A long system prompt, as a real assistant would have: the cost of reading it is what sessions save.
 DEMO_SYSTEM_PROMPT = """You are Atlas, the support assistant of a small company that builds weather stations.
@@ -87,7 +101,7 @@ def demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         info = first.save_session(session, metadata={"demo": "system prompt"})
         saved = time.perf_counter() - started
-        print(f"save      {info.total_bytes / 1e6:.1f} MB to {session.name} in {saved * 1000:.1f} ms")
+        print(f"save      {info.total_bytes / 1e6:.1f} MB to a temporary file in {saved * 1000:.1f} ms")
         ctx = Context(model, n_ctx=args.n_ctx)
         started = time.perf_counter()
         ctx.load_session(session)
@@ -132,7 +146,7 @@ def _format_bytes(n: int) -> str:
     return f"{n:,} bytes"
 
 
-def _describe(info: SessionInfo) -> list[str]:
+def _describe(info: SessionInfo, omit_metadata: Sequence[str] = ()) -> list[str]:
     lines = [f"format        {info.format} version {info.format_version}"]
     if info.format == "llama.cpp":
         lines.append("              (no model identity, parameters or checksum are recorded)")
@@ -160,7 +174,8 @@ def _describe(info: SessionInfo) -> list[str]:
     )
     if info.format != "llama.cpp":
         lines.append(f"signed        {'yes (keyed BLAKE3)' if info.signed else 'no'}")
-        lines.append(f"metadata      {json.dumps(info.metadata, ensure_ascii=False, sort_keys=True)}")
+        metadata = {key: value for key, value in info.metadata.items() if key not in omit_metadata}
+        lines.append(f"metadata      {json.dumps(metadata, ensure_ascii=False, sort_keys=True)}")
     return lines
 
 
@@ -172,9 +187,10 @@ def _secret_key(args: argparse.Namespace) -> bytes | None:
 
 def inspect(args: argparse.Namespace) -> int:
     """Print what a session file holds (verifying it), and with --text its tokens as text."""
-    info = inspect_session(args.file, secret_key=_secret_key(args))
+    key = _secret_key(args)
+    info = inspect_session(args.file, secret_key=key)
     if args.json:
-        print(json.dumps(_as_json(info), indent=2, ensure_ascii=False))
+        print(json.dumps(_header_json(Path(args.file), info, key), indent=2, ensure_ascii=False))
     else:
         print("\n".join(_describe(info)))
     if args.text:
@@ -192,39 +208,24 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_json(info: SessionInfo) -> dict[str, object]:
-    created = info.created_at
-    params = info.params
-    return {
-        "format": info.format,
-        "format_version": info.format_version,
-        "library_version": info.library_version,
-        "llama_cpp_build": info.llama_cpp_build,
-        "created_at": created.isoformat() if created else None,
-        "model": {
-            "name": info.model_name,
-            "architecture": info.model_architecture,
-            "file_name": info.model_file_name,
-            "fingerprint": info.model_fingerprint,
-        },
-        "params": None
-        if params is None
-        else {
-            "n_ctx": params.n_ctx,
-            "n_batch": params.n_batch,
-            "type_k": params.type_k,
-            "type_v": params.type_v,
-            "flash_attn": params.flash_attn,
-            "n_seq_max": params.n_seq_max,
-        },
-        "sequences": {str(seq): len(tokens) for seq, tokens in info.sequences.items()},
-        "token_count": info.token_count,
-        "header_bytes": info.header_bytes,
-        "state_bytes": info.state_bytes,
-        "total_bytes": info.total_bytes,
-        "signed": info.signed,
-        "metadata": info.metadata,
-    }
+def _header_json(path: Path, info: SessionInfo, key: bytes | None) -> dict[str, Any]:
+    """The header of the session file at ``path`` (``info``), as stored: the JSON object of a llama-sessions
+    file (its fields are described in docs/session-format.md), read from bytes verified again as a whole, so
+    that it is the header of an intact file even if the file was replaced meanwhile. A llama.cpp file has no
+    JSON header: its format, version and tokens, in the same shape."""
+    if info.format == "llama.cpp":
+        return {
+            "format": info.format,
+            "format_version": info.format_version,
+            "sequences": [
+                {"seq": seq, "tokens": tokens, "state_bytes": info.state_bytes}
+                for seq, tokens in info.sequences.items()
+            ],
+        }
+    data = path.read_bytes()
+    verified = inspect_session(data, secret_key=key)
+    header: dict[str, Any] = json.loads(data[PRELUDE_BYTES : PRELUDE_BYTES + verified.header_bytes])
+    return header
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -248,13 +249,78 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The chat options that set a context parameter, by parameter: a session keeps the ones it was created with.
+CONTEXT_OPTIONS = {"n_ctx": "--n-ctx"}
+#: The context size of a new chat session when --n-ctx is not given.
+DEFAULT_CHAT_N_CTX = 4096
+
+
+def _refuse(message: str) -> int:
+    """Reports a command line that cannot be carried out; exit status 2, as for an invalid option."""
+    print(f"llama-sessions: {message}", file=sys.stderr)
+    return 2
+
+
+def _system_prompt_refusal(session_id: str, given: str | None, stored: SessionInfo) -> str | None:
+    """Why ``--system given`` cannot be applied to the stored session (None: it can, being absent or the
+    system prompt the session has)."""
+    record = stored.metadata.get(MANAGER_RECORD_KEY)
+    has = record.get("system_prompt") if isinstance(record, dict) else None
+    if given is None or given == has:
+        return None
+    what = f"already has a system prompt ({has!r})" if has else "already exists without a system prompt"
+    return (
+        f"session {session_id!r} {what}; --system applies only when creating a session, and a session keeps "
+        f"its system prompt: leave out --system to resume it, or choose another --session"
+    )
+
+
+def _context_option_refusal(
+    session_id: str, args: argparse.Namespace, error: SessionParamsMismatchError
+) -> str:
+    """The mismatch of a stored session with the context options given, said in terms of those options."""
+    names = [name for name in CONTEXT_OPTIONS if name in error.mismatches]
+    saved = ", ".join(f"{name}={error.mismatches[name][0]}" for name in names)
+    given = ", ".join(f"{CONTEXT_OPTIONS[name]} {getattr(args, name)}" for name in names)
+    options = " and ".join(CONTEXT_OPTIONS[name] for name in names)
+    return (
+        f"session {session_id!r} was created with {saved}, not {given}: a session keeps the context "
+        f"parameters it was created with; leave out {options} to resume it with them"
+    )
+
+
 def chat(args: argparse.Namespace) -> int:
-    """An interactive chat whose conversation persists in a session file, resumed when it exists."""
+    """An interactive chat whose conversation persists in a session file, resumed when it exists.
+
+    Everything is checked before the model is loaded or anything is written: the id, and for an existing
+    session that --system and --n-ctx agree with what it was created with (they apply only when creating)."""
+    validate_session_id(args.session)
+    stored_path = Path(args.dir) / f"{args.session}.session"
+    stored = inspect_session(stored_path) if stored_path.is_file() else None
+    params: ContextParams | None
+    if stored is None:
+        # Creating the parameters refuses a bad --n-ctx now.
+        params = ContextParams(n_ctx=DEFAULT_CHAT_N_CTX if args.n_ctx is None else args.n_ctx)
+    else:
+        refusal = _system_prompt_refusal(args.session, args.system, stored)
+        if refusal is not None:
+            return _refuse(refusal)
+        # The saved parameters, unless --n-ctx says otherwise: then the load below compares them.
+        params = stored.params
+        if args.n_ctx is not None:
+            params = (params or ContextParams()).replace(n_ctx=args.n_ctx)
     model = Model.load(_model_path(args.model))
-    manager = SessionManager(model, args.dir, n_ctx=args.n_ctx, autosave=True)
+    manager = SessionManager(model, args.dir, params, autosave=True)
     started = time.perf_counter()
-    if manager.exists(args.session):
-        ctx = manager.load(args.session)
+    if stored is not None:
+        try:
+            ctx = manager.load(args.session)
+        except SessionParamsMismatchError as error:
+            if not any(
+                getattr(args, name) is not None for name in CONTEXT_OPTIONS if name in error.mismatches
+            ):
+                raise  # not a matter of the options given
+            return _refuse(_context_option_refusal(args.session, args, error))
         turns = len(manager.history(args.session)) // 2
         print(
             f"resumed   {args.session}: {ctx.token_count()} tokens, {turns} turns, in "
@@ -285,13 +351,20 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def sessions(args: argparse.Namespace) -> int:
-    """List, show or delete the sessions in a directory."""
+    """List, show or delete the sessions in a directory (``list ID``: that session's row only)."""
+    if args.session_id is not None:
+        validate_session_id(args.session_id)
     if not Path(args.dir).is_dir():
         print(f"llama-sessions: no session directory {args.dir}", file=sys.stderr)
         return 1
     if args.action == "list":
+        listed = list_sessions(args.dir)
+        if args.session_id is not None:
+            listed = [stored for stored in listed if stored.id == args.session_id]
+            if not listed:
+                raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
         print(f"{'id':<24} {'tokens':>7} {'messages':>8} {'bytes':>12}  updated")
-        for stored in list_sessions(args.dir):
+        for stored in listed:
             if stored.error is not None:
                 print(f"{stored.id:<24} unreadable: {stored.error}")
                 continue
@@ -301,17 +374,16 @@ def sessions(args: argparse.Namespace) -> int:
                 f"{updated.isoformat(timespec='seconds') if updated else '-'}"
             )
         return 0
-    if not args.session_id:
-        print(f"llama-sessions: sessions {args.action} needs a session id", file=sys.stderr)
-        return 2
-    validate_session_id(args.session_id)
+    if args.session_id is None:
+        return _refuse(f"sessions {args.action} needs a session id")
     if args.action == "show":
         path = Path(args.dir) / f"{args.session_id}.session"
         if not path.is_file():
             raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
         info = inspect_session(path)
-        print("\n".join(_describe(info)))
-        manager_record = info.metadata.get("llama_sessions.manager")
+        manager_record = info.metadata.get(MANAGER_RECORD_KEY)
+        # The user's metadata is shown with the header, the manager's record (history...) once, below it.
+        print("\n".join(_describe(info, omit_metadata=(MANAGER_RECORD_KEY,))))
         if isinstance(manager_record, dict):
             print(f"version       {manager_record.get('version')}")
             if manager_record.get("system_prompt"):
@@ -330,6 +402,28 @@ def fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An option's value that must be a whole number of at least 1 (argparse reports the error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """A sampling temperature: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of at least 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-sessions", description="Resumable local LLM inference with llama.cpp."
@@ -344,13 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="encode a long system prompt, save and restore it, answer; compare the times"
     )
     demo_parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct, fetched once)")
-    demo_parser.add_argument("--n-ctx", type=int, default=4096, help="context size (default 4096)")
-    demo_parser.add_argument("--max-tokens", type=int, default=96, help="most tokens to answer with")
+    demo_parser.add_argument("--n-ctx", type=_positive_int, default=4096, help="context size (default 4096)")
+    demo_parser.add_argument(
+        "--max-tokens", type=_positive_int, default=96, help="most tokens to answer with"
+    )
     demo_parser.set_defaults(run=demo)
     inspect_parser = commands.add_parser("inspect", help="show what a session file holds")
     inspect_parser.add_argument("file", help="a session file (llama-sessions or llama.cpp format)")
     inspect_parser.add_argument("--text", action="store_true", help="also print the tokens as text")
-    inspect_parser.add_argument("--json", action="store_true", help="print the header as JSON")
+    inspect_parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the file's JSON header as stored (fields: docs/session-format.md) instead of the summary",
+    )
     inspect_parser.add_argument("--model", help="GGUF file for --text (default: the default model)")
     key_help = "file holding the secret key of signed sessions (or $LLAMA_SESSIONS_SECRET_KEY_FILE)"
     inspect_parser.add_argument("--key-file", help=key_help)
@@ -362,18 +462,40 @@ def build_parser() -> argparse.ArgumentParser:
     verify_parser.add_argument("--model", help="also load the session into a context of this GGUF model")
     verify_parser.add_argument("--key-file", help=key_help)
     verify_parser.set_defaults(run=verify)
-    chat_parser = commands.add_parser("chat", help="an interactive chat that persists and resumes")
+    chat_parser = commands.add_parser(
+        "chat",
+        help="an interactive chat that persists and resumes",
+        description="An interactive chat that persists in DIR/ID.session: created with --system and --n-ctx "
+        "when it does not exist, resumed when it does. A session keeps the system prompt and context size it "
+        "was created with: for an existing session, a different --system or --n-ctx is refused (exit 2) "
+        "before anything is loaded or written.",
+    )
     chat_parser.add_argument("--session", required=True, help="session id (its file: DIR/ID.session)")
-    chat_parser.add_argument("--system", help="system prompt of a new session")
+    chat_parser.add_argument(
+        "--system",
+        help="system prompt of a new session (an existing session keeps its own: a different one is refused)",
+    )
     chat_parser.add_argument("--model", help="GGUF file (default: the default model)")
     chat_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
-    chat_parser.add_argument("--n-ctx", type=int, default=4096, help="context size of a new session")
-    chat_parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
-    chat_parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    chat_parser.add_argument(
+        "--n-ctx",
+        type=_positive_int,
+        help=f"context size of a new session (default {DEFAULT_CHAT_N_CTX}); an existing session resumes "
+        "with the one it was created with, and a different value is refused",
+    )
+    chat_parser.add_argument("--max-tokens", type=_positive_int, default=256, help="most tokens per answer")
+    chat_parser.add_argument(
+        "--temperature", type=_temperature, default=0.0, help="0 is greedy (default), higher is more random"
+    )
     chat_parser.set_defaults(run=chat)
-    sessions_parser = commands.add_parser("sessions", help="list, show or delete stored sessions")
+    sessions_parser = commands.add_parser(
+        "sessions",
+        help="list, show or delete stored sessions",
+        description="list: every session in DIR (with an id, that one only); show ID: its header, system "
+        "prompt and history; delete ID: the session, its checkpoints and their lock files.",
+    )
     sessions_parser.add_argument("action", choices=["list", "show", "delete"])
-    sessions_parser.add_argument("session_id", nargs="?", help="for show and delete")
+    sessions_parser.add_argument("session_id", nargs="?", help="needed by show and delete; optional for list")
     sessions_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
     sessions_parser.set_defaults(run=sessions)
     fetch_parser = commands.add_parser("fetch-model", help="cache the default model and print its path")
@@ -381,11 +503,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Prints a warning as one line in the CLI's voice, without Python's source location and line."""
+    print(f"llama-sessions: warning: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llama-sessions`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code: int = args.run(args)
     except (LlamaSessionsError, OSError, ValueError) as error:
         print(f"llama-sessions: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

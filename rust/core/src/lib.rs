@@ -54,5 +54,11 @@ pub use session::{
 pub use signing::{SessionKey, MIN_SECRET_LEN};
 pub use store::{DirectoryStore, SessionStore};
 
+/// The Rust examples of `docs/session-format.md`, compiled as doctests so that the document stays as written
+/// (its other blocks run in `tests/test_docs_examples.py`).
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/session-format.md")]
+pub struct SessionFormatDocExamples;
+
 /// This crate's version, as recorded in what it writes.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -21,7 +21,14 @@ pub struct StoreEntry {
 }
 
 /// An exclusive lock on one key, held until dropped; it excludes other threads and other processes.
-pub trait StoreLock: Send {}
+pub trait StoreLock: Send {
+    /// Releases the lock and removes what backs it (a lock file), for a key whose value was just deleted:
+    /// nothing of the key is left behind. The store must keep mutual exclusion for whoever waited for this
+    /// lock (they take a fresh one). The default only releases it.
+    fn release_and_remove(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
 
 /// Bytes by key. Keys are validated by the caller ([`crate::manager::validate_session_id`]): no separators,
 /// no control characters, no leading dot.
@@ -46,6 +53,11 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
 
 /// Sessions as files in one directory: `<key>.session`, written atomically and durably; the lock of a key is
 /// an advisory `flock` on `.<key>.lock`. Other files in the directory are ignored.
+///
+/// On Unix a lock file is removed when its key is deleted ([`StoreLock::release_and_remove`]), under the
+/// lock. So that removing a file someone waits on cannot let two holders in (one on the removed file, one on
+/// a new file of the same name), a locker that got the `flock` checks that the name still leads to the file
+/// it locked (same device and inode) and otherwise starts again on the file the name leads to now.
 #[derive(Debug, Clone)]
 pub struct DirectoryStore {
     dir: PathBuf,
@@ -76,9 +88,51 @@ impl DirectoryStore {
     }
 }
 
-struct FileLock(#[allow(dead_code)] File);
+/// A held `flock` on a lock file that the file's name still led to when it was taken.
+struct FileLock {
+    file: File,
+    path: PathBuf,
+}
 
-impl StoreLock for FileLock {}
+impl StoreLock for FileLock {
+    #[cfg(unix)]
+    fn release_and_remove(self: Box<Self>) -> Result<()> {
+        // Unlinked while held: a waiter on this file gets it after us, finds the name gone (or leading to a
+        // newer file) and starts again, so it never holds the old file while someone holds a new one.
+        let removed = not_found_is_none(
+            std::fs::remove_file(&self.path),
+            "remove lock file",
+            &self.path,
+        );
+        drop(self.file);
+        removed.map(|_| ())
+    }
+
+    /// Elsewhere an open file cannot be unlinked (nor a locker re-check its file): the lock file stays.
+    #[cfg(not(unix))]
+    fn release_and_remove(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `path` still names `file` (the same device and inode), as a lock holder must check: the name may
+/// have been unlinked (its key deleted) or given to a newer lock file while this one waited for its `flock`.
+#[cfg(unix)]
+fn still_named(file: &File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let held = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == held.dev() && named.ino() == held.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Elsewhere lock files are never removed ([`FileLock::release_and_remove`]), so a lock file keeps its name.
+#[cfg(not(unix))]
+fn still_named(_file: &File, _path: &Path) -> std::io::Result<bool> {
+    Ok(true)
+}
 
 fn not_found_is_none<T>(
     result: std::io::Result<T>,
@@ -154,25 +208,103 @@ impl SessionStore for DirectoryStore {
 
     fn lock(&self, key: &str) -> Result<Box<dyn StoreLock>> {
         let path = self.dir.join(format!(".{key}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| Error::Io {
-                op: "open lock file",
-                path: path.clone(),
-                source,
-            })?;
-        file.lock().map_err(|source| Error::Io {
-            op: "lock",
-            path,
+        let io = |op, source| Error::Io {
+            op,
+            path: path.clone(),
             source,
-        })?;
-        Ok(Box::new(FileLock(file)))
+        };
+        loop {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io("open lock file", e))?;
+            file.lock().map_err(|e| io("lock", e))?;
+            // The key was deleted (and its lock file removed) while this waited: lock the current file.
+            if still_named(&file, &path).map_err(|e| io("check lock file", e))? {
+                return Ok(Box::new(FileLock { file, path }));
+            }
+        }
     }
 
     fn location(&self, key: &str) -> Option<PathBuf> {
         Some(self.path(key))
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::fs::TryLockError;
+
+    /// A fresh directory store under the system's temporary directory.
+    fn scratch_store(name: &str) -> DirectoryStore {
+        let dir = std::env::temp_dir().join(format!(
+            "llama-sessions-store-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        DirectoryStore::open(dir).unwrap()
+    }
+
+    /// How many of this process's open files are `path` (read from /proc/self/fd, no timing involved).
+    fn open_handles(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
+    }
+
+    /// Whether someone holds the lock on the file `path` names now (false if there is no such file).
+    fn named_file_is_locked(path: &Path) -> bool {
+        let Ok(file) = File::options().write(true).open(path) else {
+            return false;
+        };
+        match file.try_lock() {
+            Ok(()) => false,
+            Err(TryLockError::WouldBlock) => true,
+            Err(TryLockError::Error(e)) => panic!("try_lock: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_locker_that_waited_on_a_removed_lock_file_locks_the_current_one() {
+        let store = scratch_store("removed-while-waited");
+        let path = store.dir().join(".a.lock");
+        let held = store.lock("a").unwrap();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let waiter = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let lock = store.lock("a").unwrap();
+                locked_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                drop(lock);
+            })
+        };
+        // The waiter has opened the lock file the holder holds and waits for its flock.
+        while open_handles(&path) < 2 {
+            std::thread::yield_now();
+        }
+        held.release_and_remove().unwrap();
+        locked_rx.recv().unwrap();
+        // The waiter holds the file the name leads to, not the removed one: a newcomer is kept out.
+        assert!(path.exists());
+        assert!(named_file_is_locked(&path));
+        release_tx.send(()).unwrap();
+        waiter.join().unwrap();
+        assert!(!named_file_is_locked(&path));
+        std::fs::remove_dir_all(store.dir()).unwrap();
+    }
+
+    #[test]
+    fn release_and_remove_leaves_no_lock_file() {
+        let store = scratch_store("release-and-remove");
+        store.lock("a").unwrap().release_and_remove().unwrap();
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 0);
+        std::fs::remove_dir_all(store.dir()).unwrap();
     }
 }

@@ -220,6 +220,9 @@ fn hostile_ids_are_rejected_and_junk_files_ignored() {
         "..",
         "a@b",
         "tab\tid",
+        " padded",
+        "trailing ",
+        "nbsp\u{a0}",
         too_long.as_str(),
     ] {
         assert!(

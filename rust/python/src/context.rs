@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use llama_sessions::{
     default_threads, Context, Error, GenerateOptions, GenerationStats, Generator, SamplingParams,
-    SessionFormat, StopReason,
+    SeqId, SessionFormat, StopReason,
 };
 use llama_sessions::{DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 use pyo3::prelude::*;
@@ -23,6 +23,7 @@ use crate::interrupt::SignalCheck;
 use crate::model::{tokens_to_py, PyModel};
 use crate::native::{lock_shared, native, DetachedMutex};
 use crate::params::PyContextParams;
+use crate::progress::StreamProgress;
 use crate::session::{metadata_from_py, seq_arg, seq_id, session_key, warn_all, PySessionInfo};
 
 /// Counts and times of the last generation (or stream) on a Context.
@@ -378,6 +379,7 @@ impl PyContext {
             stop,
         )?;
         let this = slf.get();
+        let max_tokens = options.max_tokens;
         let generator = native(py, |d| {
             let mut ctx = lock_shared(&this.inner, d);
             ctx.start_generation(seq, prompt, options, d)
@@ -385,6 +387,9 @@ impl PyContext {
         Ok(TokenStream {
             context: slf.clone().unbind(),
             generator: DetachedMutex::new(Some(generator)),
+            seq,
+            max_tokens,
+            progress: StreamProgress::default(),
         })
     }
 
@@ -553,6 +558,9 @@ impl PyContext {
 pub struct TokenStream {
     context: Py<PyContext>,
     generator: DetachedMutex<Option<Generator>>,
+    seq: SeqId,
+    max_tokens: usize,
+    progress: StreamProgress,
 }
 
 #[pymethods]
@@ -569,11 +577,21 @@ impl TokenStream {
                 return Ok((None, None));
             };
             let step = generator.next_piece(&mut lock_shared(&context.inner, d), d);
+            self.progress
+                .set_produced(generator.stats().generated_tokens);
             let ended = !matches!(step, Ok(Some(_)));
             let stats = ended.then(|| {
                 let reason = generator.stop_reason().unwrap_or(StopReason::MaxTokens);
                 PyGenerationStats::new(generator.stats(), reason)
             });
+            match (&step, &stats) {
+                (Err(_), _) => self.progress.end("state='failed'"),
+                (Ok(_), Some(stats)) => self.progress.end(format!(
+                    "state='ended', stop_reason='{}'",
+                    stats.reason.as_str()
+                )),
+                (Ok(_), None) => {}
+            }
             if ended {
                 *slot = None;
             }
@@ -583,5 +601,15 @@ impl TokenStream {
             context.record(py, stats)?;
         }
         Ok(piece)
+    }
+
+    /// ``TokenStream(seq=0, generated=3, max_tokens=32, state='running')``; once ended, the state is
+    /// ``'ended'`` with the stop reason, or ``'failed'``.
+    fn __repr__(&self) -> String {
+        let (generated, state) = self.progress.describe();
+        format!(
+            "TokenStream(seq={}, generated={generated}, max_tokens={}, {state})",
+            self.seq, self.max_tokens
+        )
     }
 }

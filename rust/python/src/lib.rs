@@ -9,6 +9,7 @@ mod manager;
 mod model;
 mod native;
 mod params;
+mod progress;
 mod session;
 
 use pyo3::prelude::*;

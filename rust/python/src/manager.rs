@@ -19,6 +19,7 @@ use crate::errors::to_py;
 use crate::model::PyModel;
 use crate::native::{native, DetachedMutex};
 use crate::params::PyContextParams;
+use crate::progress::StreamProgress;
 use crate::session::metadata_from_py;
 
 /// Many named, persistent sessions for many users on one model.
@@ -289,7 +290,7 @@ impl PySessionManager {
         })
     }
 
-    /// Deletes a session and its checkpoints.
+    /// Deletes a session, its checkpoints and their lock files.
     fn delete(&self, py: Python<'_>, session_id: &str) -> PyResult<()> {
         native(py, |_| self.inner.delete(session_id))
     }
@@ -399,6 +400,7 @@ impl PySessionManager {
             stop,
         )?;
         let wait = turn_wait(timeout)?;
+        let max_tokens = options.max_tokens;
         let turn = native(py, |detached| {
             self.inner
                 .begin_turn(session_id, wait, detached)?
@@ -407,6 +409,9 @@ impl PySessionManager {
         Ok(ChatStream {
             manager: Arc::clone(&self.inner),
             turn: DetachedMutex::new(Some(turn)),
+            session_id: session_id.to_owned(),
+            max_tokens,
+            progress: StreamProgress::default(),
         })
     }
 
@@ -514,6 +519,9 @@ impl PySessionManager {
 pub struct ChatStream {
     manager: Arc<SessionManager>,
     turn: DetachedMutex<Option<ChatTurn>>,
+    session_id: String,
+    max_tokens: usize,
+    progress: StreamProgress,
 }
 
 #[pymethods]
@@ -529,17 +537,37 @@ impl ChatStream {
                 return Ok(None);
             };
             match turn.next_piece(detached) {
-                Ok(Some(piece)) => Ok(Some(piece)),
+                Ok(Some(piece)) => {
+                    self.progress.add_produced();
+                    Ok(Some(piece))
+                }
                 Ok(None) => {
                     let turn = slot.take().expect("checked above");
-                    turn.finish(&self.manager).map(|_| None)
+                    let finished = turn.finish(&self.manager);
+                    self.progress.end(match &finished {
+                        Ok(_) => "state='ended'",
+                        Err(_) => "state='failed'",
+                    });
+                    finished.map(|_| None)
                 }
                 Err(e) => {
                     *slot = None;
+                    self.progress.end("state='failed'");
                     Err(e)
                 }
             }
         })
+    }
+
+    /// ``ChatStream(session='ada', pieces=3, max_tokens=48, state='running')``; the state becomes
+    /// ``'ended'`` (the turn joined the history), ``'closed'`` or ``'failed'``.
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let (pieces, state) = self.progress.describe();
+        let session = pyo3::types::PyString::new(py, &self.session_id).repr()?;
+        Ok(format!(
+            "ChatStream(session={session}, pieces={pieces}, max_tokens={}, {state})",
+            self.max_tokens
+        ))
     }
 
     /// Ends the turn now: the session is free for the next turn; the answer so far stays in the context but
@@ -547,6 +575,9 @@ impl ChatStream {
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         native(py, |detached| {
             let turn = self.turn.lock(detached).take();
+            if turn.is_some() {
+                self.progress.end("state='closed'");
+            }
             drop(turn);
             Ok(())
         })
@@ -566,7 +597,8 @@ pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PySto
         .collect())
 }
 
-/// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock; no model needed.
+/// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock, and their lock
+/// files; no model needed.
 #[pyfunction]
 pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) -> PyResult<()> {
     native(py, |_| {

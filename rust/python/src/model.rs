@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use llama_sessions::{ChatMessage, LlamaToken, Model, ModelParams};
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyMapping, PyString};
 
 use crate::errors::InvalidParameterError;
 use crate::native::native;
@@ -35,24 +35,57 @@ pub(crate) fn tokens_to_py(tokens: &[LlamaToken]) -> Vec<i32> {
     tokens.iter().map(|t| t.0).collect()
 }
 
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+/// The messages of a chat: any iterable of them (a list, a tuple, a generator, ...), each a mapping with a
+/// str "role" and "content". A str, bytes or a single mapping is refused: iterating it gives no messages.
+pub(crate) fn messages_from_py(messages: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
+    let refused = |found: String| {
+        InvalidParameterError::new_err(format!(
+            "invalid messages: expected a sequence of {{'role': str, 'content': str}} mappings, found {found}"
+        ))
+    };
+    if messages.is_instance_of::<PyString>() || messages.is_instance_of::<PyBytes>() {
+        return Err(refused(format!("a {}", type_name(messages))));
+    }
+    if messages.cast::<PyMapping>().is_ok() {
+        return Err(refused(format!(
+            "a single {} (pass a list of messages)",
+            type_name(messages)
+        )));
+    }
+    let items = messages
+        .try_iter()
+        .map_err(|_| refused(format!("a {}", type_name(messages))))?;
+    items
+        .enumerate()
+        .map(|(i, item)| message_from_py(i, &item?))
+        .collect()
+}
+
 fn message_from_py(index: usize, item: &Bound<'_, PyAny>) -> PyResult<ChatMessage> {
     let bad = |found: String| {
         InvalidParameterError::new_err(format!(
-            "invalid messages[{index}]: expected a dict with str 'role' and 'content', found {found}"
+            "invalid messages[{index}]: expected a mapping with str 'role' and 'content', found {found}"
         ))
     };
-    let dict = item.cast::<PyDict>().map_err(|_| {
-        bad(format!(
-            "a {}",
-            item.get_type().name().map_or("?".into(), |n| n.to_string())
-        ))
-    })?;
+    let mapping = item
+        .cast::<PyMapping>()
+        .map_err(|_| bad(format!("a {}", type_name(item))))?;
     let field = |key: &str| -> PyResult<String> {
-        match dict.get_item(key)? {
-            Some(v) => v
+        match mapping.get_item(key) {
+            Ok(v) => v
                 .extract::<String>()
                 .map_err(|_| bad(format!("a non-str {key:?}"))),
-            None => Err(bad(format!("no {key:?} key"))),
+            Err(e) if e.is_instance_of::<PyKeyError>(item.py()) => {
+                Err(bad(format!("no {key:?} key")))
+            }
+            Err(e) => Err(e),
         }
     };
     Ok(ChatMessage {
@@ -135,7 +168,9 @@ impl PyModel {
     }
 
     /// Text to token ids. `add_bos` adds the beginning-of-sequence token if the model uses one; `special`
-    /// parses special-token text such as "<|im_start|>" into control tokens.
+    /// parses special-token text such as "<|im_start|>" into control tokens. `Context.generate` tokenizes
+    /// its prompt with `special=True`, so count a prompt's tokens with that: with the default `False`, a
+    /// templated prompt gives more tokens than generate decodes.
     #[pyo3(signature = (text, add_bos = true, special = false))]
     fn tokenize(
         &self,
@@ -155,7 +190,8 @@ impl PyModel {
         native(py, |_| self.inner.detokenize(&tokens, special))
     }
 
-    /// Formats messages (`[{"role": ..., "content": ...}, ...]`) with the model's chat template.
+    /// Formats messages (`[{"role": ..., "content": ...}, ...]`, or any other sequence or iterable of such
+    /// mappings) with the model's chat template.
     #[pyo3(signature = (messages, add_generation_prompt = true))]
     fn apply_chat_template(
         &self,
@@ -163,14 +199,7 @@ impl PyModel {
         messages: &Bound<'_, PyAny>,
         add_generation_prompt: bool,
     ) -> PyResult<String> {
-        let list = messages.cast::<PyList>().map_err(|_| {
-            PyTypeError::new_err("messages: expected a list of {'role': str, 'content': str} dicts")
-        })?;
-        let messages = list
-            .iter()
-            .enumerate()
-            .map(|(i, item)| message_from_py(i, &item))
-            .collect::<PyResult<Vec<_>>>()?;
+        let messages = messages_from_py(messages)?;
         native(py, |_| {
             self.inner
                 .apply_chat_template(&messages, add_generation_prompt)

@@ -8,7 +8,8 @@ pub const MAX_SESSION_ID_LEN: usize = 128;
 pub(super) const CHECKPOINT_SEPARATOR: char = '@';
 
 /// Checks that `id` can name a session (and a file): 1 to 128 bytes, no `/`, `\`, `:` or `@`, no control
-/// characters, not starting with a dot (so no `.`, `..`, hidden or temporary files) or a space.
+/// characters, not starting with a dot (so no `.`, `..`, hidden or temporary files), and neither starting nor
+/// ending with whitespace (`"ada "` and `"ada"` would be two sessions that look alike).
 pub fn validate_session_id(id: &str) -> Result<()> {
     validate_name("session_id", id)
 }
@@ -28,8 +29,10 @@ fn validate_name(name: &'static str, id: &str) -> Result<()> {
         .find(|&c| matches!(c, '/' | '\\' | ':' | CHECKPOINT_SEPARATOR) || c.is_control())
     {
         Some(format!("it contains {c:?}"))
-    } else if id.starts_with(['.', ' ']) || id.ends_with(' ') {
-        Some("it starts with a dot or starts or ends with a space".to_owned())
+    } else if id.starts_with('.') {
+        Some("it starts with '.'".to_owned())
+    } else if id.starts_with(char::is_whitespace) || id.ends_with(char::is_whitespace) {
+        Some("it starts or ends with whitespace".to_owned())
     } else {
         None
     };
@@ -39,7 +42,7 @@ fn validate_name(name: &'static str, id: &str) -> Result<()> {
             name,
             format!(
                 "1 to {MAX_SESSION_ID_LEN} bytes without '/', '\\\\', ':', '@' or control characters, not \
-                 starting with '.' ({reason})"
+                 starting with '.', not starting or ending with whitespace ({reason})"
             ),
             format!("{:?}", truncate_for_message(id)),
         )),

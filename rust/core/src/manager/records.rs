@@ -268,15 +268,21 @@ pub(super) fn checkpoint_labels(store: &dyn SessionStore, id: &str) -> Result<Ve
     Ok(labels)
 }
 
-/// Deletes stored session `id` and its checkpoints, holding its lock; no model needed (the CLI's
-/// `sessions delete`). A live copy in some manager is not affected.
+/// Deletes stored session `id` and its checkpoints, each under its lock, and removes their locks (a
+/// directory store's `.ID.lock` and `.ID@LABEL.lock` files; [`crate::store::StoreLock::release_and_remove`]); no model
+/// needed (the CLI's `sessions delete`). A live copy in some manager is not affected.
 pub fn delete_stored_session(store: &dyn SessionStore, id: &str) -> Result<()> {
     validate_session_id(id)?;
-    let _key = store.lock(id)?;
+    let session_lock = store.lock(id)?;
     let stored = store.delete(id)?;
+    // The session's lock, then each checkpoint's: the order of every path that holds both.
     for label in checkpoint_labels(store, id)? {
-        store.delete(&checkpoint_key(id, &label))?;
+        let key = checkpoint_key(id, &label);
+        let checkpoint_lock = store.lock(&key)?;
+        store.delete(&key)?;
+        checkpoint_lock.release_and_remove()?;
     }
+    session_lock.release_and_remove()?;
     if !stored {
         return Err(Error::SessionNotFound { id: id.to_owned() });
     }
