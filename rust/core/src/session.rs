@@ -8,9 +8,10 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::context::SeqId;
 use crate::durable;
-use crate::error::{Error, ParamMismatch, Result};
+use crate::error::{Error, ParamMismatch, ParamValue, Result};
+use ParamValue::{Int, Text};
 use crate::model::Model;
-use crate::params::{ContextParams, KvType};
+use crate::params::{allocated_sizes, ContextParams, KvType};
 use crate::session_format::{
     self as format, ModelRecord, OpenedSession, ParamsRecord, Precomputed, SequenceRecord,
     SessionHeader, SessionKind,
@@ -344,9 +345,13 @@ pub fn params_from_record(
     })
 }
 
+/// The parameters of `saved` that differ from `current`. Both are compared as llama.cpp allocates them
+/// ([`ContextParams::allocated`]): a session written by a version that recorded the requested `n_ctx=300`
+/// loads into a context of 512 cells, which is what it had.
 pub(crate) fn param_mismatches(saved: &ParamsRecord, current: &ParamsRecord) -> Vec<ParamMismatch> {
+    let (saved, current) = (allocated_record(saved), allocated_record(current));
     let mut out = Vec::new();
-    let mut check = |name: &'static str, saved: String, current: String| {
+    let mut check = |name: &'static str, saved: ParamValue, current: ParamValue| {
         if saved != current {
             out.push(ParamMismatch {
                 name,
@@ -355,29 +360,27 @@ pub(crate) fn param_mismatches(saved: &ParamsRecord, current: &ParamsRecord) -> 
             });
         }
     };
-    check("n_ctx", saved.n_ctx.to_string(), current.n_ctx.to_string());
-    check(
-        "n_batch",
-        saved.n_batch.to_string(),
-        current.n_batch.to_string(),
-    );
-    check("type_k", saved.type_k.clone(), current.type_k.clone());
-    check("type_v", saved.type_v.clone(), current.type_v.clone());
+    check("n_ctx", Int(saved.n_ctx), Int(current.n_ctx));
+    check("n_batch", Int(saved.n_batch), Int(current.n_batch));
+    check("type_k", Text(saved.type_k), Text(current.type_k));
+    check("type_v", Text(saved.type_v), Text(current.type_v));
     check(
         "flash_attn",
-        py_bool(saved.flash_attn),
-        py_bool(current.flash_attn),
+        ParamValue::Bool(saved.flash_attn),
+        ParamValue::Bool(current.flash_attn),
     );
-    check(
-        "n_seq_max",
-        saved.n_seq_max.to_string(),
-        current.n_seq_max.to_string(),
-    );
+    check("n_seq_max", Int(saved.n_seq_max), Int(current.n_seq_max));
     out
 }
 
-fn py_bool(value: bool) -> String {
-    if value { "True" } else { "False" }.to_owned()
+/// `record` with its sizes as llama.cpp allocates them.
+fn allocated_record(record: &ParamsRecord) -> ParamsRecord {
+    let (n_ctx, n_batch) = allocated_sizes(record.n_ctx, record.n_batch, record.n_seq_max);
+    ParamsRecord {
+        n_ctx,
+        n_batch,
+        ..record.clone()
+    }
 }
 
 pub(crate) fn to_tokens(ids: &[i32]) -> Vec<LlamaToken> {

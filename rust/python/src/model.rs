@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use llama_sessions::{ChatMessage, LlamaToken, Model, ModelParams};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyList, PyMapping, PySequence, PyString};
 
 use crate::errors::InvalidParameterError;
 use crate::native::native;
@@ -35,25 +35,79 @@ pub(crate) fn tokens_to_py(tokens: &[LlamaToken]) -> Vec<i32> {
     tokens.iter().map(|t| t.0).collect()
 }
 
+/// The name of `value`'s type, for "found ..." in messages.
+pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+/// Token ids from any sequence of ints (a list, a tuple, ...); a str, a float or anything else raises
+/// InvalidParameterError naming what was found (a str is a sequence, but of characters).
+pub(crate) fn token_ids_from_py(name: &str, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+    let invalid = |found: String| {
+        InvalidParameterError::new_err(format!(
+            "invalid {name}: expected a list of int (token ids), found {found}"
+        ))
+    };
+    if tokens.is_instance_of::<PyString>()
+        || tokens.is_instance_of::<PyBytes>()
+        || tokens.cast::<PySequence>().is_err()
+    {
+        return Err(invalid(type_name(tokens)));
+    }
+    let sequence = tokens.cast::<PySequence>()?;
+    let mut ids = Vec::with_capacity(sequence.len().unwrap_or(0));
+    for (i, item) in sequence.try_iter()?.enumerate() {
+        let item = item?;
+        if !item.is_instance_of::<PyInt>() || item.is_instance_of::<PyBool>() {
+            return Err(invalid(format!("a {} at index {i}", type_name(&item))));
+        }
+        ids.push(item.extract::<i64>().map_err(|_| {
+            crate::errors::TokenizeError::new_err(format!(
+                "token id {item} at index {i}: expected a 32-bit token id"
+            ))
+        })?);
+    }
+    Ok(ids)
+}
+
+/// Chat messages from any sequence (a list, a tuple, ...) of mappings with str "role" and "content".
+pub(crate) fn messages_from_py(messages: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
+    if messages.is_instance_of::<PyString>()
+        || messages.is_instance_of::<PyDict>()
+        || messages.cast::<PySequence>().is_err()
+    {
+        return Err(InvalidParameterError::new_err(format!(
+            "invalid messages: expected a list of {{'role': str, 'content': str}} dicts, found {}",
+            type_name(messages)
+        )));
+    }
+    messages
+        .try_iter()?
+        .enumerate()
+        .map(|(i, item)| message_from_py(i, &item?))
+        .collect()
+}
+
 fn message_from_py(index: usize, item: &Bound<'_, PyAny>) -> PyResult<ChatMessage> {
     let bad = |found: String| {
         InvalidParameterError::new_err(format!(
             "invalid messages[{index}]: expected a dict with str 'role' and 'content', found {found}"
         ))
     };
-    let dict = item.cast::<PyDict>().map_err(|_| {
-        bad(format!(
-            "a {}",
-            item.get_type().name().map_or("?".into(), |n| n.to_string())
-        ))
-    })?;
+    let mapping = item
+        .cast::<PyMapping>()
+        .map_err(|_| bad(format!("a {}", type_name(item))))?;
     let field = |key: &str| -> PyResult<String> {
-        match dict.get_item(key)? {
-            Some(v) => v
-                .extract::<String>()
-                .map_err(|_| bad(format!("a non-str {key:?}"))),
-            None => Err(bad(format!("no {key:?} key"))),
+        if !mapping.contains(key)? {
+            return Err(bad(format!("no {key:?} key")));
         }
+        mapping
+            .get_item(key)?
+            .extract::<String>()
+            .map_err(|_| bad(format!("a non-str {key:?}")))
     };
     Ok(ChatMessage {
         role: field("role")?,
@@ -150,8 +204,13 @@ impl PyModel {
 
     /// Token ids to text. `special` renders control tokens as their text.
     #[pyo3(signature = (tokens, special = false))]
-    fn detokenize(&self, py: Python<'_>, tokens: Vec<i64>, special: bool) -> PyResult<String> {
-        let tokens = tokens_from_py(tokens)?;
+    fn detokenize(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        special: bool,
+    ) -> PyResult<String> {
+        let tokens = tokens_from_py(token_ids_from_py("tokens", tokens)?)?;
         native(py, |_| self.inner.detokenize(&tokens, special))
     }
 
