@@ -103,7 +103,9 @@ pub fn to_py(error: Error) -> PyErr {
         Error::Io { op, path, source } => storage_error(op, &path, &source),
         Error::SessionCorrupt { .. } => SessionCorruptError::new_err(message),
         Error::SessionModelMismatch { .. } => SessionModelMismatchError::new_err(message),
-        Error::SessionParamsMismatch { mismatches, .. } => {
+        Error::SessionParamsMismatch {
+            mismatches, advice, ..
+        } => {
             let error = SessionParamsMismatchError::new_err(message);
             // `mismatches`: {name: (saved, current)}, each value of the parameter's own type, for code that
             // wants to react to a specific parameter.
@@ -115,7 +117,9 @@ pub fn to_py(error: Error) -> PyErr {
                         return;
                     }
                 }
-                let _ = error.value(py).setattr("mismatches", dict);
+                let value = error.value(py);
+                let _ = value.setattr("mismatches", dict);
+                let _ = value.setattr("advice", advice);
             });
             error
         }
