@@ -603,7 +603,8 @@ class SessionManager:
         What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
         before the session is evicted. It bypasses the turn order, like any shared Context.
 
-        Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session.
+        Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session;
+        a SessionParamsMismatchError advises opening the manager with the saved parameters.
         """
     def load_or_create(self, session_id: str, system_prompt: str | None = None) -> Context:
         """load(), or create_session() when the session does not exist."""

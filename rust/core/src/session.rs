@@ -9,7 +9,6 @@ use llama_cpp_2::token::LlamaToken;
 use crate::context::SeqId;
 use crate::durable;
 use crate::error::{Error, ParamMismatch, ParamValue, Result};
-use ParamValue::{Int, Text};
 use crate::model::Model;
 use crate::params::{allocated_sizes, ContextParams, KvType};
 use crate::session_format::{
@@ -17,6 +16,7 @@ use crate::session_format::{
     SessionHeader, SessionKind,
 };
 use crate::signing::{SessionKey, MAC_LEN};
+use ParamValue::{Int, Text};
 
 /// User metadata stored with a session: a JSON object.
 pub type Metadata = serde_json::Map<String, serde_json::Value>;
@@ -385,4 +385,43 @@ fn allocated_record(record: &ParamsRecord) -> ParamsRecord {
 
 pub(crate) fn to_tokens(ids: &[i32]) -> Vec<LlamaToken> {
     ids.iter().copied().map(LlamaToken::new).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n_ctx: u32, n_batch: u32, n_seq_max: u32) -> ParamsRecord {
+        ParamsRecord {
+            n_ctx,
+            n_batch,
+            type_k: "f16".to_owned(),
+            type_v: "f16".to_owned(),
+            flash_attn: false,
+            n_seq_max,
+        }
+    }
+
+    #[test]
+    fn requested_sizes_compare_as_allocated() {
+        // n_ctx=300 allocates 512 cells and clamps n_batch=512 to 300.
+        assert!(param_mismatches(&record(300, 512, 1), &record(512, 300, 1)).is_empty());
+        assert!(param_mismatches(&record(512, 64, 4), &record(1024, 64, 4)).is_empty());
+        assert_eq!(
+            param_mismatches(&record(300, 512, 1), &record(512, 512, 1)),
+            vec![ParamMismatch {
+                name: "n_batch",
+                saved: Int(300),
+                current: Int(512),
+            }]
+        );
+        assert_eq!(
+            param_mismatches(&record(300, 64, 1), &record(512, 64, 2)),
+            vec![ParamMismatch {
+                name: "n_seq_max",
+                saved: Int(1),
+                current: Int(2),
+            }]
+        );
+    }
 }

@@ -660,7 +660,11 @@ impl PyContext {
         let (held, n_ctx, n_seq_max) = native(py, |d| {
             let ctx = lock_shared(&self.inner, d);
             let params = ctx.params();
-            Ok((ctx.token_count(0).unwrap_or(0), params.n_ctx, params.n_seq_max))
+            Ok((
+                ctx.token_count(0).unwrap_or(0),
+                params.n_ctx,
+                params.n_seq_max,
+            ))
         })?;
         if n_seq_max == 1 {
             Ok(format!("Context(tokens={held}, n_ctx={n_ctx})"))

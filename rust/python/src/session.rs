@@ -253,7 +253,9 @@ fn json_from_py(value: &Bound<'_, PyAny>, path: &str, depth: usize) -> PyResult<
             .ok_or_else(|| {
                 invalid_metadata(format!(
                     "found {path} = {}: JSON has no NaN or infinity",
-                    value.repr().map_or_else(|_| x.to_string(), |r| r.to_string())
+                    value
+                        .repr()
+                        .map_or_else(|_| x.to_string(), |r| r.to_string())
                 ))
             });
     }
