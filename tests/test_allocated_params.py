@@ -17,9 +17,9 @@ from llama_sessions import (
     SessionParamsMismatchError,
     inspect_session,
 )
+from test_sessions import PRELUDE_LEN, forge, header_of, layout, state_of
 
 from conftest import STORY, SYSTEM, assert_same_output
-from test_sessions import PRELUDE_LEN, forge, header_of, layout, state_of
 
 
 def greedy(ctx: Context, prompt: str, n: int, seq: int = 0) -> str:
@@ -159,7 +159,9 @@ def test_files_that_recorded_the_requested_size_compare_as_allocated(
     assert (created.n_ctx, created.params.n_batch) == (512, 64)
     assert_same_output(greedy(created, STORY, 8), greedy(source, STORY, 8))
     # The requested n_batch=512 of an n_ctx=300 context was applied as 300.
-    requested = with_recorded_params(Context(model, n_ctx=512, n_batch=300).snapshot(), n_ctx=300, n_batch=512)
+    requested = with_recorded_params(
+        Context(model, n_ctx=512, n_batch=300).snapshot(), n_ctx=300, n_batch=512
+    )
     Context(model, n_ctx=300).restore(requested)
     # A real difference is reported with the saved value as allocated.
     with pytest.raises(SessionParamsMismatchError) as excinfo:

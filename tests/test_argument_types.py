@@ -23,7 +23,13 @@ EXPECTED = "expected a dict of JSON values (str keys; str, int, float, bool, Non
 
 @pytest.mark.parametrize(
     ("tokens", "found"),
-    [("abc", "str"), (b"ab", "bytes"), (7, "int"), ([1, 2.5], "a float at index 1"), ([True], "a bool at index 0")],
+    [
+        ("abc", "str"),
+        (b"ab", "bytes"),
+        (7, "int"),
+        ([1, 2.5], "a float at index 1"),
+        ([True], "a bool at index 0"),
+    ],
 )
 def test_detokenize_wants_a_list_of_int(model: Model, tokens: object, found: str) -> None:
     with pytest.raises(InvalidParameterError) as excinfo:
@@ -46,7 +52,10 @@ def test_detokenize_takes_any_sequence_of_int(model: Model) -> None:
         ({"score": math.nan}, 'found metadata["score"] = nan: JSON has no NaN or infinity'),
         ({"scores": [1.0, -math.inf]}, 'found metadata["scores"][1] = -inf: JSON has no NaN or infinity'),
         ({"tags": {"a", "b"}}, 'found metadata["tags"] of type set'),
-        ({"big": 2**70}, f'found metadata["big"] = {2**70}, an int outside the 64-bit range JSON readers keep exactly'),
+        (
+            {"big": 2**70},
+            f'found metadata["big"] = {2**70}, an int outside the 64-bit range JSON readers keep exactly',
+        ),
         ([("a", 1)], "found list"),
     ],
 )
@@ -60,7 +69,8 @@ def test_metadata_that_json_cannot_hold_exactly_is_refused(
         lambda: ctx.snapshot(metadata=metadata),  # type: ignore[arg-type]
         lambda: ctx.save_session(tmp_path / "m.session", metadata=metadata),  # type: ignore[arg-type]
         lambda: SessionManager(model, tmp_path / "sessions", n_ctx=256).create_session(
-            "ada", metadata=metadata  # type: ignore[arg-type]
+            "ada",
+            metadata=metadata,  # type: ignore[arg-type]
         ),
     ):
         with pytest.raises(InvalidParameterError) as excinfo:
@@ -71,10 +81,20 @@ def test_metadata_that_json_cannot_hold_exactly_is_refused(
 
 def test_metadata_values_keep_their_types(model: Model) -> None:
     ctx = Context(model, n_ctx=256, n_batch=64)
-    metadata = {"n": 3, "x": 0.5, "big": 2**63, "neg": -(2**63), "ok": True, "none": None, "nested": {"l": [1, "a", (2, 3)]}}
+    metadata = {
+        "n": 3,
+        "x": 0.5,
+        "big": 2**63,
+        "neg": -(2**63),
+        "ok": True,
+        "none": None,
+        "nested": {"l": [1, "a", (2, 3)]},
+    }
     info = ctx.restore(ctx.snapshot(metadata=metadata))
     assert info.metadata == {**metadata, "nested": {"l": [1, "a", [2, 3]]}}
-    assert type(info.metadata["n"]) is int and type(info.metadata["x"]) is float and info.metadata["ok"] is True
+    assert (
+        type(info.metadata["n"]) is int and type(info.metadata["x"]) is float and info.metadata["ok"] is True
+    )
 
 
 def test_session_bytes_come_in_any_buffer(model: Model) -> None:

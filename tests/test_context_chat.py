@@ -94,7 +94,10 @@ def test_message_text_cannot_open_a_turn(model: Model) -> None:
         ("hello", "invalid messages: expected a list of {'role': str, 'content': str} dicts, found str"),
         ({"role": "user", "content": "hi"}, "found dict"),
         ([], "invalid messages: expected at least one message, found an empty list"),
-        ([{"role": "user"}], "invalid messages[0]: expected a dict with str 'role' and 'content', found no \"content\" key"),
+        (
+            [{"role": "user"}],
+            "invalid messages[0]: expected a dict with str 'role' and 'content', found no \"content\" key",
+        ),
         ([SYSTEM, "hi"], "invalid messages[1]: expected a dict with str 'role' and 'content', found a str"),
     ],
 )

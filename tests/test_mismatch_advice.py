@@ -51,7 +51,9 @@ def test_manager_load_advises_the_managers_parameters(model: Model, tmp_path: pa
     assert SessionManager(model, tmp_path, n_ctx=512, n_batch=64).load("ada").token_count() > 0
 
 
-def test_the_cli_names_the_option_to_pass(model: Model, tmp_path: pathlib.Path, model_path: pathlib.Path) -> None:
+def test_the_cli_names_the_option_to_pass(
+    model: Model, tmp_path: pathlib.Path, model_path: pathlib.Path
+) -> None:
     SessionManager(model, tmp_path, n_ctx=512, autosave=True).create_session("ada", SYSTEM)
     result = run_cli("chat", "--session", "ada", "--dir", str(tmp_path), model_path=model_path)
     assert result.returncode == 1

@@ -375,7 +375,9 @@ def test_each_state_relevant_parameter_mismatch_is_named(
         assert (saved, current_value) == (getattr(saved_params, name), getattr(current_params, name))
         assert type(saved) is type(getattr(saved_params, name))
         assert type(current_value) is type(getattr(current_params, name))
-        assert message.endswith("(create the context with the saved parameters, e.g. with Context.from_session)")
+        assert message.endswith(
+            "(create the context with the saved parameters, e.g. with Context.from_session)"
+        )
         assert error.advice == "create the context with the saved parameters, e.g. with Context.from_session"
 
 

@@ -487,9 +487,7 @@ class SessionInfo:
     def signed(self) -> bool:
         """Whether the session is signed (loading it needs the secret_key it was signed with)."""
 
-def inspect_session(
-    source: str | PathLike[str] | Buffer, *, secret_key: bytes | None = None
-) -> SessionInfo:
+def inspect_session(source: str | PathLike[str] | Buffer, *, secret_key: bytes | None = None) -> SessionInfo:
     """Read and verify a session file or session bytes without a model.
 
     A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); a signed one
