@@ -115,8 +115,11 @@ def test_a_conversation_that_does_not_fit_changes_nothing(model: Model) -> None:
     ctx = Context(model, n_ctx=256, n_batch=64)
     ctx.chat([SYSTEM, {"role": "user", "content": QUESTIONS[0]}], 4, temperature=0)
     before = ctx.tokens
-    with pytest.raises(ContextFullError, match=r"of n_ctx=256 are free \(0 held\)"):
-        ctx.chat([SYSTEM, {"role": "user", "content": "lighthouse " * 300}], 4)
+    too_long = [SYSTEM, {"role": "user", "content": "lighthouse " * 300}]
+    with pytest.raises(ContextFullError, match=r" of n_ctx=256 are free "):
+        ctx.chat(too_long, 4)
+    with pytest.raises(ContextFullError, match=r" of n_ctx=256 are free "):
+        ctx.stream_chat(too_long, 4)
     assert ctx.tokens == before
 
 
