@@ -370,11 +370,15 @@ def test_each_state_relevant_parameter_mismatch_is_named(
         message = str(error)
         assert f"{name} saved " in message
         assert all(f"{other} saved " not in message for other in BASE_PARAMS if other != name)
-        # (saved, current) as text: the values as str() of the ContextParams fields gives them.
-        assert error.mismatches[name] == (
-            str(getattr(saved_params, name)),
-            str(getattr(current_params, name)),
+        # (saved, current), each of the ContextParams field's own type (an int stays an int, a bool a bool).
+        saved, current_value = error.mismatches[name]
+        assert (saved, current_value) == (getattr(saved_params, name), getattr(current_params, name))
+        assert type(saved) is type(getattr(saved_params, name))
+        assert type(current_value) is type(getattr(current_params, name))
+        assert message.endswith(
+            "(create the context with the saved parameters, e.g. with Context.from_session)"
         )
+        assert error.advice == "create the context with the saved parameters, e.g. with Context.from_session"
 
 
 def test_a_newer_format_version_is_a_version_error(model: Model, tmp_path: pathlib.Path) -> None:

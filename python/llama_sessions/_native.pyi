@@ -7,7 +7,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal, final
 
-from typing_extensions import disjoint_base
+from typing_extensions import Buffer, disjoint_base
 
 __version__: str
 #: The llama.cpp build this module is compiled against (recorded in every session).
@@ -77,9 +77,11 @@ class Model:
         default, each ``<|im_start|>`` of a templated prompt is several plain-text tokens instead of one.
         """
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
-        """Turn token ids into text. ``special`` renders control tokens as their text.
+        """Turn token ids (a list, tuple or other sequence of int) into text. ``special`` renders control
+        tokens as their text.
 
-        Raises TokenizeError for an id outside the vocabulary.
+        Raises InvalidParameterError for anything but a sequence of int (a str is refused, not read as
+        characters), TokenizeError for an id outside the vocabulary.
         """
     def apply_chat_template(
         self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True
@@ -127,10 +129,13 @@ class ContextParams:
         """A copy with the given fields changed (None keeps a field as it is)."""
     @property
     def n_ctx(self) -> int:
-        """Tokens the context holds (shared by all sequences)."""
+        """KV cells requested for the context, shared by all sequences: each holds at most
+        ``n_ctx / n_seq_max`` tokens. llama.cpp rounds it up (to a multiple of 256 per sequence);
+        ``Context.params.n_ctx`` is what it allocated."""
     @property
     def n_batch(self) -> int:
-        """Most tokens decoded per llama.cpp call; longer prompts are split."""
+        """Most tokens decoded per llama.cpp call; longer prompts are split. llama.cpp clamps it to
+        ``n_ctx``; ``Context.params.n_batch`` is what it applied."""
     @property
     def n_threads(self) -> int:
         """CPU threads used for decoding (default: the cores available; 1 to 512, llama.cpp's limit)."""
@@ -222,10 +227,20 @@ class Context:
         """The model this context reads with."""
     @property
     def params(self) -> ContextParams:
-        """The parameters the context was created with."""
+        """The parameters the context was created with, ``n_ctx`` and ``n_batch`` as llama.cpp allocated them
+        (``Context(model, n_ctx=300).params.n_ctx == 512``, and ``n_batch`` 300): what sessions record and
+        compare."""
     @property
     def n_ctx(self) -> int:
-        """Most tokens the context can hold."""
+        """KV cells of the context as llama.cpp allocated them (``params.n_ctx``), shared by all sequences.
+
+        llama.cpp gives each sequence an equal share that is a multiple of 256: ``n_ctx=300`` holds 512,
+        ``n_ctx=512, n_seq_max=4`` holds 1024 (256 per sequence). See n_ctx_per_seq.
+        """
+    @property
+    def n_ctx_per_seq(self) -> int:
+        """Most tokens one sequence holds: ``n_ctx // n_seq_max`` (``n_ctx`` itself with one sequence).
+        ContextFullError is raised against this."""
     @property
     def n_seq_max(self) -> int:
         """Independent sequences in the context (``seq`` arguments run from 0 to n_seq_max - 1)."""
@@ -270,8 +285,13 @@ class Context:
         ``max_tokens``, or when the context is full. Generated tokens stay in the context, so the next call
         continues after them. ``temperature=0`` is greedy and deterministic.
 
-        Raises ContextFullError, before decoding anything, when the prompt does not fit; the context is then
-        unchanged. ``seq`` picks the sequence of a context with n_seq_max > 1.
+        Raises ContextFullError, before decoding anything, when the prompt does not fit in what sequence
+        ``seq`` has left of its n_ctx_per_seq; the context is then unchanged. ``seq`` picks the sequence of a
+        context with n_seq_max > 1. A list of chat messages instead of a str raises InvalidParameterError
+        pointing at chat() and Model.apply_chat_template().
+
+        To hold a conversation, either format each new turn yourself and pass only it (the context keeps
+        what came before), or pass the whole conversation to chat(), which decodes only what is new.
         """
     def stream(
         self,
@@ -292,6 +312,56 @@ class Context:
         The prompt is encoded by this call (ContextFullError is raised here, not on the first step). Pieces
         never split a multi-byte character and never contain (part of) a stop string.
         """
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        max_tokens: int = ...,
+        *,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        seq: int = 0,
+    ) -> str:
+        """The assistant's answer to ``messages``: the *whole* conversation so far, a sequence of
+        ``{"role": str, "content": str}`` (system, user and assistant turns, previous answers included).
+
+        The conversation is formatted with the model's chat template (llama.cpp's built-in engine, as
+        Model.apply_chat_template), each message's content as plain text: text such as
+        ``"<|im_start|>system"`` inside a message stays text and cannot open a turn of another role. Only
+        what differs from what sequence ``seq`` holds is decoded: the tokens after the longest common prefix
+        are dropped and the rest of the conversation decoded, as llama.cpp's server does. Call it again with
+        the answer and the next user message appended: the sequence then holds exactly the formatted
+        conversation and the answer (never a turn twice), and the answer is the one a fresh context given
+        the whole conversation would generate. Generation options, stop reasons and ``last_stats`` (whose
+        ``prompt_tokens`` counts only the tokens decoded) are as for generate().
+
+        Raises InvalidParameterError for an empty or malformed ``messages`` (naming the message),
+        ChatTemplateError when the model has no usable template, ContextFullError (before anything changes)
+        when the conversation does not fit in n_ctx_per_seq.
+        """
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        max_tokens: int = ...,
+        *,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        seq: int = 0,
+    ) -> TokenStream:
+        """Like chat(), but yield the answer's text pieces as they are produced.
+
+        The conversation is encoded by this call (its errors, ContextFullError included, are raised here);
+        the answer is generated as the stream is advanced, as for stream().
+        """
     def copy_sequence(self, src: int, dst: int) -> None:
         """Replace sequence ``dst`` by a copy of sequence ``src`` (tokens and KV cache), decoding nothing.
 
@@ -309,8 +379,10 @@ class Context:
     ) -> SessionInfo:
         """Save the context's state (or only sequence ``seq``) to ``path``.
 
-        The file records the model fingerprint, the state-relevant parameters, the tokens, ``metadata`` (a
-        dict of JSON values, at most 16 MiB) and a checksum; see docs/session-format.md. It is written to a
+        The file records the model fingerprint, the state-relevant parameters (as llama.cpp allocated them),
+        the tokens, ``metadata`` (a dict of JSON values, at most 16 MiB, kept exactly: a non-str key, a NaN or
+        an infinity, or a value of another type raises InvalidParameterError naming it) and a checksum; see
+        docs/session-format.md. It is written to a
         temporary file, fsynced and renamed over ``path``: a crash leaves the old file or the new one; an OS
         error (a full disk, a read-only directory) raises a StorageError, which is also an OSError.
         With ``secret_key`` (bytes, at least 16) the session is signed: a keyed BLAKE3 MAC over the whole
@@ -347,10 +419,15 @@ class Context:
         undo checkpoints.
         """
     def restore(
-        self, data: bytes | bytearray, *, seq: int | None = None, secret_key: bytes | None = None
+        self, data: Buffer, *, seq: int | None = None, secret_key: bytes | None = None
     ) -> SessionInfo:
         """Replace the context's state by session bytes from snapshot() or a file, with the checks of
-        load_session(); a failed restore leaves the context exactly as it was."""
+        load_session(); a failed restore leaves the context exactly as it was.
+
+        ``data`` is ``bytes`` or any object of the buffer protocol (bytearray, memoryview, mmap, ...: copied
+        once); anything else raises InvalidParameterError. A SessionParamsMismatchError advises
+        Context.from_session (or a context created with the saved ``params``).
+        """
     @staticmethod
     def from_session(
         model: Model,
@@ -422,9 +499,7 @@ class SessionInfo:
     def signed(self) -> bool:
         """Whether the session is signed (loading it needs the secret_key it was signed with)."""
 
-def inspect_session(
-    source: str | PathLike[str] | bytes | bytearray, *, secret_key: bytes | None = None
-) -> SessionInfo:
+def inspect_session(source: str | PathLike[str] | Buffer, *, secret_key: bytes | None = None) -> SessionInfo:
     """Read and verify a session file or session bytes without a model.
 
     A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); a signed one
@@ -542,7 +617,8 @@ class SessionManager:
         What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
         before the session is evicted. It bypasses the turn order, like any shared Context.
 
-        Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session.
+        Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session;
+        a SessionParamsMismatchError advises opening the manager with the saved parameters.
         """
     def load_or_create(self, session_id: str, system_prompt: str | None = None) -> Context:
         """load(), or create_session() when the session does not exist."""

@@ -109,15 +109,20 @@ class SessionModelMismatchError(SessionError):
 class SessionParamsMismatchError(SessionError):
     """The session was saved by a context whose state-relevant parameters differ from this one's.
 
-    The message names each parameter with its saved and current value; ``mismatches`` maps each name to
-    ``(saved, current)`` as text. ``Context.from_session`` creates a context with the saved parameters.
+    The message names each parameter with its saved and current value, as llama.cpp allocated them, and ends
+    with ``advice``: what the caller of the API that raised it can do (``Context.load_session``/``restore``:
+    create the context with ``Context.from_session``; ``SessionManager.load``: open the manager with the saved
+    parameters; the CLI: the option to pass). ``mismatches`` maps each name to ``(saved, current)``, each of
+    the parameter's own type (an int for ``n_ctx``, a str for ``type_k``, a bool for ``flash_attn``).
     """
 
-    mismatches: dict[str, tuple[str, str]]
+    mismatches: dict[str, tuple[int | str | bool, int | str | bool]]
+    advice: str
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
         self.mismatches = {}
+        self.advice = ""
 
 
 class SessionVersionError(SessionError):

@@ -37,10 +37,10 @@ pub enum Error {
         reason: String,
     },
 
-    /// The tokens do not fit in the space left in the context. Nothing was decoded.
+    /// The tokens do not fit in the space left in the sequence. Nothing was decoded.
     #[error(
-        "context full: {requested} more tokens requested but only {available} of n_ctx={n_ctx} are free \
-         ({held} held)"
+        "context full: {requested} more tokens requested but only {available} of {} are free ({held} held)",
+        describe_capacity(*.capacity, *.n_seq_max)
     )]
     ContextFull {
         /// Tokens that were to be added.
@@ -49,8 +49,10 @@ pub enum Error {
         available: usize,
         /// Tokens already held by the sequence.
         held: usize,
-        /// The context's size.
-        n_ctx: usize,
+        /// Most tokens one sequence holds: `n_ctx / n_seq_max` (`n_ctx` cells are shared by all sequences).
+        capacity: usize,
+        /// Sequences sharing the context's cells.
+        n_seq_max: u32,
     },
 
     /// Text could not be turned into tokens or tokens into text.
@@ -118,8 +120,7 @@ pub enum Error {
     /// The session was saved by a context whose state-relevant parameters differ from this one's. Nothing was
     /// loaded.
     #[error(
-        "{origin} was saved with other context parameters: {} (create the context with the saved parameters, \
-         e.g. with Context.from_session)",
+        "{origin} was saved with other context parameters: {} ({advice})",
         describe_mismatches(.mismatches)
     )]
     SessionParamsMismatch {
@@ -127,6 +128,9 @@ pub enum Error {
         origin: String,
         /// Every parameter that differs.
         mismatches: Vec<ParamMismatch>,
+        /// What the caller of the API that refused the session can do about it (see
+        /// [`Error::with_mismatch_advice`]).
+        advice: String,
     },
 
     /// The session was written by a newer format version or by a llama.cpp build whose state layout this
@@ -195,15 +199,53 @@ pub enum Error {
     Internal(String),
 }
 
+/// Advice of a [`Error::SessionParamsMismatch`] raised by a Context's own load or restore.
+pub const CONTEXT_MISMATCH_ADVICE: &str =
+    "create the context with the saved parameters, e.g. with Context.from_session";
+
 /// One context parameter whose saved value differs from the current one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamMismatch {
     /// The parameter's name ("n_ctx", "type_k", ...).
     pub name: &'static str,
-    /// The value recorded in the session.
-    pub saved: String,
+    /// The value recorded in the session (as llama.cpp allocates it: see
+    /// [`crate::ContextParams::allocated`]).
+    pub saved: ParamValue,
     /// The value of the context it was to be loaded into.
-    pub current: String,
+    pub current: ParamValue,
+}
+
+/// The value of a context parameter, with its type, so that a binding can hand it over as an int, a str or a
+/// bool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamValue {
+    /// A count (`n_ctx`, `n_batch`, `n_seq_max`).
+    Int(u32),
+    /// A name (`type_k`, `type_v`).
+    Text(String),
+    /// A switch (`flash_attn`).
+    Bool(bool),
+}
+
+impl ParamValue {
+    /// The value as a keyword argument's value is written: `512`, `"q8_0"`, `True`.
+    pub fn as_argument(&self) -> String {
+        match self {
+            ParamValue::Text(text) => format!("{text:?}"),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamValue::Int(n) => write!(f, "{n}"),
+            ParamValue::Text(text) => f.write_str(text),
+            ParamValue::Bool(true) => f.write_str("True"),
+            ParamValue::Bool(false) => f.write_str("False"),
+        }
+    }
 }
 
 fn describe_mismatches(mismatches: &[ParamMismatch]) -> String {
@@ -214,6 +256,18 @@ fn describe_mismatches(mismatches: &[ParamMismatch]) -> String {
         .join("; ")
 }
 
+/// "n_ctx=512" for one sequence; with several, the share of each and the whole it is part of.
+fn describe_capacity(capacity: usize, n_seq_max: u32) -> String {
+    if n_seq_max <= 1 {
+        format!("n_ctx={capacity}")
+    } else {
+        format!(
+            "n_ctx_per_seq={capacity} (n_ctx={} cells shared by n_seq_max={n_seq_max} sequences)",
+            capacity * n_seq_max as usize
+        )
+    }
+}
+
 impl Error {
     /// An [`Error::InvalidParameter`] for parameter `name`.
     pub fn invalid(name: &'static str, expected: impl Into<String>, found: impl ToString) -> Self {
@@ -221,6 +275,22 @@ impl Error {
             name,
             expected: expected.into(),
             found: found.to_string(),
+        }
+    }
+
+    /// A [`Error::SessionParamsMismatch`] with its advice replaced by `advice(mismatches)`: what the caller of
+    /// the API that refused the session can do (a session manager's caller cannot use `Context.from_session`);
+    /// any other error unchanged.
+    pub fn with_mismatch_advice(self, advice: impl FnOnce(&[ParamMismatch]) -> String) -> Error {
+        match self {
+            Error::SessionParamsMismatch {
+                origin, mismatches, ..
+            } => Error::SessionParamsMismatch {
+                advice: advice(&mismatches),
+                origin,
+                mismatches,
+            },
+            other => other,
         }
     }
 }

@@ -39,7 +39,7 @@ pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
     StopReason,
 };
-pub use error::{Error, ParamMismatch, Result};
+pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{
     ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager, SessionTurn, TurnWait,

@@ -85,9 +85,12 @@ impl fmt::Display for KvType {
 /// with one setting does not load with the other.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ContextParams {
-    /// Tokens the context holds (all sequences share them).
+    /// KV cells of the context, shared by all sequences: each sequence holds at most `n_ctx / n_seq_max`
+    /// tokens. llama.cpp rounds it up (see [`ContextParams::allocated`]); a Context's own parameters hold what
+    /// it allocated.
     pub n_ctx: u32,
-    /// Most tokens decoded in one llama.cpp call; longer prompts are split.
+    /// Most tokens decoded in one llama.cpp call; longer prompts are split. llama.cpp clamps it to the
+    /// requested `n_ctx`.
     pub n_batch: u32,
     /// CPU threads for decoding.
     pub n_threads: u32,
@@ -128,7 +131,29 @@ pub const MAX_THREADS: u32 = 512;
 /// Largest `n_seq_max` llama.cpp accepts (`LLAMA_MAX_SEQ`).
 pub const MAX_SEQUENCES: u32 = 256;
 
+/// llama.cpp's granularity of KV cells per sequence (the `GGML_PAD(.., 256)` of `llama_context`'s constructor).
+pub const N_CTX_PAD: u32 = 256;
+
+fn pad(n: u64) -> u64 {
+    n.div_ceil(u64::from(N_CTX_PAD)) * u64::from(N_CTX_PAD)
+}
+
 impl ContextParams {
+    /// These parameters as llama.cpp allocates them (the rules of `llama_context`'s constructor, for a model
+    /// with causal attention and one KV stream per sequence): `n_batch` is clamped to the requested `n_ctx`,
+    /// then `n_ctx` is rounded up to a multiple of 256 and to `n_seq_max` shares that are each a multiple of
+    /// 256. `Context(n_ctx=300)` holds 512 cells, `n_ctx=512, n_seq_max=4` holds 1024 (256 per sequence).
+    /// A Context reads its sizes back from llama.cpp; this is for parameters recorded by versions that stored
+    /// the requested sizes, so that they compare as what they allocated.
+    pub fn allocated(&self) -> ContextParams {
+        let (n_ctx, n_batch) = allocated_sizes(self.n_ctx, self.n_batch, self.n_seq_max);
+        ContextParams {
+            n_ctx,
+            n_batch,
+            ..self.clone()
+        }
+    }
+
     /// Checks every field against the model, naming the first offending parameter.
     pub fn validate(&self, model: &Model) -> Result<()> {
         let n_ctx_train = model.n_ctx_train();
@@ -185,4 +210,14 @@ impl ContextParams {
             .with_n_seq_max(self.n_seq_max)
             .with_no_perf(true)
     }
+}
+
+/// `(n_ctx, n_batch)` as llama.cpp allocates them for these requested values (see
+/// [`ContextParams::allocated`]); values too large for a u32 saturate (a context that large is refused anyway).
+pub(crate) fn allocated_sizes(n_ctx: u32, n_batch: u32, n_seq_max: u32) -> (u32, u32) {
+    let n_batch = n_batch.min(n_ctx);
+    let n_seq = u64::from(n_seq_max.max(1));
+    let per_seq = pad(pad(u64::from(n_ctx)) / n_seq);
+    let n_ctx = u32::try_from(per_seq * n_seq).unwrap_or(u32::MAX);
+    (n_ctx, n_batch)
 }

@@ -8,14 +8,15 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::context::SeqId;
 use crate::durable;
-use crate::error::{Error, ParamMismatch, Result};
+use crate::error::{Error, ParamMismatch, ParamValue, Result};
 use crate::model::Model;
-use crate::params::{ContextParams, KvType};
+use crate::params::{allocated_sizes, ContextParams, KvType};
 use crate::session_format::{
     self as format, ModelRecord, OpenedSession, ParamsRecord, Precomputed, SequenceRecord,
     SessionHeader, SessionKind,
 };
 use crate::signing::{SessionKey, MAC_LEN};
+use ParamValue::{Int, Text};
 
 /// User metadata stored with a session: a JSON object.
 pub type Metadata = serde_json::Map<String, serde_json::Value>;
@@ -344,9 +345,13 @@ pub fn params_from_record(
     })
 }
 
+/// The parameters of `saved` that differ from `current`. Both are compared as llama.cpp allocates them
+/// ([`ContextParams::allocated`]): a session written by a version that recorded the requested `n_ctx=300`
+/// loads into a context of 512 cells, which is what it had.
 pub(crate) fn param_mismatches(saved: &ParamsRecord, current: &ParamsRecord) -> Vec<ParamMismatch> {
+    let (saved, current) = (allocated_record(saved), allocated_record(current));
     let mut out = Vec::new();
-    let mut check = |name: &'static str, saved: String, current: String| {
+    let mut check = |name: &'static str, saved: ParamValue, current: ParamValue| {
         if saved != current {
             out.push(ParamMismatch {
                 name,
@@ -355,31 +360,68 @@ pub(crate) fn param_mismatches(saved: &ParamsRecord, current: &ParamsRecord) -> 
             });
         }
     };
-    check("n_ctx", saved.n_ctx.to_string(), current.n_ctx.to_string());
-    check(
-        "n_batch",
-        saved.n_batch.to_string(),
-        current.n_batch.to_string(),
-    );
-    check("type_k", saved.type_k.clone(), current.type_k.clone());
-    check("type_v", saved.type_v.clone(), current.type_v.clone());
+    check("n_ctx", Int(saved.n_ctx), Int(current.n_ctx));
+    check("n_batch", Int(saved.n_batch), Int(current.n_batch));
+    check("type_k", Text(saved.type_k), Text(current.type_k));
+    check("type_v", Text(saved.type_v), Text(current.type_v));
     check(
         "flash_attn",
-        py_bool(saved.flash_attn),
-        py_bool(current.flash_attn),
+        ParamValue::Bool(saved.flash_attn),
+        ParamValue::Bool(current.flash_attn),
     );
-    check(
-        "n_seq_max",
-        saved.n_seq_max.to_string(),
-        current.n_seq_max.to_string(),
-    );
+    check("n_seq_max", Int(saved.n_seq_max), Int(current.n_seq_max));
     out
 }
 
-fn py_bool(value: bool) -> String {
-    if value { "True" } else { "False" }.to_owned()
+/// `record` with its sizes as llama.cpp allocates them.
+fn allocated_record(record: &ParamsRecord) -> ParamsRecord {
+    let (n_ctx, n_batch) = allocated_sizes(record.n_ctx, record.n_batch, record.n_seq_max);
+    ParamsRecord {
+        n_ctx,
+        n_batch,
+        ..record.clone()
+    }
 }
 
 pub(crate) fn to_tokens(ids: &[i32]) -> Vec<LlamaToken> {
     ids.iter().copied().map(LlamaToken::new).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n_ctx: u32, n_batch: u32, n_seq_max: u32) -> ParamsRecord {
+        ParamsRecord {
+            n_ctx,
+            n_batch,
+            type_k: "f16".to_owned(),
+            type_v: "f16".to_owned(),
+            flash_attn: false,
+            n_seq_max,
+        }
+    }
+
+    #[test]
+    fn requested_sizes_compare_as_allocated() {
+        // n_ctx=300 allocates 512 cells and clamps n_batch=512 to 300.
+        assert!(param_mismatches(&record(300, 512, 1), &record(512, 300, 1)).is_empty());
+        assert!(param_mismatches(&record(512, 64, 4), &record(1024, 64, 4)).is_empty());
+        assert_eq!(
+            param_mismatches(&record(300, 512, 1), &record(512, 512, 1)),
+            vec![ParamMismatch {
+                name: "n_batch",
+                saved: Int(300),
+                current: Int(512),
+            }]
+        );
+        assert_eq!(
+            param_mismatches(&record(300, 64, 1), &record(512, 64, 2)),
+            vec![ParamMismatch {
+                name: "n_seq_max",
+                saved: Int(1),
+                current: Int(2),
+            }]
+        );
+    }
 }

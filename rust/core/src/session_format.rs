@@ -101,9 +101,11 @@ impl ModelRecord {
 /// Context parameters that the saved state depends on (all of [`crate::ContextParams`] but `n_threads`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParamsRecord {
-    /// Tokens the context holds.
+    /// KV cells of the context, shared by its sequences, as llama.cpp allocated them (earlier builds recorded
+    /// the requested value; a load compares it as llama.cpp allocates it).
     pub n_ctx: u32,
-    /// Tokens per decode call (it decides how a continuation is batched, so it is part of exactness).
+    /// Tokens per decode call as llama.cpp applied it (clamped to the requested `n_ctx`); it decides how a
+    /// continuation is batched, so it is part of exactness.
     pub n_batch: u32,
     /// K cache type ("f16", "q8_0", "q4_0").
     pub type_k: String,

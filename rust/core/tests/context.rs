@@ -110,9 +110,9 @@ fn a_prompt_that_does_not_fit_changes_nothing() {
     assert_eq!(ctx.capacity(), 256);
     let long = "word ".repeat(ctx.capacity());
     match ctx.generate(0, &long, greedy(4), &mut NeverInterrupt) {
-        Err(Error::ContextFull { held, n_ctx, .. }) => {
+        Err(Error::ContextFull { held, capacity, .. }) => {
             assert_eq!(held, before.len());
-            assert_eq!(n_ctx, 256);
+            assert_eq!(capacity, 256);
         }
         other => panic!("expected ContextFull, got {other:?}"),
     }

@@ -5,7 +5,8 @@ mod common;
 use common::{greedy, model, temp_dir};
 use llama_sessions::session_format::LLAMA_CPP_BUILD;
 use llama_sessions::{
-    inspect_session, Context, ContextParams, Error, KvType, Metadata, NeverInterrupt, SessionFormat,
+    inspect_session, Context, ContextParams, Error, KvType, Metadata, NeverInterrupt, ParamValue,
+    SessionFormat,
 };
 
 const SYSTEM: &str =
@@ -138,8 +139,8 @@ fn parameter_mismatches_name_each_parameter() {
         Error::SessionParamsMismatch { mismatches, .. } => {
             let names: Vec<_> = mismatches.iter().map(|m| m.name).collect();
             assert_eq!(names, ["n_ctx", "n_batch"]);
-            assert_eq!(mismatches[0].saved, "512");
-            assert_eq!(mismatches[0].current, "256");
+            assert_eq!(mismatches[0].saved, ParamValue::Int(512));
+            assert_eq!(mismatches[0].current, ParamValue::Int(256));
         }
         e => panic!("{e}"),
     }

@@ -20,11 +20,13 @@ use pyo3::types::PyBytes;
 
 use crate::errors::to_py;
 use crate::interrupt::SignalCheck;
-use crate::model::{tokens_to_py, PyModel};
+use crate::model::{messages_from_py, tokens_to_py, type_name, PyModel};
 use crate::native::{lock_shared, native, DetachedMutex};
 use crate::params::PyContextParams;
 use crate::progress::StreamProgress;
-use crate::session::{metadata_from_py, seq_arg, seq_id, session_key, warn_all, PySessionInfo};
+use crate::session::{
+    metadata_from_py, seq_arg, seq_id, session_bytes_arg, session_key, warn_all, PySessionInfo,
+};
 
 /// Counts and times of the last generation (or stream) on a Context.
 #[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen)]
@@ -161,6 +163,29 @@ pub(crate) fn options(
     })
 }
 
+/// `prompt=` of generate() and stream(): a str. A list of chat messages gets a hint at the calls that take one.
+fn prompt_text(prompt: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(text) = prompt.extract::<String>() {
+        return Ok(text);
+    }
+    let looks_like_messages = !prompt.is_instance_of::<pyo3::types::PyString>()
+        && prompt.cast::<pyo3::types::PySequence>().is_ok()
+        && prompt
+            .get_item(0)
+            .is_ok_and(|first| first.cast::<pyo3::types::PyMapping>().is_ok());
+    let found = type_name(prompt);
+    let message = if looks_like_messages {
+        format!(
+            "invalid prompt: expected a str, found a {found} of chat messages; use ctx.chat(messages) (formats \
+             them with the model's chat template and decodes only what the context does not hold yet), or \
+             ctx.generate(model.apply_chat_template(messages))"
+        )
+    } else {
+        format!("invalid prompt: expected a str, found {found}")
+    };
+    Err(crate::errors::InvalidParameterError::new_err(message))
+}
+
 /// `stop=`: one string, or a sequence of strings (not a single string's characters).
 fn stop_strings(stop: Option<Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
     let Some(stop) = stop.filter(|s| !s.is_none()) else {
@@ -242,9 +267,15 @@ impl PyContext {
         Ok(PyContextParams { inner: params })
     }
 
-    /// Most tokens the context can hold.
+    /// KV cells of the context as llama.cpp allocated them (a multiple of 256), shared by all sequences.
     #[getter]
-    fn n_ctx(&self, py: Python<'_>) -> PyResult<usize> {
+    fn n_ctx(&self, py: Python<'_>) -> PyResult<u32> {
+        native(py, |d| Ok(lock_shared(&self.inner, d).params().n_ctx))
+    }
+
+    /// Most tokens one sequence holds: n_ctx / n_seq_max (n_ctx itself with one sequence).
+    #[getter]
+    fn n_ctx_per_seq(&self, py: Python<'_>) -> PyResult<usize> {
         native(py, |d| Ok(lock_shared(&self.inner, d).capacity()))
     }
 
@@ -315,7 +346,7 @@ impl PyContext {
     fn generate(
         &self,
         py: Python<'_>,
-        prompt: &str,
+        prompt: &Bound<'_, PyAny>,
         max_tokens: i64,
         temperature: f32,
         top_k: i64,
@@ -337,9 +368,10 @@ impl PyContext {
             seed,
             stop,
         )?;
+        let prompt = prompt_text(prompt)?;
         let generation = native(py, |d| {
             let mut ctx = lock_shared(&self.inner, d);
-            ctx.generate(seq, prompt, options, d)
+            ctx.generate(seq, &prompt, options, d)
         })?;
         self.record(
             py,
@@ -355,7 +387,7 @@ impl PyContext {
     #[allow(clippy::too_many_arguments)]
     fn stream(
         slf: &Bound<'_, Self>,
-        prompt: &str,
+        prompt: &Bound<'_, PyAny>,
         max_tokens: i64,
         temperature: f32,
         top_k: i64,
@@ -378,11 +410,101 @@ impl PyContext {
             seed,
             stop,
         )?;
+        let prompt = prompt_text(prompt)?;
         let this = slf.get();
         let max_tokens = options.max_tokens;
         let generator = native(py, |d| {
             let mut ctx = lock_shared(&this.inner, d);
-            ctx.start_generation(seq, prompt, options, d)
+            ctx.start_generation(seq, &prompt, options, d)
+        })?;
+        Ok(TokenStream {
+            context: slf.clone().unbind(),
+            generator: DetachedMutex::new(Some(generator)),
+            seq,
+            max_tokens,
+            progress: StreamProgress::default(),
+        })
+    }
+
+    /// The assistant's answer to `messages` (a sequence of {"role": str, "content": str}): the whole
+    /// conversation is formatted with the model's chat template, each content as plain text (no message can
+    /// forge a turn), and only what differs from what sequence `seq` holds is decoded; the answer is
+    /// generated after it and stays in the context. Give it the whole conversation each time, previous
+    /// answers included. Generation options as for generate().
+    #[pyo3(signature = (messages, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
+        seq: i64,
+    ) -> PyResult<String> {
+        let messages = messages_from_py(messages)?;
+        let seq = seq_id(seq)?;
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let (generation, _) = native(py, |d| {
+            let mut ctx = lock_shared(&self.inner, d);
+            ctx.chat(seq, &messages, options, d)
+        })?;
+        self.record(
+            py,
+            PyGenerationStats::new(generation.stats, generation.stop_reason),
+        )?;
+        Ok(generation.text)
+    }
+
+    /// Like chat(), but returns an iterator of text pieces as they are produced. The conversation is encoded
+    /// by this call (so ContextFullError is raised here); generation happens as the iterator is advanced.
+    #[pyo3(signature = (messages, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream_chat(
+        slf: &Bound<'_, Self>,
+        messages: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
+        seq: i64,
+    ) -> PyResult<TokenStream> {
+        let py = slf.py();
+        let messages = messages_from_py(messages)?;
+        let seq = seq_id(seq)?;
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let this = slf.get();
+        let max_tokens = options.max_tokens;
+        let (generator, _) = native(py, |d| {
+            let mut ctx = lock_shared(&this.inner, d);
+            ctx.start_chat(seq, &messages, options, d)
         })?;
         Ok(TokenStream {
             context: slf.clone().unbind(),
@@ -501,10 +623,11 @@ impl PyContext {
     fn restore(
         &self,
         py: Python<'_>,
-        data: PyBackedBytes,
+        data: &Bound<'_, PyAny>,
         seq: Option<i64>,
         secret_key: Option<PyBackedBytes>,
     ) -> PyResult<PySessionInfo> {
+        let data = session_bytes_arg("data", data)?;
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
         native(py, |d| {
@@ -543,11 +666,22 @@ impl PyContext {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let (held, capacity) = native(py, |d| {
+        let (held, n_ctx, n_seq_max) = native(py, |d| {
             let ctx = lock_shared(&self.inner, d);
-            Ok((ctx.token_count(0).unwrap_or(0), ctx.capacity()))
+            let params = ctx.params();
+            Ok((
+                ctx.token_count(0).unwrap_or(0),
+                params.n_ctx,
+                params.n_seq_max,
+            ))
         })?;
-        Ok(format!("Context(tokens={held}, n_ctx={capacity})"))
+        if n_seq_max == 1 {
+            Ok(format!("Context(tokens={held}, n_ctx={n_ctx})"))
+        } else {
+            Ok(format!(
+                "Context(tokens={held} in sequence 0, n_ctx={n_ctx}, n_seq_max={n_seq_max})"
+            ))
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Core errors to Python exceptions: one exhaustive match, so a new core variant without a mapping does not
 //! compile. The classes are defined in Python (`llama_sessions/errors.py`) where they are documented.
 
-use llama_sessions::Error;
+use llama_sessions::{Error, ParamValue};
 use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::types::{PyAnyMethods, PyDictMethods};
 use pyo3::{PyErr, Python};
@@ -76,6 +76,17 @@ fn storage_error(op: &str, path: &std::path::Path, source: &std::io::Error) -> P
     })
 }
 
+/// A parameter's value as the Python object a ContextParams field holds: an int, a str or a bool.
+fn param_value(py: Python<'_>, value: ParamValue) -> pyo3::Py<pyo3::PyAny> {
+    use pyo3::IntoPyObjectExt;
+    let object = match value {
+        ParamValue::Int(n) => n.into_py_any(py),
+        ParamValue::Text(text) => text.into_py_any(py),
+        ParamValue::Bool(b) => b.into_py_any(py),
+    };
+    object.unwrap_or_else(|_| py.None())
+}
+
 /// Converts a core error into the Python exception users catch.
 pub fn to_py(error: Error) -> PyErr {
     let message = error.to_string();
@@ -92,21 +103,23 @@ pub fn to_py(error: Error) -> PyErr {
         Error::Io { op, path, source } => storage_error(op, &path, &source),
         Error::SessionCorrupt { .. } => SessionCorruptError::new_err(message),
         Error::SessionModelMismatch { .. } => SessionModelMismatchError::new_err(message),
-        Error::SessionParamsMismatch { mismatches, .. } => {
+        Error::SessionParamsMismatch {
+            mismatches, advice, ..
+        } => {
             let error = SessionParamsMismatchError::new_err(message);
-            // `mismatches`: {name: (saved, current)}, for code that wants to react to a specific parameter.
+            // `mismatches`: {name: (saved, current)}, each value of the parameter's own type, for code that
+            // wants to react to a specific parameter.
             Python::attach(|py| {
-                let pairs: Vec<(&str, (String, String))> = mismatches
-                    .into_iter()
-                    .map(|m| (m.name, (m.saved, m.current)))
-                    .collect();
                 let dict = pyo3::types::PyDict::new(py);
-                for (name, pair) in pairs {
-                    if dict.set_item(name, pair).is_err() {
+                for m in mismatches {
+                    let pair = (param_value(py, m.saved), param_value(py, m.current));
+                    if dict.set_item(m.name, pair).is_err() {
                         return;
                     }
                 }
-                let _ = error.value(py).setattr("mismatches", dict);
+                let value = error.value(py);
+                let _ = value.setattr("mismatches", dict);
+                let _ = value.setattr("advice", advice);
             });
             error
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use llama_sessions::{ChatMessage, LlamaToken, Model, ModelParams};
 use pyo3::exceptions::PyKeyError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyMapping, PyString};
+use pyo3::types::{PyBool, PyBytes, PyInt, PyMapping, PySequence, PyString};
 
 use crate::errors::InvalidParameterError;
 use crate::native::native;
@@ -35,11 +35,42 @@ pub(crate) fn tokens_to_py(tokens: &[LlamaToken]) -> Vec<i32> {
     tokens.iter().map(|t| t.0).collect()
 }
 
-fn type_name(value: &Bound<'_, PyAny>) -> String {
+/// The name of `value`'s type, for "found ..." in messages.
+pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
     value
         .get_type()
         .name()
         .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+/// Token ids from any sequence of ints (a list, a tuple, ...); a str, a float or anything else raises
+/// InvalidParameterError naming what was found (a str is a sequence, but of characters).
+pub(crate) fn token_ids_from_py(name: &str, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+    let invalid = |found: String| {
+        InvalidParameterError::new_err(format!(
+            "invalid {name}: expected a list of int (token ids), found {found}"
+        ))
+    };
+    if tokens.is_instance_of::<PyString>()
+        || tokens.is_instance_of::<PyBytes>()
+        || tokens.cast::<PySequence>().is_err()
+    {
+        return Err(invalid(type_name(tokens)));
+    }
+    let sequence = tokens.cast::<PySequence>()?;
+    let mut ids = Vec::with_capacity(sequence.len().unwrap_or(0));
+    for (i, item) in sequence.try_iter()?.enumerate() {
+        let item = item?;
+        if !item.is_instance_of::<PyInt>() || item.is_instance_of::<PyBool>() {
+            return Err(invalid(format!("a {} at index {i}", type_name(&item))));
+        }
+        ids.push(item.extract::<i64>().map_err(|_| {
+            crate::errors::TokenizeError::new_err(format!(
+                "token id {item} at index {i}: expected a 32-bit token id"
+            ))
+        })?);
+    }
+    Ok(ids)
 }
 
 /// The messages of a chat: any iterable of them (a list, a tuple, a generator, ...), each a mapping with a
@@ -185,8 +216,13 @@ impl PyModel {
 
     /// Token ids to text. `special` renders control tokens as their text.
     #[pyo3(signature = (tokens, special = false))]
-    fn detokenize(&self, py: Python<'_>, tokens: Vec<i64>, special: bool) -> PyResult<String> {
-        let tokens = tokens_from_py(tokens)?;
+    fn detokenize(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        special: bool,
+    ) -> PyResult<String> {
+        let tokens = tokens_from_py(token_ids_from_py("tokens", tokens)?)?;
         native(py, |_| self.inner.detokenize(&tokens, special))
     }
 

@@ -96,7 +96,7 @@ impl Overrides<'_> {
 
 #[pymethods]
 impl PyContextParams {
-    /// n_ctx: tokens the context holds; n_batch: most tokens per llama.cpp decode call; n_threads: CPU
+    /// n_ctx: KV cells, shared by all sequences; n_batch: most tokens per llama.cpp decode call; n_threads: CPU
     /// threads (None: the cores available); type_k/type_v: "f16", "q8_0" or "q4_0" (a quantized V needs
     /// flash_attn=True); flash_attn: True or False; n_seq_max: independent sequences.
     #[new]
@@ -156,13 +156,14 @@ impl PyContextParams {
         })
     }
 
-    /// Tokens the context holds (shared by all sequences).
+    /// KV cells asked for, shared by all sequences (each holds n_ctx / n_seq_max); llama.cpp rounds it up,
+    /// and Context.params holds what it allocated.
     #[getter]
     fn n_ctx(&self) -> u32 {
         self.inner.n_ctx
     }
 
-    /// Most tokens decoded per llama.cpp call; longer prompts are split.
+    /// Most tokens decoded per llama.cpp call; longer prompts are split. llama.cpp clamps it to n_ctx.
     #[getter]
     fn n_batch(&self) -> u32 {
         self.inner.n_batch

@@ -7,7 +7,7 @@ use llama_sessions::SessionKey;
 use llama_sessions::{default_threads, Metadata, SeqId, SessionFormat, SessionInfo};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::errors::{to_py, InvalidParameterError, SessionInteropWarning};
 use crate::native::native;
@@ -172,7 +172,7 @@ pub fn inspect_session(
     secret_key: Option<PyBackedBytes>,
 ) -> PyResult<PySessionInfo> {
     let key = session_key(secret_key)?;
-    let info = if let Ok(bytes) = source.extract::<PyBackedBytes>() {
+    let info = if let Some(bytes) = session_bytes_from_py(&source)? {
         native(py, |_| {
             llama_sessions::inspect_session_bytes(&bytes, "session bytes", key.as_ref())
         })
@@ -191,26 +191,131 @@ pub fn session_key(secret_key: Option<PyBackedBytes>) -> PyResult<Option<Session
         .map_err(to_py)
 }
 
-/// `metadata` (a dict of JSON values, or None) as the core's JSON object.
+/// `metadata` (a dict of JSON values, or None) as the core's JSON object. Converted value by value, so that
+/// nothing is changed on the way: a non-str key (which `json.dumps` would turn into a string), a NaN or an
+/// infinity (which JSON cannot represent) or any other type raises InvalidParameterError naming where it is.
 pub fn metadata_from_py(py: Python<'_>, metadata: Option<Bound<'_, PyAny>>) -> PyResult<Metadata> {
+    let _ = py;
     let Some(metadata) = metadata.filter(|m| !m.is_none()) else {
         return Ok(Metadata::new());
     };
-    let invalid = |found: String| {
-        InvalidParameterError::new_err(format!(
-            "invalid metadata: expected a dict of JSON values (str keys; str, int, float, bool, None, list, \
-             dict values), found {found}"
-        ))
-    };
     if !metadata.is_instance_of::<PyDict>() {
-        return Err(invalid(metadata.get_type().name()?.to_string()));
+        return Err(invalid_metadata(format!(
+            "found {}",
+            crate::model::type_name(&metadata)
+        )));
     }
-    let text = py
-        .import("json")?
-        .call_method1("dumps", (&metadata,))
-        .map_err(|e| invalid(e.value(py).to_string()))?;
-    let text: String = text.cast::<PyString>()?.extract()?;
-    serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))
+    match json_from_py(&metadata, "metadata", 0)? {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => unreachable!("a dict converts to a JSON object"),
+    }
+}
+
+/// Deepest nesting of metadata: what serde_json reads back (its recursion limit is 128).
+const MAX_METADATA_DEPTH: usize = 100;
+
+fn invalid_metadata(found: String) -> PyErr {
+    InvalidParameterError::new_err(format!(
+        "invalid metadata: expected a dict of JSON values (str keys; str, int, float, bool, None, list, dict \
+         values), {found}"
+    ))
+}
+
+/// One JSON value from Python; `path` says where it is (`metadata['a'][0]`).
+fn json_from_py(value: &Bound<'_, PyAny>, path: &str, depth: usize) -> PyResult<serde_json::Value> {
+    use serde_json::Value;
+    if depth > MAX_METADATA_DEPTH {
+        return Err(invalid_metadata(format!(
+            "found {path} nested deeper than {MAX_METADATA_DEPTH} levels"
+        )));
+    }
+    if value.is_none() {
+        return Ok(Value::Null);
+    }
+    if value.is_instance_of::<PyBool>() {
+        return Ok(Value::Bool(value.extract()?));
+    }
+    if value.is_instance_of::<PyInt>() {
+        if let Ok(n) = value.extract::<i64>() {
+            return Ok(Value::from(n));
+        }
+        if let Ok(n) = value.extract::<u64>() {
+            return Ok(Value::from(n));
+        }
+        return Err(invalid_metadata(format!(
+            "found {path} = {value}, an int outside the 64-bit range JSON readers keep exactly"
+        )));
+    }
+    if value.is_instance_of::<PyFloat>() {
+        let x: f64 = value.extract()?;
+        return serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .ok_or_else(|| {
+                invalid_metadata(format!(
+                    "found {path} = {}: JSON has no NaN or infinity",
+                    value
+                        .repr()
+                        .map_or_else(|_| x.to_string(), |r| r.to_string())
+                ))
+            });
+    }
+    if value.is_instance_of::<PyString>() {
+        return Ok(Value::String(value.extract()?));
+    }
+    if let Ok(dict) = value.cast::<PyDict>() {
+        let mut map = Metadata::new();
+        for (key, item) in dict.iter() {
+            if !key.is_instance_of::<PyString>() {
+                return Err(invalid_metadata(format!(
+                    "found the key {} ({}) in {path}",
+                    key.repr()?,
+                    crate::model::type_name(&key)
+                )));
+            }
+            let key: String = key.extract()?;
+            let inner = format!("{path}[{key:?}]");
+            map.insert(key, json_from_py(&item, &inner, depth + 1)?);
+        }
+        return Ok(Value::Object(map));
+    }
+    if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+        let items = value
+            .try_iter()?
+            .enumerate()
+            .map(|(i, item)| json_from_py(&item?, &format!("{path}[{i}]"), depth + 1))
+            .collect::<PyResult<Vec<_>>>()?;
+        return Ok(Value::Array(items));
+    }
+    Err(invalid_metadata(format!(
+        "found {path} of type {}",
+        crate::model::type_name(value)
+    )))
+}
+
+/// Session bytes from `bytes` (no copy) or any other object of the buffer protocol (bytearray, memoryview,
+/// array, mmap, ...: copied once); `None` when `data` is not a buffer.
+pub fn session_bytes_from_py(data: &Bound<'_, PyAny>) -> PyResult<Option<PyBackedBytes>> {
+    if let Ok(bytes) = data.extract::<PyBackedBytes>() {
+        return Ok(Some(bytes));
+    }
+    let py = data.py();
+    let Ok(view) = py.import("builtins")?.getattr("memoryview")?.call1((data,)) else {
+        return Ok(None);
+    };
+    // `tobytes` copies the buffer's bytes in C order, whatever its item format or strides.
+    let copied = view.call_method0("tobytes")?;
+    view.call_method0("release")?;
+    Ok(Some(copied.extract::<PyBackedBytes>()?))
+}
+
+/// [`session_bytes_from_py`] for an argument that must be session bytes.
+pub fn session_bytes_arg(name: &str, data: &Bound<'_, PyAny>) -> PyResult<PyBackedBytes> {
+    session_bytes_from_py(data)?.ok_or_else(|| {
+        InvalidParameterError::new_err(format!(
+            "invalid {name}: expected bytes or another bytes-like object (bytearray, memoryview, ...), found {}",
+            crate::model::type_name(data)
+        ))
+    })
 }
 
 /// A sequence id argument: `None` (all sequences) or `0 <= seq`; the upper bound is checked by the core.

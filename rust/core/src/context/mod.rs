@@ -25,7 +25,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::backend::{backend, clear_recent_log, take_recent_log};
 use crate::error::{Error, Result};
 use crate::llama_state::{self, Expected, StateLayout};
-use crate::model::{Model, ModelInner};
+use crate::model::{ChatMessage, Model, ModelInner};
 use crate::params::ContextParams;
 use crate::sampling::SamplingParams;
 use generation::Generator;
@@ -86,10 +86,11 @@ pub struct Context {
     params: ContextParams,
     /// The tokens in the KV cache, per sequence, in position order: token `i` sits at position `i`.
     sequences: Vec<Vec<LlamaToken>>,
-    /// Cells available to each sequence.
+    /// Cells available to each sequence: `n_ctx / n_seq_max` (llama.cpp gives each sequence its own stream
+    /// of that many cells).
     capacity_per_sequence: usize,
-    /// Most tokens per decode call: `n_batch` as llama.cpp applied it (it clamps it to `n_ctx`, and aborts on
-    /// a larger batch).
+    /// Most tokens per decode call: `n_batch` as llama.cpp applied it (it clamps it to the requested `n_ctx`,
+    /// and aborts on a larger batch).
     chunk_len: usize,
     batch: LlamaBatch<'static>,
     last_logits: Option<LastLogits>,
@@ -112,7 +113,9 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// Creates a context over `model`. The parameters are validated first (see [`ContextParams::validate`]).
+    /// Creates a context over `model`. The parameters are validated first (see [`ContextParams::validate`]);
+    /// the context's own [`Context::params`] then hold the sizes llama.cpp allocated, read back from it
+    /// (`n_ctx=300` holds 512 cells), so that sessions record and compare what they really are.
     pub fn new(model: &Model, params: ContextParams) -> Result<Context> {
         params.validate(model)?;
         let backend = backend()?;
@@ -133,8 +136,16 @@ impl Context {
                 })
         })?;
         drop(creating);
-        let n_ctx = cell.borrow_dependent().n_ctx() as usize;
-        let chunk_len = (cell.borrow_dependent().n_batch() as usize).min(params.n_batch as usize);
+        let allocated = cell.borrow_dependent();
+        // llama.cpp decodes at most n_ubatch tokens per step; it is n_batch here (both are set alike and
+        // clamped alike), and the smaller is what a chunk may hold.
+        let params = ContextParams {
+            n_ctx: allocated.n_ctx(),
+            n_batch: allocated.n_batch().min(allocated.n_ubatch()),
+            ..params
+        };
+        let n_ctx = params.n_ctx as usize;
+        let chunk_len = params.n_batch as usize;
         let n_seq = params.n_seq_max as usize;
         let layout = layout::state_layout(model, &params, n_ctx / n_seq);
         Ok(Context {
@@ -156,14 +167,26 @@ impl Context {
         &self.model
     }
 
-    /// The parameters the context was created with.
+    /// The parameters the context was created with, with `n_ctx` and `n_batch` as llama.cpp allocated them
+    /// (see [`ContextParams::allocated`]).
     pub fn params(&self) -> &ContextParams {
         &self.params
     }
 
-    /// Most tokens one sequence can hold.
+    /// Most tokens one sequence can hold: `n_ctx / n_seq_max` (the `n_ctx` cells are shared by the sequences,
+    /// each its own equal share).
     pub fn capacity(&self) -> usize {
         self.capacity_per_sequence
+    }
+
+    fn full(&self, requested: usize, held: usize) -> Error {
+        Error::ContextFull {
+            requested,
+            available: self.capacity_per_sequence - held,
+            held,
+            capacity: self.capacity_per_sequence,
+            n_seq_max: self.params.n_seq_max,
+        }
     }
 
     /// Bytes of the KV cache this context allocated (all `n_ctx` cells of every layer, used or not): what a
@@ -207,14 +230,8 @@ impl Context {
     /// Checks that `extra` more tokens fit in sequence `seq`.
     pub fn check_room(&self, seq: SeqId, extra: usize) -> Result<()> {
         let held = self.token_count(seq)?;
-        let available = self.capacity_per_sequence - held;
-        if extra > available {
-            return Err(Error::ContextFull {
-                requested: extra,
-                available,
-                held,
-                n_ctx: self.capacity_per_sequence,
-            });
+        if extra > self.capacity_per_sequence - held {
+            return Err(self.full(extra, held));
         }
         Ok(())
     }
@@ -596,12 +613,7 @@ impl Context {
     ) -> Result<(Generator, usize)> {
         self.check_seq(seq)?;
         if tokens.len() > self.capacity_per_sequence {
-            return Err(Error::ContextFull {
-                requested: tokens.len(),
-                available: self.capacity_per_sequence,
-                held: 0,
-                n_ctx: self.capacity_per_sequence,
-            });
+            return Err(self.full(tokens.len(), 0));
         }
         options.sampling.validate()?;
         self.model.check_tokens(tokens)?;
@@ -623,6 +635,47 @@ impl Context {
     ) -> Result<(Generation, usize)> {
         let (mut generator, reused) =
             self.start_generation_reusing_prefix(seq, full_prompt, options, interrupt)?;
+        let mut text = String::new();
+        while let Some(piece) = generator.next_piece(self, interrupt)? {
+            text.push_str(&piece);
+        }
+        Ok((generator.into_generation(text), reused))
+    }
+
+    /// Starts the assistant's answer to `messages` on sequence `seq`: the conversation is formatted with the
+    /// model's chat template (each message's content as plain text, so no message can forge a turn of another
+    /// role: [`Model::tokenize_chat`]) and only what differs from what the sequence holds is decoded, as in
+    /// [`Context::start_generation_reusing_prefix_tokens`]. Give it the whole conversation each time, the
+    /// previous answers included: the sequence then holds exactly the formatted conversation and the answer,
+    /// never a turn twice. Returns the generator and how many tokens were reused.
+    pub fn start_chat(
+        &mut self,
+        seq: SeqId,
+        messages: &[ChatMessage],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generator, usize)> {
+        self.check_seq(seq)?;
+        if messages.is_empty() {
+            return Err(Error::invalid(
+                "messages",
+                "at least one message",
+                "an empty list",
+            ));
+        }
+        let tokens = self.model.tokenize_chat(messages, true, true)?;
+        self.start_generation_reusing_prefix_tokens(seq, &tokens, options, interrupt)
+    }
+
+    /// [`Context::start_chat`] run to the end; returns the answer and how many tokens were reused.
+    pub fn chat(
+        &mut self,
+        seq: SeqId,
+        messages: &[ChatMessage],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generation, usize)> {
+        let (mut generator, reused) = self.start_chat(seq, messages, options, interrupt)?;
         let mut text = String::new();
         while let Some(piece) = generator.next_piece(self, interrupt)? {
             text.push_str(&piece);
@@ -823,6 +876,39 @@ mod tests {
         assert_eq!(ctx.llama_cell_count(0).unwrap(), first.len());
         assert_eq!(ctx.token_count(1).unwrap(), 0);
         assert_eq!(ctx.llama_cell_count(1).unwrap(), 0);
+    }
+
+    /// `ContextParams::allocated` predicts llama.cpp's rounding and clamping, which old session headers (that
+    /// recorded the requested sizes) are normalized with; a llama.cpp with other rules fails here.
+    #[test]
+    fn allocated_params_are_what_llama_cpp_allocates() {
+        let model = test_model();
+        let cases = [
+            (32, 512, 1, 256, 32),
+            (300, 512, 1, 512, 300),
+            (300, 64, 1, 512, 64),
+            (512, 512, 1, 512, 512),
+            (513, 1024, 1, 768, 513),
+            (1024, 512, 2, 1024, 512),
+            (1000, 2000, 2, 1024, 1000),
+            (512, 64, 4, 1024, 64),
+            (300, 300, 3, 768, 300),
+        ];
+        for (n_ctx, n_batch, n_seq_max, cells, batch) in cases {
+            let requested = ContextParams {
+                n_ctx,
+                n_batch,
+                n_seq_max,
+                ..ContextParams::default()
+            };
+            let ctx = Context::new(&model, requested.clone()).unwrap();
+            assert_eq!((ctx.params().n_ctx, ctx.params().n_batch), (cells, batch));
+            assert_eq!(ctx.params(), &requested.allocated(), "{requested:?}");
+            assert_eq!(ctx.capacity(), (cells / n_seq_max) as usize);
+            // What was allocated, asked for again, allocates the same.
+            let again = Context::new(&model, ctx.params().clone()).unwrap();
+            assert_eq!(again.params(), ctx.params());
+        }
     }
 
     #[test]

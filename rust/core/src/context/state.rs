@@ -13,7 +13,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::{Context, SeqId};
 use crate::durable;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, CONTEXT_MISMATCH_ADVICE};
 use crate::llama_state;
 use crate::model::Model;
 use crate::session::{
@@ -310,6 +310,7 @@ impl Context {
             return Err(Error::SessionParamsMismatch {
                 origin: origin.to_owned(),
                 mismatches,
+                advice: CONTEXT_MISMATCH_ADVICE.to_owned(),
             });
         }
         for record in &header.sequences {

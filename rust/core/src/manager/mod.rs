@@ -278,7 +278,9 @@ impl SessionManager {
             .get(id)?
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let mut context = Context::new(&self.model, self.params.clone())?;
-        let info = context.restore_named(&bytes, None, &origin, self.key.as_ref())?;
+        let info = context
+            .restore_named(&bytes, None, &origin, self.key.as_ref())
+            .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?;
         lock(&self.stats).store_loads += 1;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         let record = Record::read(manager, user_metadata, &context);
@@ -520,4 +522,17 @@ impl SessionManager {
         validate_session_id(id)?;
         records::checkpoint_labels(self.store.as_ref(), id)
     }
+}
+
+/// What the caller of [`SessionManager::load`] can do about a session saved with other parameters: every
+/// session of a manager is opened with the manager's parameters.
+fn manager_mismatch_advice(mismatches: &[crate::ParamMismatch]) -> String {
+    let saved: Vec<String> = mismatches
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.saved.as_argument()))
+        .collect();
+    format!(
+        "open the SessionManager with the saved parameters ({})",
+        saved.join(", ")
+    )
 }
