@@ -91,14 +91,20 @@ def test_message_text_cannot_open_a_turn(model: Model) -> None:
 @pytest.mark.parametrize(
     ("messages", "found"),
     [
-        ("hello", "invalid messages: expected a list of {'role': str, 'content': str} dicts, found str"),
-        ({"role": "user", "content": "hi"}, "found dict"),
+        (
+            "hello",
+            "invalid messages: expected a sequence of {'role': str, 'content': str} mappings, found a str",
+        ),
+        ({"role": "user", "content": "hi"}, "found a single dict (pass a list of messages)"),
         ([], "invalid messages: expected at least one message, found an empty list"),
         (
             [{"role": "user"}],
-            "invalid messages[0]: expected a dict with str 'role' and 'content', found no \"content\" key",
+            "invalid messages[0]: expected a mapping with str 'role' and 'content', found no \"content\" key",
         ),
-        ([SYSTEM, "hi"], "invalid messages[1]: expected a dict with str 'role' and 'content', found a str"),
+        (
+            [SYSTEM, "hi"],
+            "invalid messages[1]: expected a mapping with str 'role' and 'content', found a str",
+        ),
     ],
 )
 def test_malformed_conversations_are_refused(model: Model, messages: object, found: str) -> None:

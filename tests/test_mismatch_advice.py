@@ -8,8 +8,6 @@ import pytest
 
 from llama_sessions import Context, Model, SessionManager, SessionParamsMismatchError
 
-from conftest import run_cli
-
 SYSTEM = "You are a terse assistant."
 
 
@@ -49,15 +47,3 @@ def test_manager_load_advises_the_managers_parameters(model: Model, tmp_path: pa
     assert "from_session" not in str(error)
     # Following the advice works.
     assert SessionManager(model, tmp_path, n_ctx=512, n_batch=64).load("ada").token_count() > 0
-
-
-def test_the_cli_names_the_option_to_pass(
-    model: Model, tmp_path: pathlib.Path, model_path: pathlib.Path
-) -> None:
-    SessionManager(model, tmp_path, n_ctx=512, autosave=True).create_session("ada", SYSTEM)
-    result = run_cli("chat", "--session", "ada", "--dir", str(tmp_path), model_path=model_path)
-    assert result.returncode == 1
-    assert result.stderr.strip().endswith(
-        "was saved with other context parameters: n_ctx saved 512, current 4096 (pass --n-ctx 512)"
-    ), result.stderr
-    assert "SessionManager" not in result.stderr and "from_session" not in result.stderr

@@ -515,29 +515,6 @@ def _show_warning(
     print(f"llama-sessions: warning: {category.__name__}: {message}", file=file or sys.stderr)
 
 
-#: The command-line option of each context parameter a command takes (the chat command's only one).
-_PARAMETER_OPTIONS = {"n_ctx": "--n-ctx"}
-
-
-def _cli_mismatch_advice(error: SessionParamsMismatchError) -> str:
-    """What a user of the command line can do about a session saved with other parameters."""
-    passable = [
-        f"{_PARAMETER_OPTIONS[name]} {saved}"
-        for name, (saved, _) in error.mismatches.items()
-        if name in _PARAMETER_OPTIONS
-    ]
-    other = [
-        f"{name}={saved!r}" for name, (saved, _) in error.mismatches.items() if name not in _PARAMETER_OPTIONS
-    ]
-    advice = [f"pass {' '.join(passable)}"] if passable else []
-    if other:
-        advice.append(
-            f"the command line has no option for {', '.join(other)}: open the session from Python with those "
-            "parameters"
-        )
-    return "; ".join(advice)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llama-sessions`` console script."""
     args = build_parser().parse_args(argv)
@@ -546,10 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             code: int = args.run(args)
     except (LlamaSessionsError, OSError, ValueError) as error:
-        message = str(error)
-        if isinstance(error, SessionParamsMismatchError) and error.advice:
-            message = message.replace(error.advice, _cli_mismatch_advice(error))
-        print(f"llama-sessions: {type(error).__name__}: {message}", file=sys.stderr)
+        print(f"llama-sessions: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
