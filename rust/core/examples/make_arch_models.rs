@@ -28,6 +28,9 @@ fn main() {
         arch_models::MODELS.to_vec()
     };
     for name in names {
-        println!("{}", arch_models::ensure(name, &tokenizer, &out_dir).display());
+        println!(
+            "{}",
+            arch_models::ensure(name, &tokenizer, &out_dir).display()
+        );
     }
 }

@@ -12,8 +12,8 @@ use crate::error::{Error, ParamMismatch, Result};
 use crate::model::Model;
 use crate::params::{ContextParams, KvType};
 use crate::session_format::{
-    self as format, ModelRecord, OpenedSession, ParamsRecord, Precomputed, SequenceRecord,
-    SessionHeader, SessionKind,
+    self as format, MemoryRecord, ModelRecord, OpenedSession, ParamsRecord, Precomputed,
+    SequenceRecord, SessionHeader, SessionKind,
 };
 use crate::signing::{SessionKey, MAC_LEN};
 
@@ -110,6 +110,7 @@ impl SessionInfo {
                     flash_attn: false,
                     n_seq_max: 1,
                 },
+                memory: None,
                 sequences: vec![SequenceRecord {
                     seq: 0,
                     tokens: header.tokens.clone(),
@@ -342,6 +343,44 @@ pub fn params_from_record(
         flash_attn: record.flash_attn,
         n_seq_max: record.n_seq_max,
     })
+}
+
+/// The differences between the memory geometry a session records and this context's (`None`: one KV cache).
+pub(crate) fn memory_mismatches(
+    saved: Option<&MemoryRecord>,
+    current: Option<&MemoryRecord>,
+) -> Vec<ParamMismatch> {
+    let kind = |r: Option<&MemoryRecord>| r.map_or("attention".to_owned(), |r| r.kind.clone());
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, saved: String, current: String| {
+        if saved != current {
+            out.push(ParamMismatch {
+                name,
+                saved,
+                current,
+            });
+        }
+    };
+    check("memory", kind(saved), kind(current));
+    if let (Some(saved), Some(current)) = (saved, current) {
+        check("n_swa", saved.n_swa.to_string(), current.n_swa.to_string());
+        check(
+            "swa_cache_cells",
+            saved.swa_cache_cells.to_string(),
+            current.swa_cache_cells.to_string(),
+        );
+        check(
+            "recurrent_r_bytes",
+            format!("{:?}", saved.recurrent_r_bytes),
+            format!("{:?}", current.recurrent_r_bytes),
+        );
+        check(
+            "recurrent_s_bytes",
+            format!("{:?}", saved.recurrent_s_bytes),
+            format!("{:?}", current.recurrent_s_bytes),
+        );
+    }
+    out
 }
 
 pub(crate) fn param_mismatches(saved: &ParamsRecord, current: &ParamsRecord) -> Vec<ParamMismatch> {

@@ -34,7 +34,6 @@ const SEED: u64 = 0x5eed_1a11_a5e5_5105;
 /// The models this example knows, by file stem.
 pub const MODELS: [&str; 4] = ["tiny-llama", "tiny-gemma3", "tiny-lfm2", "tiny-mamba2"];
 
-
 /// Where the test models live: `$LLAMA_SESSIONS_ARCH_MODELS`, or `models/arch` in the user cache.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LLAMA_SESSIONS_ARCH_MODELS") {
@@ -42,8 +41,12 @@ pub fn cache_dir() -> PathBuf {
     }
     let cache = std::env::var_os("LLAMA_SESSIONS_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions")))
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions"));
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions"))
+        })
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions")
+        });
     cache.join("models/arch")
 }
 
@@ -65,7 +68,7 @@ enum Value {
 }
 
 fn hparams(name: &str) -> (&'static str, Vec<(&'static str, Value)>) {
-    use Value::{F32, U32s, U32};
+    use Value::{U32s, F32, U32};
     let mut kv = vec![
         ("context_length", U32(N_CTX_TRAIN)),
         ("embedding_length", U32(N_EMBD)),
@@ -188,7 +191,10 @@ pub fn build(name: &str, tokenizer: &Path, path: &Path) {
             params,
         );
         sys::gguf_free(meta);
-        assert!(!model.is_null(), "llama.cpp could not build {name} ({arch})");
+        assert!(
+            !model.is_null(),
+            "llama.cpp could not build {name} ({arch})"
+        );
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         let tmp_c = cstr(tmp.to_str().expect("UTF-8 path"));
         sys::llama_model_save_to_file(model, tmp_c.as_ptr());
