@@ -10,9 +10,18 @@ from typing import TYPE_CHECKING
 
 import pytest
 import xxhash
-from conftest import ARCH_MODELS, GEMMA3_N_SWA, assert_same_output
 
-from llama_sessions import Context, Model, SessionCorruptError, SessionManager, SessionParamsMismatchError
+from llama_sessions import (
+    Context,
+    Model,
+    SessionCorruptError,
+    SessionManager,
+    SessionInteropWarning,
+    SessionParamsMismatchError,
+    SessionVersionError,
+)
+
+from conftest import ARCH_MODELS, GEMMA3_N_SWA, assert_same_output
 
 if TYPE_CHECKING:
     from llama_sessions._native import KvType
@@ -210,3 +219,37 @@ def test_recurrent_state_with_two_cells_never_reaches_llama_cpp(
                 target.restore(bytes(forged))
             assert target.tokens == before
         assert_same_output(continuation(target), expected)
+
+
+def test_continuing_without_a_prompt_after_a_restore(arch: tuple[str, Model]) -> None:
+    # The last token's logits are not in a state: the restored context decodes the last token again (on
+    # recurrent memory, which cannot drop it, the whole sequence from the start) and continues as the
+    # original does.
+    _, model = arch
+    original = prepared(model)
+    snapshot = original.snapshot()
+    expected = original.generate("", max_tokens=10, temperature=0.0)
+    restored = new_context(model)
+    restored.restore(snapshot)
+    assert_same_output(restored.generate("", max_tokens=10, temperature=0.0), expected)
+
+
+def test_llama_cpp_session_files_are_for_one_kv_cache(
+    arch: tuple[str, Model], tmp_path: pathlib.Path
+) -> None:
+    # llama.cpp's own whole-context file is read for plain attention only; the others are refused before
+    # llama.cpp sees the state, with the context unchanged.
+    _, model = arch
+    ctx = prepared(model)
+    path = tmp_path / "llama.session"
+    ctx.save_session(path, format="llama.cpp")
+    target = prepared(model)
+    before = target.tokens
+    if model.memory == "attention":
+        with pytest.warns(SessionInteropWarning):
+            target.load_session(path)
+        assert target.tokens == ctx.tokens
+    else:
+        with pytest.raises(SessionVersionError, match="one KV cache"):
+            target.load_session(path)
+        assert target.tokens == before

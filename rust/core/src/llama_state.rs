@@ -990,6 +990,117 @@ mod tests {
             .contains("at most 1"));
     }
 
+    fn memory_layouts() -> Vec<MemoryLayout> {
+        let recurrent = RecurrentLayout {
+            n_layer: 3,
+            r: vec![
+                RowLayout {
+                    ty: 0,
+                    row_bytes: 12,
+                };
+                2
+            ],
+            s: vec![
+                RowLayout {
+                    ty: 0,
+                    row_bytes: 20,
+                };
+                2
+            ],
+        };
+        vec![
+            MemoryLayout::SlidingWindow {
+                base: layout(true, 1),
+                swa: layout(false, 1),
+                n_swa: 4,
+            },
+            MemoryLayout::SlidingWindow {
+                base: layout(false, 3),
+                swa: layout(true, 3),
+                n_swa: 4,
+            },
+            MemoryLayout::Hybrid {
+                attention: layout(true, 2),
+                recurrent: recurrent.clone(),
+            },
+            MemoryLayout::Recurrent(recurrent),
+        ]
+    }
+
+    #[test]
+    fn synthesized_states_of_every_memory_kind_pass_and_every_truncation_fails() {
+        for l in memory_layouts() {
+            let n_seq = match &l {
+                MemoryLayout::SlidingWindow { base, .. } => base.n_stream,
+                MemoryLayout::Hybrid { attention, .. } => attention.n_stream,
+                _ => 2,
+            };
+            for seq in 0..n_seq {
+                for n in [0, 1, 3, 4, 5, 16] {
+                    let s = synthesize_memory(&l, seq, n, 7);
+                    check_memory_state(&s, &l, expected(seq, n))
+                        .unwrap_or_else(|e| panic!("{} seq {seq} n {n}: {e}", l.kind()));
+                    for other in [n.saturating_sub(1), n + 1] {
+                        if other != n {
+                            assert!(check_memory_state(&s, &l, expected(seq, other)).is_err());
+                        }
+                    }
+                }
+            }
+            let s = synthesize_memory(&l, 0, 6, 1);
+            for len in 0..s.len() {
+                assert!(check_memory_state(&s[..len], &l, expected(0, 6)).is_err());
+            }
+            let mut longer = s.clone();
+            longer.push(0);
+            assert!(check_memory_state(&longer, &l, expected(0, 6)).is_err());
+        }
+    }
+
+    #[test]
+    fn hostile_recurrent_and_window_cells_are_refused() {
+        let layouts = memory_layouts();
+        // Recurrent only: the cell count follows the magic and the sequence id.
+        let recurrent = &layouts[3];
+        let good = synthesize_memory(recurrent, 0, 5, 0);
+        for (at, value, message) in [
+            (8, 2, "the recurrent state holds 2 cells, expected 1"),
+            (12, 3, "the recurrent cell is at position 3, expected 4"),
+            (16, 1, "the recurrent cell lists 1 sequence ids"),
+            (20, 1, "S transposition 1"),
+            (24, 2, "the recurrent state has 2 layers, this model has 3"),
+        ] {
+            let mut s = good.clone();
+            put_i32(&mut s, at, value);
+            let err = check_memory_state(&s, recurrent, expected(0, 5)).unwrap_err();
+            assert!(
+                err.starts_with(message),
+                "{err:?} should start with {message:?}"
+            );
+        }
+        // Sliding window, one stream: the window cache's cells start after the full cache.
+        let window = &layouts[0];
+        let MemoryLayout::SlidingWindow { base, .. } = window else {
+            unreachable!()
+        };
+        let good = synthesize_memory(window, 0, 6, 0);
+        let base_len = synthesize(base, 0, 6, 0).len();
+        // The window cache: stream count, cell count 4 (positions 2..6), then the cells.
+        let first_cell = base_len + 8;
+        let mut s = good.clone();
+        put_i32(&mut s, first_cell, 0);
+        let err = check_memory_state(&s, window, expected(0, 6)).unwrap_err();
+        assert!(
+            err.starts_with("sliding-window cache: cell 0 is at position 0, expected 2"),
+            "{err}"
+        );
+        let mut s = good.clone();
+        put_i32(&mut s, base_len + 4, 6);
+        assert!(check_memory_state(&s, window, expected(0, 6))
+            .unwrap_err()
+            .starts_with("sliding-window cache: stream 0 holds 6 cells, expected 4"));
+    }
+
     #[test]
     fn a_huge_row_size_is_refused_without_allocating() {
         let l = layout(false, 1);

@@ -92,6 +92,7 @@ fn each_model_reports_its_memory_kind() {
             "the layout probe left nothing behind"
         );
         assert_eq!(ctx.llama_cell_count(0).unwrap(), 0);
+        assert!(ctx.kv_cache_bytes() > 0, "{name}");
     }
 }
 

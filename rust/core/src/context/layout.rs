@@ -71,7 +71,7 @@ fn state_layout(
     let meta = model.metadata();
     for (key, what) in OTHER_MEMORY_KEYS {
         let value = meta.get(&format!("{arch}.{key}"));
-        if value.is_some_and(|v| v.parse::<f64>().map_or(true, |n| n != 0.0)) {
+        if value.is_some_and(|v| v.parse::<f64>() != Ok(0.0)) {
             return Err(format!(
                 "this build checks the saved state of models with one plain KV cache; {arch:?} models have \
                  {what}, whose state it cannot verify yet, so it refuses to load it"

@@ -217,9 +217,40 @@ impl Context {
         self.capacity_per_sequence
     }
 
-    /// Bytes of the KV cache this context allocated (all `n_ctx` cells of every layer, used or not): what a
-    /// live context costs in memory besides llama.cpp's compute buffers.
+    /// Bytes of the KV cache this context allocated (all `n_ctx` cells of every layer, used or not; and the
+    /// recurrent states, one per sequence): what a live context costs in memory besides llama.cpp's compute
+    /// buffers.
     pub fn kv_cache_bytes(&self) -> usize {
+        let kv = |layout: &StateLayout| -> usize {
+            let per_cell: u64 = layout
+                .layers
+                .iter()
+                .map(|l| {
+                    l.k_row_bytes
+                        + if layout.v_trans {
+                            u64::from(l.v_element_bytes) * u64::from(l.v_width)
+                        } else {
+                            l.v_row_bytes
+                        }
+                })
+                .sum();
+            layout.max_cells * layout.n_stream as usize * per_cell as usize
+        };
+        let recurrent = |layout: &llama_state::RecurrentLayout| -> usize {
+            let per_sequence: u64 = layout.r.iter().chain(&layout.s).map(|r| r.row_bytes).sum();
+            self.sequences.len() * per_sequence as usize
+        };
+        // The other memories from their learnt layout: every cell of every cache, one recurrent state per
+        // sequence.
+        match &self.layout {
+            Ok(MemoryLayout::SlidingWindow { base, swa, .. }) => return kv(base) + kv(swa),
+            Ok(MemoryLayout::Hybrid {
+                attention,
+                recurrent: r,
+            }) => return kv(attention) + recurrent(r),
+            Ok(MemoryLayout::Recurrent(r)) => return recurrent(r),
+            Ok(MemoryLayout::Attention(_)) | Err(_) => {}
+        }
         let llama = &self.model.inner.llama;
         let heads = llama.n_head().max(1) as usize;
         let width = (llama.n_embd().max(0) as usize) * llama.n_head_kv() as usize / heads;
