@@ -15,8 +15,8 @@ from llama_sessions import (
     Context,
     Model,
     SessionCorruptError,
-    SessionManager,
     SessionInteropWarning,
+    SessionManager,
     SessionParamsMismatchError,
     SessionVersionError,
 )
