@@ -34,6 +34,8 @@ LONG_PROMPT = (
     "sea. One winter a dragon came out of the fog"
 )
 MORE = " and then the keeper said"
+#: One thread: the models are tiny, and on a busy machine llama.cpp's threads wait on each other for seconds.
+THREADS = 1
 
 
 @pytest.fixture(scope="module", params=list(ARCH_MODELS))
@@ -56,6 +58,7 @@ def new_context(model: Model, kv: KvType = "f16", n_seq_max: int = 1) -> Context
         type_v=kv,
         flash_attn=kv != "f16",
         n_seq_max=n_seq_max,
+        n_threads=THREADS,
     )
 
 
@@ -113,7 +116,7 @@ def test_file_and_snapshot_round_trips_continue_identically(
         from_file.load_session(path)
         assert_same_output(continuation(from_file), expected)
 
-        created = Context.from_session(model, path)
+        created = Context.from_session(model, path, n_threads=THREADS)
         assert_same_output(continuation(created), expected)
 
 
@@ -158,7 +161,7 @@ def test_truncate_continues_as_a_fresh_context(arch: tuple[str, Model]) -> None:
 
 def test_manager_prefix_reuse_and_revert(arch: tuple[str, Model], tmp_path: pathlib.Path) -> None:
     name, model = arch
-    manager = SessionManager(model, tmp_path, n_ctx=256, n_batch=32)
+    manager = SessionManager(model, tmp_path, n_ctx=256, n_batch=32, n_threads=THREADS)
     manager.create_session("s")
     first, reused = manager.generate_reusing_prefix("s", LONG_PROMPT, 6, temperature=0.0)
     assert reused == 0

@@ -37,6 +37,9 @@ fn params(n_seq_max: u32, kv: KvType) -> ContextParams {
         type_v: kv,
         flash_attn: kv != KvType::F16,
         n_seq_max,
+        // One thread: the models are tiny, and on a busy machine llama.cpp's threads wait on each other for
+        // seconds.
+        n_threads: 1,
         ..ContextParams::default()
     }
 }
