@@ -72,6 +72,50 @@ def variant_model_path(model_path: pathlib.Path, tmp_path_factory: pytest.TempPa
     return dst
 
 
+#: The tiny random-weight models of every memory kind (rust/core/tests/common/arch_models.rs), by file stem.
+ARCH_MODELS = {
+    "tiny-llama": "attention",
+    "tiny-gemma3": "sliding_window",
+    "tiny-lfm2": "hybrid",
+    "tiny-mamba2": "recurrent",
+}
+#: gemma3's window in the tiny model.
+GEMMA3_N_SWA = 16
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def arch_models_dir() -> pathlib.Path:
+    """Where the tiny models are cached: ``$LLAMA_SESSIONS_ARCH_MODELS`` or ``models/arch`` in the cache."""
+    from llama_sessions import cache_dir
+
+    override = os.environ.get("LLAMA_SESSIONS_ARCH_MODELS")
+    return pathlib.Path(override) if override else cache_dir() / "models" / "arch"
+
+
+@pytest.fixture(scope="session")
+def arch_model_paths(model_path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The tiny models, built on first use by the ``make_arch_models`` example (llama.cpp builds them from
+    GGUF metadata, with SmolLM2's tokenizer; seconds) and cached."""
+    out = arch_models_dir()
+    paths = {name: out / f"{name}.gguf" for name in ARCH_MODELS}
+    if not all(p.exists() for p in paths.values()):
+        cargo = require_tool("cargo", "it builds the tiny test models")
+        env = dict(os.environ)
+        env.setdefault(
+            "CARGO_TARGET_DIR",
+            str(
+                pathlib.Path(env.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+                / "llama-sessions"
+                / "target"
+            ),
+        )
+        command = [cargo, "run", "--release", "--locked", "-q", "-p", "llama-sessions", "--example"]
+        command += ["make_arch_models", "--", str(model_path), str(out)]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+    return paths
+
+
 def run_cli(*args: str, model_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
     return subprocess.run(

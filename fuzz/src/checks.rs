@@ -819,6 +819,7 @@ pub fn header_for(layout: &StateLayout, sequences: Vec<SequenceRecord>) -> Sessi
             flash_attn: !layout.v_trans,
             n_seq_max: layout.n_stream,
         },
+        memory: None,
         sequences,
         metadata: serde_json::Map::new(),
         signature: None,

@@ -21,6 +21,7 @@ SAMPLING_DEFAULTS: dict[str, Any]
 KvType = Literal["f16", "q8_0", "q4_0"]
 StopReason = Literal["eog", "stop", "length", "context_full"]
 SessionFileFormat = Literal["llama-sessions", "llama.cpp"]
+MemoryKind = Literal["attention", "sliding_window", "hybrid", "recurrent"]
 
 @final
 class Model:
@@ -53,6 +54,19 @@ class Model:
     @property
     def n_embd(self) -> int:
         """Embedding width."""
+    @property
+    def memory(self) -> MemoryKind:
+        """How llama.cpp keeps the memory of a sequence: ``"attention"`` (one KV cache), ``"sliding_window"``
+        (a full-attention cache and a window cache), ``"hybrid"`` (attention and recurrent layers) or
+        ``"recurrent"``. See docs/architectures.md for what each supports."""
+    @property
+    def partial_truncation(self) -> bool:
+        """Whether llama.cpp can cut a sequence back in place. When it cannot (recurrent state),
+        ``Context.truncate`` decodes the kept tokens again from the start: still exact, at the cost of
+        decoding them."""
+    @property
+    def n_swa(self) -> int:
+        """The sliding window in tokens (0 without one)."""
     @property
     def metadata(self) -> dict[str, str]:
         """The GGUF metadata, every value rendered as a string by llama.cpp."""
@@ -260,6 +274,11 @@ class Context:
     def truncate(self, n: int, *, seq: int = 0) -> None:
         """Keep the first ``n`` tokens of sequence ``seq`` and drop the rest; the next call continues at
         position ``n``.
+
+        Where the memory cannot be cut back in place (recurrent and hybrid models, see
+        ``Model.partial_truncation``; a sliding-window model restored from a state, below its last token),
+        the sequence is emptied and its first ``n`` tokens are decoded again: the result is exactly what a
+        fresh context that decoded them holds, at the cost of decoding ``n`` tokens.
 
         Raises InvalidParameterError when ``n`` is negative or above token_count(seq).
         """

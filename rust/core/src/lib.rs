@@ -44,7 +44,7 @@ pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{
     ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager, SessionTurn, TurnWait,
 };
-pub use model::{ChatMessage, Model, ModelParams};
+pub use model::{ChatMessage, MemoryKind, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
 pub use sampling::{SamplingParams, DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 pub use session::{

@@ -126,7 +126,7 @@ pub fn check_sequence_state(
             ));
         }
         if cells > 0 {
-            check_cells(&mut r, layout, expected.saved_seq, cells)?;
+            check_cells(&mut r, layout, expected.saved_seq, 0, cells)?;
             check_rows(&mut r, layout, cells)?;
         }
     }
@@ -176,7 +176,7 @@ pub fn check_whole_state(
         ));
     }
     if cells > 0 {
-        check_cells(&mut r, layout, 0, cells)?;
+        check_cells(&mut r, layout, 0, 0, cells)?;
         check_rows(&mut r, layout, cells)?;
     }
     if r.at != state.len() {
@@ -188,17 +188,460 @@ pub fn check_whole_state(
     Ok(cells)
 }
 
+/// What a context's memory holds per sequence, section by section, in the order llama.cpp writes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryLayout {
+    /// One KV cache (plain attention).
+    Attention(StateLayout),
+    /// Sliding-window attention (`llama_kv_cache_iswa`): the cache of the layers that see everything, then
+    /// the cache of the layers that see the last `n_swa` positions, which holds (in a state) only those.
+    SlidingWindow {
+        /// The layers that attend to every position.
+        base: StateLayout,
+        /// The sliding-window layers.
+        swa: StateLayout,
+        /// The window: a state holds the last `n_swa` positions of these layers.
+        n_swa: usize,
+    },
+    /// Attention layers in a KV cache, then recurrent layers (`llama_memory_hybrid`).
+    Hybrid {
+        /// The attention layers.
+        attention: StateLayout,
+        /// The recurrent layers.
+        recurrent: RecurrentLayout,
+    },
+    /// Recurrent layers only (`llama_memory_recurrent`).
+    Recurrent(RecurrentLayout),
+}
+
+/// The recurrent part of a state: one cell per sequence holding its whole history, as llama.cpp's
+/// `llama_memory_recurrent::state_write` writes it:
+///
+/// ```text
+/// u32 cell count (1, or 0 for an empty sequence); per cell: i32 position (the last token's), u32 0
+/// u32 s_trans (0), u32 layer count (all layers of the model)
+/// per recurrent layer: i32 R type, u64 R row bytes, cells x row bytes
+/// per recurrent layer: i32 S type, u64 S row bytes, cells x row bytes
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecurrentLayout {
+    /// The model's layer count, recurrent or not (llama.cpp writes it and skips the others).
+    pub n_layer: u32,
+    /// The recurrent layers' (convolution) R states, in order.
+    pub r: Vec<RowLayout>,
+    /// Their (SSM) S states.
+    pub s: Vec<RowLayout>,
+}
+
+/// A type and a row size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLayout {
+    /// ggml type id.
+    pub ty: i32,
+    /// Bytes of one row (one cell).
+    pub row_bytes: u64,
+}
+
+impl MemoryLayout {
+    /// The memory kind's name, as the API and session headers spell it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MemoryLayout::Attention(_) => "attention",
+            MemoryLayout::SlidingWindow { .. } => "sliding_window",
+            MemoryLayout::Hybrid { .. } => "hybrid",
+            MemoryLayout::Recurrent(_) => "recurrent",
+        }
+    }
+}
+
+/// Checks that `state` is a well-formed state of exactly `expected.token_count` tokens of sequence
+/// `expected.saved_seq` for a context whose memory is `layout`: every KV section holds one cell per token it
+/// must keep (all of them; in a sliding-window cache, the last `n_swa`), at consecutive positions, each in the
+/// saved sequence alone; a recurrent section holds one cell (none for an empty sequence) at the last token's
+/// position; every type and size is this context's and no byte is left over.
+pub fn check_memory_state(
+    state: &[u8],
+    layout: &MemoryLayout,
+    expected: Expected,
+) -> Result<(), String> {
+    let attention = match layout {
+        MemoryLayout::Attention(kv) => return check_sequence_state(state, kv, expected),
+        MemoryLayout::SlidingWindow { base, .. } => Some(base),
+        MemoryLayout::Hybrid { attention, .. } => Some(attention),
+        MemoryLayout::Recurrent(_) => None,
+    };
+    let mut r = Reader {
+        bytes: state,
+        at: 0,
+    };
+    check_preamble(&mut r, expected)?;
+    if let Some(kv) = attention {
+        check_kv_section(&mut r, kv, expected, 0, "")?;
+    }
+    match layout {
+        MemoryLayout::SlidingWindow { swa, n_swa, .. } => {
+            let first = expected.token_count.saturating_sub(*n_swa);
+            check_kv_section(&mut r, swa, expected, first, "sliding-window cache: ")?;
+        }
+        MemoryLayout::Hybrid { recurrent, .. } | MemoryLayout::Recurrent(recurrent) => {
+            check_recurrent_section(&mut r, recurrent, expected.token_count)?;
+        }
+        MemoryLayout::Attention(_) => unreachable!("handled above"),
+    }
+    if r.at != state.len() {
+        return Err(format!(
+            "{} bytes follow the end of the state",
+            state.len() - r.at
+        ));
+    }
+    Ok(())
+}
+
+fn check_preamble(r: &mut Reader<'_>, expected: Expected) -> Result<(), String> {
+    let magic = r.u32("the state's magic")?;
+    if magic != IO_MAGIC {
+        return Err(format!(
+            "the state's magic is {magic:#010x}, expected {IO_MAGIC:#010x}"
+        ));
+    }
+    let saved_seq = r.i32("the saved sequence id")?;
+    if i64::from(saved_seq) != i64::from(expected.saved_seq) {
+        return Err(format!(
+            "the state belongs to sequence {saved_seq}, the header records sequence {}",
+            expected.saved_seq
+        ));
+    }
+    Ok(())
+}
+
+/// One KV cache's part of a sequence state: the cells of positions `first..token_count`.
+fn check_kv_section(
+    r: &mut Reader<'_>,
+    layout: &StateLayout,
+    expected: Expected,
+    first: usize,
+    what: &str,
+) -> Result<(), String> {
+    let n_stream = r.u32("the stream count")?;
+    if n_stream != layout.n_stream {
+        return Err(format!(
+            "{what}the state has {n_stream} KV streams, this context has {}",
+            layout.n_stream
+        ));
+    }
+    if expected.token_count > layout.max_cells {
+        return Err(format!(
+            "the header records {} tokens, a sequence of this context holds at most {}",
+            expected.token_count, layout.max_cells
+        ));
+    }
+    let home_stream = if layout.n_stream > 1 {
+        expected.saved_seq
+    } else {
+        0
+    };
+    for stream in 0..n_stream {
+        let cells = r.u32("a stream's cell count")? as usize;
+        let wanted = if stream == home_stream {
+            expected.token_count - first
+        } else {
+            0
+        };
+        if cells != wanted {
+            return Err(format!(
+                "{what}stream {stream} holds {cells} cells, expected {wanted} (one per position {first}..{})",
+                expected.token_count
+            ));
+        }
+        if cells > 0 {
+            check_cells(r, layout, expected.saved_seq, first, cells)
+                .map_err(|e| format!("{what}{e}"))?;
+            check_rows(r, layout, cells).map_err(|e| format!("{what}{e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_recurrent_section(
+    r: &mut Reader<'_>,
+    layout: &RecurrentLayout,
+    token_count: usize,
+) -> Result<(), String> {
+    let cells = r.u32("the recurrent cell count")? as usize;
+    let wanted = usize::from(token_count > 0);
+    if cells != wanted {
+        return Err(format!(
+            "the recurrent state holds {cells} cells, expected {wanted} (one per sequence that holds tokens)"
+        ));
+    }
+    if cells == 1 {
+        let pos = r.i32("the recurrent cell's position")?;
+        if i64::from(pos) != token_count as i64 - 1 {
+            return Err(format!(
+                "the recurrent cell is at position {pos}, expected {} (the last token's)",
+                token_count - 1
+            ));
+        }
+        let n_seq = r.u32("the recurrent cell's sequence-id count")?;
+        if n_seq != 0 {
+            return Err(format!(
+                "the recurrent cell lists {n_seq} sequence ids, a sequence's state lists none"
+            ));
+        }
+    }
+    let s_trans = r.u32("the S transposition flag")?;
+    if s_trans != 0 {
+        return Err(format!("S transposition {s_trans}, llama.cpp writes 0"));
+    }
+    let n_layer = r.u32("the recurrent layer count")?;
+    if n_layer != layout.n_layer {
+        return Err(format!(
+            "the recurrent state has {n_layer} layers, this model has {}",
+            layout.n_layer
+        ));
+    }
+    for (part, rows) in [("R", &layout.r), ("S", &layout.s)] {
+        for (i, row) in rows.iter().enumerate() {
+            expect_i32(
+                r,
+                row.ty,
+                &format!("the {part} type of recurrent layer {i}"),
+            )?;
+            expect_u64(
+                r,
+                row.row_bytes,
+                &format!("the {part} row size of recurrent layer {i}"),
+            )?;
+            r.skip_rows(cells, row.row_bytes, &format!("{part} rows"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Learns a context's layout from llama.cpp's state of a sequence holding exactly one token (at position 0)
+/// in a fresh context of that layout: the sections are those of `kind` ("sliding_window", "hybrid",
+/// "recurrent"), their layer counts, types and row sizes are read from the state itself. llama.cpp wrote
+/// these bytes for this very context, so they are trusted; what they teach is then required of every state
+/// handed back. `max_cells` and `n_swa` come from the context and the model.
+pub fn learn_memory_layout(
+    state: &[u8],
+    kind: &str,
+    max_cells: usize,
+    n_swa: usize,
+    cell_ext_bytes: usize,
+) -> Result<MemoryLayout, String> {
+    let mut r = Reader {
+        bytes: state,
+        at: 0,
+    };
+    let magic = r.u32("the state's magic")?;
+    if magic != IO_MAGIC {
+        return Err(format!("the probe state's magic is {magic:#010x}"));
+    }
+    let seq = r.i32("the saved sequence id")?;
+    if seq != 0 {
+        return Err(format!("the probe state is of sequence {seq}, expected 0"));
+    }
+    let layout = match kind {
+        "sliding_window" => {
+            let base = learn_kv_section(&mut r, max_cells, cell_ext_bytes)?;
+            let swa = learn_kv_section(&mut r, max_cells, cell_ext_bytes)?;
+            MemoryLayout::SlidingWindow { base, swa, n_swa }
+        }
+        "hybrid" => {
+            let attention = learn_kv_section(&mut r, max_cells, cell_ext_bytes)?;
+            let recurrent = learn_recurrent_section(&mut r)?;
+            MemoryLayout::Hybrid {
+                attention,
+                recurrent,
+            }
+        }
+        "recurrent" => MemoryLayout::Recurrent(learn_recurrent_section(&mut r)?),
+        other => return Err(format!("no layout to learn for memory kind {other:?}")),
+    };
+    if r.at != state.len() {
+        return Err(format!(
+            "{} bytes follow the probe state's last section",
+            state.len() - r.at
+        ));
+    }
+    Ok(layout)
+}
+
+/// A KV section whose first stream holds one cell (position 0, sequence 0) and the others none.
+fn learn_kv_section(
+    r: &mut Reader<'_>,
+    max_cells: usize,
+    cell_ext_bytes: usize,
+) -> Result<StateLayout, String> {
+    let n_stream = r.u32("the stream count")?;
+    let mut found = None;
+    for stream in 0..n_stream {
+        let cells = r.u32("a stream's cell count")?;
+        match (stream, cells) {
+            (0, 1) => {}
+            (_, 0) => continue,
+            _ => return Err(format!("the probe's stream {stream} holds {cells} cells")),
+        }
+        let pos = r.i32("the cell's position")?;
+        let n_seq = r.u32("the cell's sequence-id count")?;
+        if (pos, n_seq) != (0, 1) {
+            return Err(format!(
+                "the probe's cell is at position {pos} in {n_seq} sequences"
+            ));
+        }
+        r.skip(cell_ext_bytes, "a cell's extension")?;
+        r.i32("the cell's sequence id")?;
+        let v_trans = r.u32("the V transposition flag")? != 0;
+        let n_layer = r.u32("the layer count")?;
+        let n_rot_k = r.u32("the K rotation")?;
+        let n_rot_v = r.u32("the V rotation")?;
+        let mut layers = Vec::new();
+        for _ in 0..n_layer {
+            let k_type = r.i32("a K type")?;
+            let k_row_bytes = r.u64("a K row size")?;
+            r.skip_rows(1, k_row_bytes, "K rows")?;
+            layers.push(LayerLayout {
+                k_type,
+                k_row_bytes,
+                v_type: 0,
+                v_row_bytes: 0,
+                v_element_bytes: 0,
+                v_width: 0,
+            });
+        }
+        for layer in &mut layers {
+            layer.v_type = r.i32("a V type")?;
+            if v_trans {
+                layer.v_element_bytes = r.u32("a V element size")?;
+                layer.v_width = r.u32("a V width")?;
+                let column = u64::from(layer.v_element_bytes) * u64::from(layer.v_width);
+                r.skip_rows(1, column, "V columns")?;
+            } else {
+                layer.v_row_bytes = r.u64("a V row size")?;
+                r.skip_rows(1, layer.v_row_bytes, "V rows")?;
+            }
+        }
+        found = Some(StateLayout {
+            n_stream,
+            cell_ext_bytes,
+            v_trans,
+            n_rot_k,
+            n_rot_v,
+            layers,
+            max_cells,
+        });
+    }
+    found.ok_or_else(|| "the probe's KV section holds no cell".to_owned())
+}
+
+fn learn_recurrent_section(r: &mut Reader<'_>) -> Result<RecurrentLayout, String> {
+    let cells = r.u32("the recurrent cell count")?;
+    if cells != 1 {
+        return Err(format!("the probe's recurrent state holds {cells} cells"));
+    }
+    r.i32("the recurrent cell's position")?;
+    r.u32("the recurrent cell's sequence-id count")?;
+    r.u32("the S transposition flag")?;
+    let n_layer = r.u32("the recurrent layer count")?;
+    // R rows of every recurrent layer, then S rows of the same layers: the two lists have the same length,
+    // which the byte count tells (each row is one cell long here).
+    let mut rows = Vec::new();
+    while r.at < r.bytes.len() {
+        let ty = r.i32("a recurrent row type")?;
+        let row_bytes = r.u64("a recurrent row size")?;
+        r.skip_rows(1, row_bytes, "recurrent rows")?;
+        rows.push(RowLayout { ty, row_bytes });
+    }
+    if rows.len() % 2 != 0 {
+        return Err(format!(
+            "the probe's recurrent state has {} row blocks, expected R and S for each layer",
+            rows.len()
+        ));
+    }
+    let s = rows.split_off(rows.len() / 2);
+    Ok(RecurrentLayout {
+        n_layer,
+        r: rows,
+        s,
+    })
+}
+
+/// Builds a well-formed state of `token_count` tokens of sequence `seq` for `layout` (payload bytes all
+/// `fill`), the way llama.cpp writes one.
+pub fn synthesize_memory(layout: &MemoryLayout, seq: u32, token_count: usize, fill: u8) -> Vec<u8> {
+    let kv_part = |kv: &StateLayout, first: usize| -> Vec<u8> {
+        let mut full = synthesize(kv, seq, token_count, fill);
+        if first == 0 {
+            return full.split_off(8);
+        }
+        // Rebuild with the positions first..token_count: synthesize the cells count, then shift positions.
+        let mut part = synthesize(kv, seq, token_count - first, fill).split_off(8);
+        let home = if kv.n_stream > 1 { seq as usize } else { 0 };
+        // Offset of the home stream's first cell: the stream count, the empty streams before it, its count.
+        let mut at = 4 + 4 * home + 4;
+        for i in 0..token_count - first {
+            part[at..at + 4].copy_from_slice(&((first + i) as i32).to_le_bytes());
+            at += 12 + kv.cell_ext_bytes;
+        }
+        part
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(&IO_MAGIC.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    match layout {
+        MemoryLayout::Attention(kv) => out.extend(kv_part(kv, 0)),
+        MemoryLayout::SlidingWindow { base, swa, n_swa } => {
+            out.extend(kv_part(base, 0));
+            out.extend(kv_part(swa, token_count.saturating_sub(*n_swa)));
+        }
+        MemoryLayout::Hybrid {
+            attention,
+            recurrent,
+        } => {
+            out.extend(kv_part(attention, 0));
+            out.extend(recurrent_part(recurrent, token_count, fill));
+        }
+        MemoryLayout::Recurrent(recurrent) => {
+            out.extend(recurrent_part(recurrent, token_count, fill))
+        }
+    }
+    out
+}
+
+fn recurrent_part(layout: &RecurrentLayout, token_count: usize, fill: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let cells = usize::from(token_count > 0);
+    out.extend_from_slice(&(cells as u32).to_le_bytes());
+    if cells == 1 {
+        out.extend_from_slice(&(token_count as i32 - 1).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&layout.n_layer.to_le_bytes());
+    for row in layout.r.iter().chain(&layout.s) {
+        out.extend_from_slice(&row.ty.to_le_bytes());
+        out.extend_from_slice(&row.row_bytes.to_le_bytes());
+        out.extend(std::iter::repeat_n(fill, cells * row.row_bytes as usize));
+    }
+    out
+}
+
 fn check_cells(
     r: &mut Reader<'_>,
     layout: &StateLayout,
     seq: u32,
+    first: usize,
     cells: usize,
 ) -> Result<(), String> {
     for i in 0..cells {
         let pos = r.i32("a cell's position")?;
-        if i64::from(pos) != i as i64 {
+        let want = first + i;
+        if i64::from(pos) != want as i64 {
             return Err(format!(
-                "cell {i} is at position {pos}, expected {i} (cells must hold positions 0..{cells} in order)"
+                "cell {i} is at position {pos}, expected {want} (cells must hold positions {first}..{} in \
+                 order)",
+                first + cells
             ));
         }
         let n_seq = r.u32("a cell's sequence-id count")?;
@@ -545,6 +988,117 @@ mod tests {
         assert!(check_sequence_state(&s, &fewer, expected(0, 2))
             .unwrap_err()
             .contains("at most 1"));
+    }
+
+    fn memory_layouts() -> Vec<MemoryLayout> {
+        let recurrent = RecurrentLayout {
+            n_layer: 3,
+            r: vec![
+                RowLayout {
+                    ty: 0,
+                    row_bytes: 12,
+                };
+                2
+            ],
+            s: vec![
+                RowLayout {
+                    ty: 0,
+                    row_bytes: 20,
+                };
+                2
+            ],
+        };
+        vec![
+            MemoryLayout::SlidingWindow {
+                base: layout(true, 1),
+                swa: layout(false, 1),
+                n_swa: 4,
+            },
+            MemoryLayout::SlidingWindow {
+                base: layout(false, 3),
+                swa: layout(true, 3),
+                n_swa: 4,
+            },
+            MemoryLayout::Hybrid {
+                attention: layout(true, 2),
+                recurrent: recurrent.clone(),
+            },
+            MemoryLayout::Recurrent(recurrent),
+        ]
+    }
+
+    #[test]
+    fn synthesized_states_of_every_memory_kind_pass_and_every_truncation_fails() {
+        for l in memory_layouts() {
+            let n_seq = match &l {
+                MemoryLayout::SlidingWindow { base, .. } => base.n_stream,
+                MemoryLayout::Hybrid { attention, .. } => attention.n_stream,
+                _ => 2,
+            };
+            for seq in 0..n_seq {
+                for n in [0, 1, 3, 4, 5, 16] {
+                    let s = synthesize_memory(&l, seq, n, 7);
+                    check_memory_state(&s, &l, expected(seq, n))
+                        .unwrap_or_else(|e| panic!("{} seq {seq} n {n}: {e}", l.kind()));
+                    for other in [n.saturating_sub(1), n + 1] {
+                        if other != n {
+                            assert!(check_memory_state(&s, &l, expected(seq, other)).is_err());
+                        }
+                    }
+                }
+            }
+            let s = synthesize_memory(&l, 0, 6, 1);
+            for len in 0..s.len() {
+                assert!(check_memory_state(&s[..len], &l, expected(0, 6)).is_err());
+            }
+            let mut longer = s.clone();
+            longer.push(0);
+            assert!(check_memory_state(&longer, &l, expected(0, 6)).is_err());
+        }
+    }
+
+    #[test]
+    fn hostile_recurrent_and_window_cells_are_refused() {
+        let layouts = memory_layouts();
+        // Recurrent only: the cell count follows the magic and the sequence id.
+        let recurrent = &layouts[3];
+        let good = synthesize_memory(recurrent, 0, 5, 0);
+        for (at, value, message) in [
+            (8, 2, "the recurrent state holds 2 cells, expected 1"),
+            (12, 3, "the recurrent cell is at position 3, expected 4"),
+            (16, 1, "the recurrent cell lists 1 sequence ids"),
+            (20, 1, "S transposition 1"),
+            (24, 2, "the recurrent state has 2 layers, this model has 3"),
+        ] {
+            let mut s = good.clone();
+            put_i32(&mut s, at, value);
+            let err = check_memory_state(&s, recurrent, expected(0, 5)).unwrap_err();
+            assert!(
+                err.starts_with(message),
+                "{err:?} should start with {message:?}"
+            );
+        }
+        // Sliding window, one stream: the window cache's cells start after the full cache.
+        let window = &layouts[0];
+        let MemoryLayout::SlidingWindow { base, .. } = window else {
+            unreachable!()
+        };
+        let good = synthesize_memory(window, 0, 6, 0);
+        let base_len = synthesize(base, 0, 6, 0).len();
+        // The window cache: stream count, cell count 4 (positions 2..6), then the cells.
+        let first_cell = base_len + 8;
+        let mut s = good.clone();
+        put_i32(&mut s, first_cell, 0);
+        let err = check_memory_state(&s, window, expected(0, 6)).unwrap_err();
+        assert!(
+            err.starts_with("sliding-window cache: cell 0 is at position 0, expected 2"),
+            "{err}"
+        );
+        let mut s = good.clone();
+        put_i32(&mut s, base_len + 4, 6);
+        assert!(check_memory_state(&s, window, expected(0, 6))
+            .unwrap_err()
+            .starts_with("sliding-window cache: stream 0 holds 6 cells, expected 4"));
     }
 
     #[test]

@@ -33,6 +33,44 @@ impl Default for ModelParams {
     }
 }
 
+/// Architectures whose layers llama.cpp splits into full and sliding-window attention with two KV caches
+/// (`llama_kv_cache_iswa`) when the model has a window, with the standard window (a token sees the last
+/// `n_swa` positions). Others with a window (llama4's chunks, for one) are not listed: their states are
+/// refused rather than checked by the wrong rule.
+const SLIDING_WINDOW_ARCHITECTURES: [&str; 4] = ["gemma2", "gemma3", "cohere2", "gpt-oss"];
+
+/// How a model's memory of a sequence is kept by llama.cpp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemoryKind {
+    /// One KV cache: one cell per token, any suffix can be dropped.
+    Attention,
+    /// Full-attention layers in one KV cache, sliding-window layers in another; a saved state keeps the
+    /// window's last `n_swa` positions of the latter.
+    SlidingWindow,
+    /// Attention layers in a KV cache and recurrent layers in a state per sequence.
+    Hybrid,
+    /// Recurrent layers only: one state per sequence, which cannot be cut back to an earlier position.
+    Recurrent,
+}
+
+impl MemoryKind {
+    /// "attention", "sliding_window", "hybrid" or "recurrent".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryKind::Attention => "attention",
+            MemoryKind::SlidingWindow => "sliding_window",
+            MemoryKind::Hybrid => "hybrid",
+            MemoryKind::Recurrent => "recurrent",
+        }
+    }
+
+    /// Whether llama.cpp can drop the end of a sequence in place. Where it cannot (recurrent state), a
+    /// truncate decodes the kept tokens again from the start (see `Context::truncate`).
+    pub fn partial_truncation(self) -> bool {
+        matches!(self, MemoryKind::Attention | MemoryKind::SlidingWindow)
+    }
+}
+
 /// One chat message for [`Model::apply_chat_template`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -145,6 +183,37 @@ impl Model {
     /// Embedding width.
     pub fn n_embd(&self) -> u32 {
         u32::try_from(self.inner.llama.n_embd()).unwrap_or(0)
+    }
+
+    /// How llama.cpp keeps this model's memory of a sequence, which decides what a state holds and whether a
+    /// sequence can be cut back (see [`MemoryKind`]).
+    pub fn memory_kind(&self) -> MemoryKind {
+        let llama = &self.inner.llama;
+        if llama.is_hybrid() {
+            MemoryKind::Hybrid
+        } else if llama.is_recurrent() {
+            MemoryKind::Recurrent
+        } else if self.n_swa() > 0 {
+            MemoryKind::SlidingWindow
+        } else {
+            MemoryKind::Attention
+        }
+    }
+
+    /// The sliding window in tokens of an architecture whose sliding-window layers llama.cpp runs with a
+    /// window cache, 0 for the others (a `sliding_window` key alone does not make one: llama.cpp ignores it in
+    /// many architectures, and writes it, as 0, for all).
+    pub fn n_swa(&self) -> u32 {
+        if !SLIDING_WINDOW_ARCHITECTURES.contains(&self.architecture())
+            && !self.inner.llama.is_hybrid()
+        {
+            return 0;
+        }
+        self.inner
+            .metadata
+            .get(&format!("{}.attention.sliding_window", self.architecture()))
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
     }
 
     /// The model's default chat template (Jinja source), if it has one.

@@ -12,8 +12,8 @@ use crate::error::{Error, ParamMismatch, ParamValue, Result};
 use crate::model::Model;
 use crate::params::{allocated_sizes, ContextParams, KvType};
 use crate::session_format::{
-    self as format, ModelRecord, OpenedSession, ParamsRecord, Precomputed, SequenceRecord,
-    SessionHeader, SessionKind,
+    self as format, MemoryRecord, ModelRecord, OpenedSession, ParamsRecord, Precomputed,
+    SequenceRecord, SessionHeader, SessionKind,
 };
 use crate::signing::{SessionKey, MAC_LEN};
 use ParamValue::{Int, Text};
@@ -111,6 +111,7 @@ impl SessionInfo {
                     flash_attn: false,
                     n_seq_max: 1,
                 },
+                memory: None,
                 sequences: vec![SequenceRecord {
                     seq: 0,
                     tokens: header.tokens.clone(),
@@ -343,6 +344,44 @@ pub fn params_from_record(
         flash_attn: record.flash_attn,
         n_seq_max: record.n_seq_max,
     })
+}
+
+/// The differences between the memory geometry a session records and this context's (`None`: one KV cache).
+pub(crate) fn memory_mismatches(
+    saved: Option<&MemoryRecord>,
+    current: Option<&MemoryRecord>,
+) -> Vec<ParamMismatch> {
+    let kind = |r: Option<&MemoryRecord>| r.map_or("attention".to_owned(), |r| r.kind.clone());
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, saved: ParamValue, current: ParamValue| {
+        if saved != current {
+            out.push(ParamMismatch {
+                name,
+                saved,
+                current,
+            });
+        }
+    };
+    check("memory", Text(kind(saved)), Text(kind(current)));
+    if let (Some(saved), Some(current)) = (saved, current) {
+        check("n_swa", Int(saved.n_swa), Int(current.n_swa));
+        check(
+            "swa_cache_cells",
+            Int(u32::try_from(saved.swa_cache_cells).unwrap_or(u32::MAX)),
+            Int(u32::try_from(current.swa_cache_cells).unwrap_or(u32::MAX)),
+        );
+        check(
+            "recurrent_r_bytes",
+            Text(format!("{:?}", saved.recurrent_r_bytes)),
+            Text(format!("{:?}", current.recurrent_r_bytes)),
+        );
+        check(
+            "recurrent_s_bytes",
+            Text(format!("{:?}", saved.recurrent_s_bytes)),
+            Text(format!("{:?}", current.recurrent_s_bytes)),
+        );
+    }
+    out
 }
 
 /// The parameters of `saved` that differ from `current`. Both are compared as llama.cpp allocates them

@@ -63,6 +63,10 @@ pub struct SessionHeader {
     pub model: ModelRecord,
     /// The context parameters the state depends on.
     pub params: ParamsRecord,
+    /// The model's memory when it is not one KV cache (sliding window, hybrid, recurrent): what a restore
+    /// needs to match. Absent for plain attention (and in files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryRecord>,
     /// The sequences held, with their tokens and the size of their state bytes, in file order.
     pub sequences: Vec<SequenceRecord>,
     /// The caller's metadata (a JSON object).
@@ -71,6 +75,25 @@ pub struct SessionHeader {
     /// The signature scheme of a signed session ([`SCHEME`]); absent when unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+}
+
+/// The memory geometry a session's states were written with, for models whose memory is not one KV cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRecord {
+    /// "sliding_window", "hybrid" or "recurrent".
+    pub kind: String,
+    /// The sliding window, in tokens (0 without one).
+    #[serde(default)]
+    pub n_swa: u32,
+    /// Cells of the sliding-window cache per sequence (0 without one).
+    #[serde(default)]
+    pub swa_cache_cells: u64,
+    /// Row bytes of the recurrent R states, per recurrent layer.
+    #[serde(default)]
+    pub recurrent_r_bytes: Vec<u64>,
+    /// Row bytes of the recurrent S states, per recurrent layer.
+    #[serde(default)]
+    pub recurrent_s_bytes: Vec<u64>,
 }
 
 /// The identity of the model that wrote a session.
@@ -597,6 +620,7 @@ mod tests {
                 flash_attn: false,
                 n_seq_max: 2,
             },
+            memory: None,
             sequences: vec![
                 SequenceRecord {
                     seq: 0,

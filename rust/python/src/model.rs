@@ -180,6 +180,24 @@ impl PyModel {
         self.inner.n_embd()
     }
 
+    /// How llama.cpp keeps the memory of a sequence: "attention", "sliding_window", "hybrid" or "recurrent".
+    #[getter]
+    fn memory(&self) -> &'static str {
+        self.inner.memory_kind().as_str()
+    }
+
+    /// Whether llama.cpp can cut a sequence back in place (False for recurrent state).
+    #[getter]
+    fn partial_truncation(&self) -> bool {
+        self.inner.memory_kind().partial_truncation()
+    }
+
+    /// The sliding window in tokens, 0 without one.
+    #[getter]
+    fn n_swa(&self) -> u32 {
+        self.inner.n_swa()
+    }
+
     /// The GGUF metadata, every value rendered as a string by llama.cpp.
     #[getter]
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -4,13 +4,53 @@
 //! states llama.cpp really wrote, for every KV type with and without flash attention, so a llama.cpp update
 //! that changes the rules fails there first.
 
-use crate::llama_state::{LayerLayout, StateLayout};
-use crate::model::Model;
+use crate::llama_state::{LayerLayout, MemoryLayout, StateLayout};
+use crate::model::{MemoryKind, Model};
 use crate::params::{ContextParams, KvType};
 
-/// Metadata keys whose presence means a memory that is not one plain KV cache (sliding-window attention keeps
-/// a second cache; recurrent layers keep a state per sequence). Their layouts are not checked by this build
-/// yet, so their sessions are refused rather than handed to llama.cpp unchecked.
+/// How a new context learns the layout of its sequences' states.
+pub(super) enum LayoutPlan {
+    /// Derived from the hyperparameters (plain attention), or why it cannot be.
+    Ready(Result<MemoryLayout, String>),
+    /// Sliding-window, hybrid and recurrent memories: the sections are those of `kind`; their layers, types
+    /// and row sizes are read from llama.cpp's state of one token decoded in the fresh context
+    /// ([`crate::llama_state::learn_memory_layout`]).
+    Probe {
+        kind: MemoryKind,
+        n_swa: usize,
+        cell_ext_bytes: usize,
+    },
+}
+
+/// How the context learns its layout: see [`LayoutPlan`].
+pub(super) fn plan(model: &Model, params: &ContextParams, max_cells: usize) -> LayoutPlan {
+    let kind = model.memory_kind();
+    let cell_ext_bytes = if uses_multi_position_rope(model) {
+        12
+    } else {
+        0
+    };
+    match kind {
+        MemoryKind::Attention => {
+            LayoutPlan::Ready(state_layout(model, params, max_cells).map(MemoryLayout::Attention))
+        }
+        MemoryKind::Hybrid if model.n_swa() > 0 => LayoutPlan::Ready(Err(format!(
+            "{:?} models with a sliding window in their attention layers keep three memories (full, window \
+             and recurrent) whose state this build does not check yet, so it refuses to load it",
+            model.architecture()
+        ))),
+        _ => LayoutPlan::Probe {
+            kind,
+            n_swa: model.n_swa() as usize,
+            cell_ext_bytes,
+        },
+    }
+}
+
+/// Metadata keys whose nonzero value means a memory that is not one plain KV cache (sliding-window attention
+/// keeps a second cache; recurrent layers keep a state per sequence), found in a model llama.cpp runs with
+/// one KV cache: such a model is not one this build knows, so its sessions are refused rather than handed to
+/// llama.cpp unchecked.
 const OTHER_MEMORY_KEYS: [(&str, &str); 6] = [
     ("attention.sliding_window", "sliding-window attention"),
     ("ssm.state_size", "recurrent (state-space) layers"),
@@ -22,7 +62,7 @@ const OTHER_MEMORY_KEYS: [(&str, &str); 6] = [
 
 /// The layout of `model`'s per-sequence state in a context of `params` whose sequences hold `max_cells`
 /// cells each, or why this build cannot check it.
-pub(super) fn state_layout(
+fn state_layout(
     model: &Model,
     params: &ContextParams,
     max_cells: usize,
@@ -30,7 +70,8 @@ pub(super) fn state_layout(
     let arch = model.architecture();
     let meta = model.metadata();
     for (key, what) in OTHER_MEMORY_KEYS {
-        if meta.contains_key(&format!("{arch}.{key}")) {
+        let value = meta.get(&format!("{arch}.{key}"));
+        if value.is_some_and(|v| v.parse::<f64>() != Ok(0.0)) {
             return Err(format!(
                 "this build checks the saved state of models with one plain KV cache; {arch:?} models have \
                  {what}, whose state it cannot verify yet, so it refuses to load it"

@@ -24,8 +24,8 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::{backend, clear_recent_log, take_recent_log};
 use crate::error::{Error, Result};
-use crate::llama_state::{self, Expected, StateLayout};
-use crate::model::{ChatMessage, Model, ModelInner};
+use crate::llama_state::{self, Expected, MemoryLayout, StateLayout};
+use crate::model::{ChatMessage, MemoryKind, Model, ModelInner};
 use crate::params::ContextParams;
 use crate::sampling::SamplingParams;
 use generation::Generator;
@@ -97,7 +97,12 @@ pub struct Context {
     /// Bumped by every change of the KV cache, so that a paused token stream can tell it was overtaken.
     epoch: u64,
     /// What llama.cpp's state of one sequence of this context looks like, or why it cannot be checked.
-    layout: std::result::Result<StateLayout, String>,
+    layout: std::result::Result<MemoryLayout, String>,
+    /// Per sequence, the shortest length it can be cut back to in place and stay exact: 0 for a KV cache
+    /// that holds every token; for a sliding-window model restored from a state (which keeps the window's
+    /// last positions only), its length at the restore less one; recurrent memory cannot be cut back at all
+    /// ([`Context::truncate`] decodes again below it).
+    exact_floor: Vec<usize>,
 }
 
 impl std::fmt::Debug for Context {
@@ -147,8 +152,8 @@ impl Context {
         let n_ctx = params.n_ctx as usize;
         let chunk_len = params.n_batch as usize;
         let n_seq = params.n_seq_max as usize;
-        let layout = layout::state_layout(model, &params, n_ctx / n_seq);
-        Ok(Context {
+        let plan = layout::plan(model, &params, n_ctx / n_seq);
+        let mut ctx = Context {
             cell,
             model: model.clone(),
             chunk_len,
@@ -158,7 +163,53 @@ impl Context {
             params,
             last_logits: None,
             epoch: 0,
-            layout,
+            layout: Err("the layout is being learnt".to_owned()),
+            exact_floor: vec![0; n_seq],
+        };
+        ctx.layout = match plan {
+            layout::LayoutPlan::Ready(layout) => layout,
+            layout::LayoutPlan::Probe {
+                kind,
+                n_swa,
+                cell_ext_bytes,
+            } => ctx.probe_layout(kind, n_swa, cell_ext_bytes),
+        };
+        Ok(ctx)
+    }
+
+    /// Decodes one token in sequence 0 of this fresh context, reads llama.cpp's state of it to learn the
+    /// layout of the memory's sections (see [`llama_state::learn_memory_layout`]), and empties the memory
+    /// again.
+    fn probe_layout(
+        &mut self,
+        kind: MemoryKind,
+        n_swa: usize,
+        cell_ext_bytes: usize,
+    ) -> std::result::Result<MemoryLayout, String> {
+        let token = self.model.bos_to_add().unwrap_or(LlamaToken(0));
+        let learnt = self
+            .append(0, &[token], false, &mut NeverInterrupt)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let mut state = vec![0; self.sequence_state_len(0)];
+                self.write_sequence_state(0, &mut state)
+                    .map_err(|e| e.to_string())?;
+                llama_state::learn_memory_layout(
+                    &state,
+                    kind.as_str(),
+                    self.capacity_per_sequence,
+                    n_swa,
+                    cell_ext_bytes,
+                )
+            });
+        self.reset();
+        learnt.map_err(|reason| {
+            format!(
+                "this build could not learn the layout of {:?} models' {} memory ({reason}), so it refuses \
+                 to load their states",
+                self.model.architecture(),
+                kind.as_str()
+            )
         })
     }
 
@@ -189,9 +240,40 @@ impl Context {
         }
     }
 
-    /// Bytes of the KV cache this context allocated (all `n_ctx` cells of every layer, used or not): what a
-    /// live context costs in memory besides llama.cpp's compute buffers.
+    /// Bytes of the KV cache this context allocated (all `n_ctx` cells of every layer, used or not; and the
+    /// recurrent states, one per sequence): what a live context costs in memory besides llama.cpp's compute
+    /// buffers.
     pub fn kv_cache_bytes(&self) -> usize {
+        let kv = |layout: &StateLayout| -> usize {
+            let per_cell: u64 = layout
+                .layers
+                .iter()
+                .map(|l| {
+                    l.k_row_bytes
+                        + if layout.v_trans {
+                            u64::from(l.v_element_bytes) * u64::from(l.v_width)
+                        } else {
+                            l.v_row_bytes
+                        }
+                })
+                .sum();
+            layout.max_cells * layout.n_stream as usize * per_cell as usize
+        };
+        let recurrent = |layout: &llama_state::RecurrentLayout| -> usize {
+            let per_sequence: u64 = layout.r.iter().chain(&layout.s).map(|r| r.row_bytes).sum();
+            self.sequences.len() * per_sequence as usize
+        };
+        // The other memories from their learnt layout: every cell of every cache, one recurrent state per
+        // sequence.
+        match &self.layout {
+            Ok(MemoryLayout::SlidingWindow { base, swa, .. }) => return kv(base) + kv(swa),
+            Ok(MemoryLayout::Hybrid {
+                attention,
+                recurrent: r,
+            }) => return kv(attention) + recurrent(r),
+            Ok(MemoryLayout::Recurrent(r)) => return recurrent(r),
+            Ok(MemoryLayout::Attention(_)) | Err(_) => {}
+        }
         let llama = &self.model.inner.llama;
         let heads = llama.n_head().max(1) as usize;
         let width = (llama.n_embd().max(0) as usize) * llama.n_head_kv() as usize / heads;
@@ -356,11 +438,19 @@ impl Context {
             )));
         }
         self.sequences[seq as usize].truncate(keep);
+        if keep == 0 {
+            self.exact_floor[seq as usize] = 0;
+        }
         self.verify(seq)
     }
 
     /// Keeps the first `n` tokens of sequence `seq` and drops the rest from the cache and the bookkeeping;
     /// the next token goes to position `n`.
+    ///
+    /// Where the memory cannot be cut back to `n` in place and stay exact (a recurrent state; a
+    /// sliding-window model restored from a state that kept only its window), the sequence is emptied and
+    /// its first `n` tokens are decoded again, in chunks of `n_batch`, as a fresh context would: exact, at the
+    /// cost of decoding `n` tokens. Nothing changes if `n` is out of range.
     pub fn truncate(&mut self, seq: SeqId, n: usize) -> Result<()> {
         let held = self.token_count(seq)?;
         if n > held {
@@ -373,7 +463,23 @@ impl Context {
         if n == held {
             return Ok(());
         }
-        self.remove_from(seq, n)
+        if n == 0 || n >= self.exact_floor(seq) {
+            return self.remove_from(seq, n);
+        }
+        let kept = self.sequences[seq as usize][..n].to_vec();
+        self.remove_from(seq, 0)?;
+        self.append(seq, &kept, false, &mut NeverInterrupt)
+    }
+
+    /// The shortest length sequence `seq` can be cut back to in place, exactly (see
+    /// [`Context::truncate`]).
+    pub fn exact_floor(&self, seq: SeqId) -> usize {
+        let held = self.sequences[seq as usize].len();
+        match self.model.memory_kind() {
+            MemoryKind::Attention => 0,
+            MemoryKind::SlidingWindow => self.exact_floor[seq as usize].min(held),
+            MemoryKind::Hybrid | MemoryKind::Recurrent => held,
+        }
     }
 
     /// Empties every sequence and frees every cell of the memory, including any the bookkeeping does not
@@ -394,12 +500,17 @@ impl Context {
         for tokens in &mut self.sequences {
             tokens.clear();
         }
+        self.exact_floor.fill(0);
     }
 
     /// True when no sequence has a single cell in llama.cpp's memory, whatever its position: the state of an
     /// empty sequence is its magic, sequence id, stream count and one zero cell count per stream (this crate
     /// never unifies the cache, so there is one stream per sequence).
     fn memory_is_empty(&self) -> bool {
+        if self.model.memory_kind() != MemoryKind::Attention {
+            return (0..self.sequences.len() as SeqId)
+                .all(|seq| self.llama_cell_count(seq).is_ok_and(|n| n == 0));
+        }
         let ctx = self.cell.borrow_dependent();
         let n_stream = self.sequences.len();
         let empty_len = 12 + 4 * n_stream;
@@ -415,6 +526,17 @@ impl Context {
         self.check_seq(seq)?;
         let mut state = vec![0; self.sequence_state_len(seq)];
         self.write_sequence_state(seq, &mut state)?;
+        if self.model.memory_kind() == MemoryKind::Recurrent {
+            // No KV streams: the recurrent cell count follows the magic and the sequence id.
+            return state
+                .get(8..12)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
+                .ok_or_else(|| {
+                    Error::Internal("llama.cpp's state is shorter than its header".into())
+                });
+        }
+        // The first section is a KV cache (the full-attention one of a sliding-window model, the attention
+        // layers of a hybrid): its stream counts follow the magic and the sequence id.
         let n_stream = self.sequences.len();
         let counts = state.get(12..12 + 4 * n_stream).unwrap_or_default();
         if n_stream != 1 && counts.len() != 4 * n_stream {
@@ -471,6 +593,14 @@ impl Context {
                  are unchanged"
             ))));
         }
+        // A sliding-window state keeps the window's last positions only: below them the sequence can no
+        // longer be cut back in place.
+        let n_swa = self.model.n_swa() as usize;
+        self.exact_floor[seq as usize] = if tokens.len() > n_swa {
+            tokens.len() - 1
+        } else {
+            0
+        };
         self.sequences[seq as usize] = tokens;
         self.verify(seq)
     }
@@ -495,7 +625,7 @@ impl Context {
             saved_seq,
             token_count,
         };
-        llama_state::check_sequence_state(state, layout, expected).map_err(|reason| {
+        llama_state::check_memory_state(state, layout, expected).map_err(|reason| {
             Error::SessionCorrupt {
                 origin: origin.to_owned(),
                 reason: format!("llama.cpp's state of sequence {saved_seq}: {reason}"),
@@ -503,8 +633,24 @@ impl Context {
         })
     }
 
-    /// The layout every per-sequence state of this context has, when this build can check it.
+    /// The layout of the KV cache in every per-sequence state of this context, when its memory is one KV
+    /// cache (plain attention) this build can check.
     pub fn state_layout(&self) -> std::result::Result<&StateLayout, &str> {
+        match &self.layout {
+            Ok(MemoryLayout::Attention(layout)) => Ok(layout),
+            Ok(other) => Err(match other {
+                MemoryLayout::SlidingWindow { .. } => {
+                    "its memory is not one KV cache: it has a sliding-window cache"
+                }
+                _ => "its memory is not one KV cache: it has recurrent layers",
+            }),
+            Err(reason) => Err(reason.as_str()),
+        }
+    }
+
+    /// The layout every per-sequence state of this context has, section by section, when this build can
+    /// check it.
+    pub fn memory_layout(&self) -> std::result::Result<&MemoryLayout, &str> {
         self.layout.as_ref().map_err(String::as_str)
     }
 
@@ -618,7 +764,12 @@ impl Context {
         options.sampling.validate()?;
         self.model.check_tokens(tokens)?;
         let held = &self.sequences[seq as usize];
-        let reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let mut reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        if reused < held.len() && reused < self.exact_floor(seq) {
+            // The memory cannot be cut back to the common prefix (recurrent state): decode everything again
+            // from the start, in one go with the new tokens.
+            reused = 0;
+        }
         self.truncate(seq, reused)?;
         let generator = Generator::start_tokens(self, seq, &tokens[reused..], options, interrupt)?;
         Ok((generator, reused))

@@ -14,14 +14,14 @@ use llama_cpp_2::token::LlamaToken;
 use super::{Context, SeqId};
 use crate::durable;
 use crate::error::{Error, Result, CONTEXT_MISMATCH_ADVICE};
-use crate::llama_state;
-use crate::model::Model;
+use crate::llama_state::{self, MemoryLayout};
+use crate::model::{MemoryKind, Model};
 use crate::session::{
-    model_record, open_session_bytes, open_session_file, param_mismatches, params_from_record,
-    params_record, to_tokens, Loaded, Metadata, SessionInfo, SessionPlan,
+    memory_mismatches, model_record, open_session_bytes, open_session_file, param_mismatches,
+    params_from_record, params_record, to_tokens, Loaded, Metadata, SessionInfo, SessionPlan,
 };
 use crate::session_format::{
-    self as format, OpenedSession, SequenceRecord, SessionHeader, SessionKind,
+    self as format, MemoryRecord, OpenedSession, SequenceRecord, SessionHeader, SessionKind,
 };
 use crate::signing::SessionKey;
 
@@ -82,6 +82,7 @@ impl Context {
             created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             model: model_record(&self.model),
             params: params_record(&self.params),
+            memory: self.memory_record(),
             sequences: records,
             metadata: metadata.clone(),
             signature: signed.then(|| crate::signing::SCHEME.to_owned()),
@@ -305,7 +306,11 @@ impl Context {
                 current: model_record(&self.model).describe(),
             });
         }
-        let mismatches = param_mismatches(&header.params, &params_record(&self.params));
+        let mut mismatches = param_mismatches(&header.params, &params_record(&self.params));
+        mismatches.extend(memory_mismatches(
+            header.memory.as_ref(),
+            self.memory_record().as_ref(),
+        ));
         if !mismatches.is_empty() {
             return Err(Error::SessionParamsMismatch {
                 origin: origin.to_owned(),
@@ -419,6 +424,33 @@ impl Context {
         self.replace_sequence(dst, &state, tokens, src, &format!("sequence {src}"))
     }
 
+    /// What a session header records of this context's memory: nothing for one KV cache, the kind and
+    /// geometry otherwise (see [`MemoryRecord`]).
+    pub(crate) fn memory_record(&self) -> Option<MemoryRecord> {
+        let kind = self.model.memory_kind();
+        if kind == MemoryKind::Attention {
+            return None;
+        }
+        let mut record = MemoryRecord {
+            kind: kind.as_str().to_owned(),
+            n_swa: self.model.n_swa(),
+            swa_cache_cells: 0,
+            recurrent_r_bytes: Vec::new(),
+            recurrent_s_bytes: Vec::new(),
+        };
+        match self.memory_layout() {
+            Ok(MemoryLayout::SlidingWindow { swa, .. }) => {
+                record.swa_cache_cells = swa.max_cells as u64;
+            }
+            Ok(MemoryLayout::Hybrid { recurrent, .. } | MemoryLayout::Recurrent(recurrent)) => {
+                record.recurrent_r_bytes = recurrent.r.iter().map(|r| r.row_bytes).collect();
+                record.recurrent_s_bytes = recurrent.s.iter().map(|s| s.row_bytes).collect();
+            }
+            Ok(MemoryLayout::Attention(_)) | Err(_) => {}
+        }
+        Some(record)
+    }
+
     fn require_single_sequence(&self, what: &str) -> Result<()> {
         if self.params.n_seq_max != 1 {
             return Err(Error::invalid(
@@ -501,7 +533,10 @@ impl Context {
             .state_layout()
             .map_err(|reason| Error::SessionVersion {
                 origin: origin.to_owned(),
-                reason: reason.to_owned(),
+                reason: format!(
+                    "llama.cpp's own session files are read for models whose memory is one KV cache; \
+                     this context's cannot be read that way: {reason}"
+                ),
             })?;
         let whole = &bytes[header.state_offset..];
         let cells =

@@ -52,3 +52,23 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+pub mod arch_models;
+
+/// Test model `name` of [`arch_models::MODELS`], built on first use (with the default model's tokenizer) and
+/// loaded once per test binary.
+#[allow(dead_code)]
+pub fn arch_model(name: &str) -> &'static Model {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static MODELS: OnceLock<Mutex<HashMap<String, &'static Model>>> = OnceLock::new();
+    let mut models = MODELS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    models.entry(name.to_owned()).or_insert_with(|| {
+        let path = arch_models::ensure(name, &model_path(), &arch_models::cache_dir());
+        let model = Model::load(path, &ModelParams::default()).expect("load an arch test model");
+        Box::leak(Box::new(model))
+    })
+}
