@@ -22,7 +22,9 @@ fn params() -> ContextParams {
 
 fn manager(dir: &std::path::Path, max_live: usize, autosave: bool) -> SessionManager {
     let store = Arc::new(DirectoryStore::open(dir).unwrap());
-    SessionManager::new(model(), params(), store, max_live, autosave).unwrap()
+    SessionManager::new(model(), params(), store, max_live)
+        .unwrap()
+        .with_autosave(autosave)
 }
 
 fn chat(m: &SessionManager, id: &str, message: &str) -> Vec<i32> {

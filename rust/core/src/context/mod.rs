@@ -97,6 +97,9 @@ pub struct Context {
     epoch: u64,
     /// What llama.cpp's state of one sequence of this context looks like, or why it cannot be checked.
     layout: std::result::Result<StateLayout, String>,
+    /// Counts and stop reason of the last finished generation or chat turn on this context, kept here (not in
+    /// a caller's wrapper) so that every handle on a shared context (a manager's live session) sees them.
+    last_stats: Option<(GenerationStats, StopReason)>,
 }
 
 impl std::fmt::Debug for Context {
@@ -148,6 +151,7 @@ impl Context {
             last_logits: None,
             epoch: 0,
             layout,
+            last_stats: None,
         })
     }
 
@@ -190,6 +194,17 @@ impl Context {
 
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Counts and stop reason of the last finished generation or chat turn recorded on this context (None
+    /// after a reset, a restore, or before any).
+    pub fn last_stats(&self) -> Option<(GenerationStats, StopReason)> {
+        self.last_stats
+    }
+
+    /// Records (or, with None, forgets) the counts and stop reason of the generation that just finished.
+    pub fn set_last_stats(&mut self, stats: Option<(GenerationStats, StopReason)>) {
+        self.last_stats = stats;
     }
 
     pub(crate) fn check_seq(&self, seq: SeqId) -> Result<()> {
@@ -364,10 +379,11 @@ impl Context {
     pub fn reset(&mut self) {
         self.epoch += 1;
         self.last_logits = None;
-        // Removing every sequence's cells by position range is cheap (llama_memory_clear(data=true) memsets
-        // the whole KV buffer: 8 ms at n_ctx 4096 with a 135M model), but a range starts at position 0 at the
-        // earliest, so a cell at a negative position would survive it. Clear the memory entirely whenever
-        // anything is left.
+        self.last_stats = None; // they described what is gone
+                                // Removing every sequence's cells by position range is cheap (llama_memory_clear(data=true) memsets
+                                // the whole KV buffer: 8 ms at n_ctx 4096 with a 135M model), but a range starts at position 0 at the
+                                // earliest, so a cell at a negative position would survive it. Clear the memory entirely whenever
+                                // anything is left.
         let cleared = self
             .cell
             .with_dependent_mut(|_, ctx| ctx.clear_kv_cache_seq(None, None, None));
@@ -595,18 +611,20 @@ impl Context {
         interrupt: &mut dyn Interrupt,
     ) -> Result<(Generator, usize)> {
         self.check_seq(seq)?;
+        let held = &self.sequences[seq as usize];
+        let reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
         if tokens.len() > self.capacity_per_sequence {
+            // Reported as things stand (nothing was dropped): what the sequence holds now, and the tokens
+            // that would follow the prefix it shares with the prompt.
             return Err(Error::ContextFull {
-                requested: tokens.len(),
-                available: self.capacity_per_sequence,
-                held: 0,
+                requested: tokens.len() - reused,
+                available: self.capacity_per_sequence - held.len(),
+                held: held.len(),
                 n_ctx: self.capacity_per_sequence,
             });
         }
         options.sampling.validate()?;
         self.model.check_tokens(tokens)?;
-        let held = &self.sequences[seq as usize];
-        let reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
         self.truncate(seq, reused)?;
         let generator = Generator::start_tokens(self, seq, &tokens[reused..], options, interrupt)?;
         Ok((generator, reused))
@@ -693,6 +711,9 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// Seconds spent generating.
     pub generation_seconds: f64,
+    /// Whole turns (a user message and its answer) a manager's chat turn dropped from the start of the
+    /// history to make room (its overflow policy); 0 for everything else.
+    pub dropped_turns: usize,
 }
 
 impl GenerationStats {
