@@ -16,7 +16,7 @@ def test_the_multi_user_backend_example_runs(
     tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace: dict[str, object] = {"session_dir": tmp_path / "sessions"}
     exec(compile(blocks[0], str(DOC), "exec"), namespace)
     assert sorted(p.name for p in (tmp_path / "sessions").glob("*.session")) == [
@@ -40,4 +40,10 @@ def test_the_multi_user_backend_example_runs(
     assert len(history) == before + 2  # the closed stream's turn did not join the history
     assert history[-2] == {"role": "user", "content": "And how long do they last?"}
     assert history[-1]["content"]
+    exec(compile(blocks[4], str(DOC), "exec"), namespace)  # a conversation that outgrows its context
+    small, strict = namespace["small"], namespace["strict"]
+    assert isinstance(small, SessionManager) and isinstance(strict, SessionManager)
+    assert [m["role"] for m in small.history("kim")] == ["user", "assistant"]
+    assert small.history("kim")[0]["content"] == "And then?"
+    assert [m["content"] for m in strict.history("lee") if m["role"] == "user"] == ["And then?"]
     capsys.readouterr()
