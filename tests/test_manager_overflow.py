@@ -122,15 +122,18 @@ def test_the_error_policy_raises_before_changing_anything_and_trim_history_makes
 
     assert asyncio.run(manager.atrim_history("s", keep_last=0)) == 1
     assert manager.history("s") == []
-    assert SessionManager(model, tmp_path).history("s") == []  # saved (autosave)
+    assert small_manager(model, tmp_path).history("s") == []  # saved (autosave)
+    held_tokens = manager.load("s").tokens  # trimming leaves the context to the next turn
+    assert held_tokens == before[1]
     answer = chat(manager, "And then?")
     assert answer
     stats = manager.load("s").last_stats
     assert stats is not None and stats.dropped_turns == 0
-    # Only what followed the system prompt was decoded again.
-    assert stats.prompt_tokens == manager.load("s").token_count() - len(system_tokens(model)) - (
-        stats.generated_tokens
-    )
+    # Only what followed the prefix shared with the context (the system prompt at least) was decoded.
+    after = manager.load("s").tokens
+    shared = next(i for i, (a, b) in enumerate(zip(held_tokens, after, strict=False)) if a != b)
+    assert shared >= len(system_tokens(model))
+    assert stats.prompt_tokens == len(after) - shared - stats.generated_tokens
 
 
 def test_a_turn_that_cannot_fit_even_alone_is_refused_with_its_numbers(
@@ -277,10 +280,12 @@ def test_a_manager_chat_exposes_its_stats(model: Model, tmp_path: pathlib.Path) 
     assert model.detokenize(tokens[-stats.generated_tokens : -1]) == answer
 
     # A stop string, streamed: the stats arrive when the stream ends.
-    pieces = list(manager.stream_chat("s", "Count from 1 to 9.", 64, temperature=0, stop="5"))
-    stats = manager.load("s").last_stats
+    manager.create_session("t", SYS)
+    question = "List the numbers one to ten, separated by commas."
+    pieces = list(manager.stream_chat("t", question, 24, temperature=0, stop="3"))
+    stats = manager.load("t").last_stats
     assert stats is not None and stats.stop_reason == "stop"
-    assert "5" not in "".join(pieces)
-    assert manager.history("s")[-1]["content"] == "".join(pieces)
+    assert pieces and "3" not in "".join(pieces)
+    assert manager.history("t")[-1]["content"] == "".join(pieces)
     # Stats describe a live turn: a session read from its file has none until its next turn.
     assert SessionManager(model, tmp_path, n_ctx=512, n_batch=64).load("s").last_stats is None

@@ -256,3 +256,35 @@ fn hostile_ids_are_rejected_and_junk_files_ignored() {
     m.delete("good").unwrap();
     assert!(!m.exists("good").unwrap());
 }
+
+#[test]
+fn autosave_is_the_default_and_unsaved_ids_name_what_would_be_lost_without_it() {
+    let dir = temp_dir("unsaved");
+    let store = Arc::new(DirectoryStore::open(dir.join("default")).unwrap());
+    let durable = SessionManager::new(model(), params(), store, 4).unwrap();
+    assert!(durable.autosave());
+    durable
+        .create_session("a", Some(SYSTEM), Metadata::new())
+        .unwrap();
+    chat(&durable, "a", "Name a color.");
+    assert!(durable.unsaved_ids().is_empty());
+
+    let m = manager(&dir.join("off"), 4, false);
+    for id in ["a", "b"] {
+        m.create_session(id, Some(SYSTEM), Metadata::new()).unwrap();
+    }
+    assert!(m.unsaved_ids().is_empty()); // creating stores
+    chat(&m, "b", "Name a color.");
+    assert_eq!(m.unsaved_ids(), ["b"]);
+    m.save("b").unwrap();
+    assert!(m.unsaved_ids().is_empty());
+    // A change made through the live Context counts too.
+    m.load("a")
+        .unwrap()
+        .context()
+        .lock()
+        .unwrap()
+        .truncate(0, 1)
+        .unwrap();
+    assert_eq!(m.unsaved_ids(), ["a"]);
+}
