@@ -151,7 +151,8 @@ def test_a_turn_that_cannot_fit_even_alone_is_refused_with_its_numbers(
 
 
 def test_an_unknown_overflow_policy_is_refused_by_name(model: Model, tmp_path: pathlib.Path) -> None:
-    with pytest.raises(InvalidParameterError, match=r'invalid overflow: .*"drop_oldest" or "error".*"truncate"'):
+    expected = r'invalid overflow: expected "drop_oldest" or "error", found "truncate"'
+    with pytest.raises(InvalidParameterError, match=expected):
         SessionManager(model, tmp_path, overflow="truncate")  # type: ignore[arg-type]
 
 
@@ -207,7 +208,9 @@ def test_a_manager_without_autosave_whose_sessions_are_saved_goes_quietly(
     assert [w for w in caught if issubclass(w.category, UnsavedSessionsWarning)] == []
 
 
-def test_eviction_saves_an_unsaved_session_even_without_autosave(model: Model, tmp_path: pathlib.Path) -> None:
+def test_eviction_saves_an_unsaved_session_even_without_autosave(
+    model: Model, tmp_path: pathlib.Path
+) -> None:
     manager = SessionManager(model, tmp_path, n_ctx=512, autosave=False, max_live=1)
     manager.create_session("s", SYS)
     answer = chat(manager, "Name a color.", 4)

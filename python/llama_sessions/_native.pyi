@@ -161,8 +161,8 @@ class GenerationStats:
         """Seconds spent generating."""
     @property
     def dropped_turns(self) -> int:
-        """Whole turns (a user message and its answer) a SessionManager chat turn dropped from the start of the
-        history to make room for itself (``overflow="drop_oldest"``); 0 for everything else."""
+        """Whole turns (a user message and its answer) a SessionManager chat turn dropped from the start of
+        the history to make room for itself (``overflow="drop_oldest"``); 0 for everything else."""
     @property
     def stop_reason(self) -> StopReason:
         """Why the generation ended: "eog", "stop", "length" or "context_full"."""
