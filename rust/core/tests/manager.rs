@@ -123,7 +123,10 @@ fn checkpoints_revert_state_and_history() {
     let history_at_one = session.history();
     let after_one = chat(&m, "c", "Name an animal.");
     chat(&m, "c", "Name a fruit.");
+    assert!(session.context().lock().unwrap().last_stats().is_some());
     m.revert("c", "one").unwrap();
+    // The stats described a turn the revert undid.
+    assert_eq!(session.context().lock().unwrap().last_stats(), None);
     assert_eq!(session.history(), history_at_one);
     assert_eq!(
         session.context().lock().unwrap().tokens(0).unwrap(),

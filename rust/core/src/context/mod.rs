@@ -197,7 +197,7 @@ impl Context {
     }
 
     /// Counts and stop reason of the last finished generation or chat turn recorded on this context (None
-    /// after a reset, a restore, or before any).
+    /// after a reset, a restore of state bytes, or before any).
     pub fn last_stats(&self) -> Option<(GenerationStats, StopReason)> {
         self.last_stats
     }
@@ -450,6 +450,7 @@ impl Context {
             })?;
         self.epoch += 1;
         self.last_logits = None;
+        self.last_stats = None; // they described what is replaced (a manager's revert, say)
         clear_recent_log();
         // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
         // records (a negative position stays in the cache for good; several sequence ids or positions out of
