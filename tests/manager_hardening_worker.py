@@ -35,7 +35,10 @@ LONG_MESSAGE = "The lighthouse keeper counted the waves and wrote each number do
 
 
 def open_manager(model: Model, session_dir: str, *, max_live: int = 8, n_batch: int = 128) -> SessionManager:
-    return SessionManager(model, session_dir, max_live=max_live, n_ctx=2048, n_batch=n_batch, n_threads=1)
+    # Without autosave: the scenarios need sessions whose changes are saved only when they are evicted.
+    return SessionManager(
+        model, session_dir, max_live=max_live, autosave=False, n_ctx=2048, n_batch=n_batch, n_threads=1
+    )
 
 
 def history_during_turn(model: Model, session_dir: str) -> dict[str, Any]:

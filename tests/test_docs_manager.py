@@ -19,7 +19,7 @@ def test_the_multi_user_backend_example_runs(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     run = DocumentRun(ROOT / "docs" / "manager.md", model_path)
-    assert [b.language for b in run.blocks] == ["python"] * 4 + ["bash"]
+    assert [b.language for b in run.blocks] == ["python"] * 5 + ["bash"]
     run.run_through_python(1)
     assert sorted(p.name for p in (tmp_path / "sessions").glob("*.session")) == [
         "ada.session",
@@ -42,11 +42,24 @@ def test_the_multi_user_backend_example_runs(
     assert len(history) == before + 2  # the closed stream's turn did not join the history
     assert history[-2] == {"role": "user", "content": "And how long do they last?"}
     assert history[-1]["content"]
+    run.run_through_python(5)  # a conversation that outgrows its context
+    small, strict = run.namespace["small"], run.namespace["strict"]
+    assert isinstance(small, SessionManager) and isinstance(strict, SessionManager)
+    assert [m["role"] for m in small.history("kim")] == ["user", "assistant"]
+    assert small.history("kim")[0]["content"] == "And then?"
+    assert [m["content"] for m in strict.history("lee") if m["role"] == "user"] == ["And then?"]
     capsys.readouterr()
     run.run_rest()  # the command line: create, resume, list, show, delete "bob"
     created, resumed, listed, shown, deleted = run.commands
     assert "created   bob" in created.stderr and "resumed   bob: " in resumed.stderr
-    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == ["ada", "bob", "grace", "linus"]
+    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == [
+        "ada",
+        "bob",
+        "grace",
+        "kim",
+        "lee",
+        "linus",
+    ]
     assert "system        You are terse." in shown.stdout
     assert deleted.stdout == "deleted   bob\n"
     assert not (tmp_path / "sessions" / "bob.session").exists()

@@ -53,6 +53,7 @@ from .errors import (
     StorageError,
     StreamInvalidatedError,
     TokenizeError,
+    UnsavedSessionsWarning,
 )
 from .manager import SessionManager
 
@@ -89,6 +90,7 @@ __all__ = [
     "StreamInvalidatedError",
     "TokenStream",
     "TokenizeError",
+    "UnsavedSessionsWarning",
     "__version__",
     "cache_dir",
     "default_model_path",

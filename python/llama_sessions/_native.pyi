@@ -20,6 +20,7 @@ SAMPLING_DEFAULTS: dict[str, Any]
 
 KvType = Literal["f16", "q8_0", "q4_0"]
 StopReason = Literal["eog", "stop", "length", "context_full"]
+OverflowPolicy = Literal["drop_oldest", "error"]
 SessionFileFormat = Literal["llama-sessions", "llama.cpp"]
 MemoryKind = Literal["attention", "sliding_window", "hybrid", "recurrent"]
 
@@ -170,7 +171,8 @@ class ContextParams:
 
 @final
 class GenerationStats:
-    """Counts and times of the last generation on a Context."""
+    """Counts and times of the last generation on a Context, or of the last chat turn on a SessionManager's
+    session (``manager.load(session_id).last_stats``)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -184,6 +186,10 @@ class GenerationStats:
     @property
     def generation_seconds(self) -> float:
         """Seconds spent generating."""
+    @property
+    def dropped_turns(self) -> int:
+        """Whole turns (a user message and its answer) a SessionManager chat turn dropped from the start of
+        the history to make room for itself (``overflow="drop_oldest"``); 0 for everything else."""
     @property
     def stop_reason(self) -> StopReason:
         """Why the generation ended: "eog", "stop", "length" or "context_full"."""
@@ -265,8 +271,10 @@ class Context:
         """The token ids in sequence ``seq``, in position order."""
     @property
     def last_stats(self) -> GenerationStats | None:
-        """Counts and times of the last generate() or finished stream(), or None (also after reset(),
-        restore() and load_session(), which replace what they described)."""
+        """Counts and times of the last generate() or finished stream() on this context, or None (also after
+        reset(), restore() and load_session(), which replace what they described). For a SessionManager's
+        session (a Context from load()), the last chat turn's too, whoever ran it; a session read from its
+        file has None until its next turn."""
     def token_count(self, seq: int = 0) -> int:
         """How many tokens sequence ``seq`` holds; the next token goes to this position."""
     def reset(self) -> None:
@@ -589,7 +597,8 @@ class SessionManager:
         params: ContextParams | None = None,
         *,
         max_live: int = 8,
-        autosave: bool = False,
+        autosave: bool = True,
+        overflow: OverflowPolicy = "drop_oldest",
         n_ctx: int | None = None,
         n_batch: int | None = None,
         n_threads: int | None = None,
@@ -599,10 +608,24 @@ class SessionManager:
         secret_key: bytes | None = None,
     ) -> SessionManager:
         """Manage the sessions in ``session_dir`` (created if missing); every session's context uses
-        ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded; with ``autosave``
-        every chat turn is saved as it ends. With ``secret_key`` (bytes, at least 16) every session and
-        checkpoint is signed as it is written, and one that is unsigned, modified or signed with another key
-        raises SessionSignatureError when it is loaded (see docs/reliability.md)."""
+        ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
+        memory is saved first if it changed, with or without autosave).
+
+        ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
+        ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
+        save() and when they are evicted; what is still unsaved when the manager is garbage-collected or the
+        interpreter exits is lost, with an UnsavedSessionsWarning naming the sessions.
+
+        ``overflow``: what a chat turn does when its conversation plus the ``max_tokens`` reserved for the
+        answer do not fit in ``n_ctx``. "drop_oldest" (default) drops the oldest whole turns from the history,
+        keeping the system prompt, until it fits (the turn's ``last_stats.dropped_turns`` counts them);
+        "error" raises ContextFullError before the turn starts, changing nothing (then call trim_history()).
+        Either way ContextFullError, nothing changed, when the system prompt, the message and ``max_tokens``
+        alone do not fit. InvalidParameterError for any other value.
+
+        With ``secret_key`` (bytes, at least 16) every session and checkpoint is signed as it is written, and
+        one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
+        loaded (see docs/reliability.md)."""
     @property
     def model(self) -> Model:
         """The model."""
@@ -617,7 +640,14 @@ class SessionManager:
         """Most sessions kept loaded in memory."""
     @property
     def autosave(self) -> bool:
-        """Whether every chat turn is saved as it ends."""
+        """Whether every turn that changes a session saves it as it ends."""
+    @property
+    def overflow(self) -> OverflowPolicy:
+        """What a chat turn that does not fit does: "drop_oldest" or "error"."""
+    def unsaved_sessions(self) -> builtins.list[str]:
+        """Ids of the live sessions whose changes are not stored yet (least recently used first): what would
+        be lost if the manager went now. Always empty with autosave, unless a Context from load() was changed
+        directly."""
     @property
     def stats(self) -> dict[str, int]:
         """Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
@@ -680,7 +710,12 @@ class SessionManager:
     ) -> str:
         """One chat turn: the conversation is formatted with the model's chat template, only what the context
         does not hold yet is decoded, the answer is generated and both messages join the history (saved when
-        the manager autosaves).
+        the manager autosaves). Returns the answer; its stats (stop reason, token counts, times, turns
+        dropped) are then ``load(session_id).last_stats``.
+
+        Room for ``max_tokens`` is reserved before anything is decoded: when the conversation and
+        ``max_tokens`` do not fit in ``n_ctx``, the manager's ``overflow`` policy drops the oldest turns or
+        raises ContextFullError, changing nothing (see the constructor).
 
         A turn holds its session until it ends. If another turn holds it (a chat in another thread, or a
         stream_chat stream not exhausted, closed or dropped yet), this call waits for it: without limit when
@@ -701,8 +736,10 @@ class SessionManager:
         stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> ChatStream:
-        """Like chat(), the answer arriving piece by piece. The stream holds the session's turn until it is
-        exhausted, closed or dropped; ``timeout`` bounds the wait for a turn in progress, as in chat()."""
+        """Like chat(), the answer arriving piece by piece; the overflow policy applies before the stream is
+        returned. The stream holds the session's turn until it is exhausted, closed or dropped; ``timeout``
+        bounds the wait for a turn in progress, as in chat(). Once exhausted, the turn's stats are
+        ``load(session_id).last_stats``."""
     def generate_reusing_prefix(
         self,
         session_id: str,
@@ -731,6 +768,12 @@ class SessionManager:
         turn, like chat() (``timeout`` likewise)."""
     def checkpoints(self, session_id: str) -> builtins.list[str]:
         """Labels of the session's checkpoints, sorted."""
+    def trim_history(self, session_id: str, keep_last: int, *, timeout: float | None = None) -> int:
+        """Keep the last ``keep_last`` turns of the session's history (a turn: a user message and its answer)
+        and drop the older ones; the system prompt stays. Returns how many turns were dropped (0: nothing
+        changed). The next chat turn decodes again from the first token that differs (the system prompt's
+        tokens are reused). Saved when the manager autosaves. InvalidParameterError for a negative
+        ``keep_last``. A turn, like chat() (``timeout`` likewise)."""
     def live_sessions(self) -> builtins.list[str]:
         """Ids of the sessions loaded in memory, least recently used first."""
     def live_kv_bytes(self) -> int:

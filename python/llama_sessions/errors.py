@@ -36,6 +36,7 @@ __all__ = [
     "StorageError",
     "StreamInvalidatedError",
     "TokenizeError",
+    "UnsavedSessionsWarning",
 ]
 
 
@@ -141,6 +142,12 @@ class SessionSignatureError(SessionError):
 class SessionInteropWarning(UserWarning):
     """A llama.cpp session file was loaded: it records neither the model nor the context parameters and has no
     checksum, so only llama.cpp's own checks applied."""
+
+
+class UnsavedSessionsWarning(UserWarning):
+    """A SessionManager with ``autosave=False`` went (garbage-collected, or the interpreter exited) while some
+    of its live sessions had changes that were never saved: those changes are lost. The message names the
+    sessions. Call ``save()`` before, or keep the default ``autosave=True``."""
 
 
 class SessionNotFoundError(SessionError, LookupError):

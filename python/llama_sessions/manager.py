@@ -2,21 +2,40 @@
 
 The logic lives in the Rust core (``llama_sessions._native.SessionManager``); this subclass adds the ``a*``
 coroutines, which run the native calls in worker threads (they release the GIL), so an event loop is never
-blocked by inference or I/O.
+blocked by inference or I/O, and the UnsavedSessionsWarning of a manager with ``autosave=False`` that goes
+with changes never saved (garbage-collected, or at interpreter exit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from os import PathLike
+from typing import TYPE_CHECKING, Any
 
 from ._native import SAMPLING_DEFAULTS as _DEFAULTS
-from ._native import Context, StoredSession
+from ._native import Context, ContextParams, Model, StoredSession
 from ._native import SessionManager as _NativeSessionManager
+from .errors import UnsavedSessionsWarning
+
+if TYPE_CHECKING:  # aliases that exist only in the stub
+    from ._native import KvType, OverflowPolicy
 
 __all__ = ["SessionManager"]
+
+#: Managers with autosave off, checked for unsaved sessions when the interpreter exits. Weak: a manager that
+#: is garbage-collected earlier warns from ``__del__`` instead.
+_WITHOUT_AUTOSAVE: weakref.WeakSet[SessionManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _warn_about_unsaved_sessions_at_exit() -> None:
+    for manager in list(_WITHOUT_AUTOSAVE):
+        manager._warn_if_unsaved("the interpreter exits")
 
 
 class SessionManager(_NativeSessionManager):
@@ -30,7 +49,51 @@ class SessionManager(_NativeSessionManager):
     ends, ``generate_reusing_prefix``, ``revert``) holds its session: another turn waits for it (``timeout``
     bounds the wait, then SessionBusyError) and eviction passes it by. Safe to share between threads and
     between processes using one directory.
+
+    Durable by default (``autosave=True``). With ``autosave=False``, a manager that goes (garbage-collected,
+    or at interpreter exit) while sessions have unsaved changes warns with UnsavedSessionsWarning naming them.
     """
+
+    def __init__(
+        self,
+        model: Model,
+        session_dir: str | PathLike[str] = "./sessions",
+        params: ContextParams | None = None,
+        *,
+        max_live: int = 8,
+        autosave: bool = True,
+        overflow: OverflowPolicy = "drop_oldest",
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
+        n_threads: int | None = None,
+        type_k: KvType | None = None,
+        type_v: KvType | None = None,
+        flash_attn: bool | None = None,
+        secret_key: bytes | None = None,
+    ) -> None:
+        # The native __new__ built the manager from these arguments; here it only joins the watch for
+        # unsaved sessions when it does not save them itself.
+        self._unsaved_warning_due = not self.autosave
+        if self._unsaved_warning_due:
+            _WITHOUT_AUTOSAVE.add(self)
+
+    def _warn_if_unsaved(self, why: str) -> None:
+        """Warns once, as the manager goes (``why``), if some of its sessions have unsaved changes."""
+        if not getattr(self, "_unsaved_warning_due", False):
+            return
+        self._unsaved_warning_due = False
+        unsaved = self.unsaved_sessions()
+        if unsaved:
+            warnings.warn(
+                f"SessionManager({str(self.session_dir)!r}, autosave=False) goes as {why} with unsaved "
+                f"changes in sessions {unsaved}: they are lost. Call save(session_id) before, or keep the "
+                "default autosave=True.",
+                UnsavedSessionsWarning,
+                stacklevel=3,
+            )
+
+    def __del__(self) -> None:
+        self._warn_if_unsaved("it is garbage-collected")
 
     async def acreate_session(
         self,
@@ -69,6 +132,10 @@ class SessionManager(_NativeSessionManager):
     async def arevert(self, session_id: str, label: str, *, timeout: float | None = None) -> None:
         """revert() without blocking the event loop."""
         await asyncio.to_thread(self.revert, session_id, label, timeout=timeout)
+
+    async def atrim_history(self, session_id: str, keep_last: int, *, timeout: float | None = None) -> int:
+        """trim_history() without blocking the event loop."""
+        return await asyncio.to_thread(self.trim_history, session_id, keep_last, timeout=timeout)
 
     async def achat(
         self,

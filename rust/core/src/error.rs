@@ -55,6 +55,31 @@ pub enum Error {
         n_seq_max: u32,
     },
 
+    /// A manager's chat turn does not fit: its conversation (system prompt, the history kept, the new message)
+    /// plus the `max_tokens` reserved for the answer exceed what a sequence holds. Raised before the turn
+    /// starts: nothing changed.
+    #[error(
+        "context full: this chat turn needs {needed} tokens ({conversation_tokens} for the conversation{kept} \
+         + max_tokens={max_tokens} reserved for the answer) but a sequence holds n_ctx={n_ctx}; the session \
+         holds {held} tokens and nothing was changed. {advice}",
+        needed = conversation_tokens + max_tokens,
+        kept = if *history_dropped { " with every earlier turn dropped" } else { "" }
+    )]
+    ChatOverflow {
+        /// Tokens of the conversation the turn would decode from (after any turns were dropped).
+        conversation_tokens: usize,
+        /// Tokens reserved for the answer.
+        max_tokens: usize,
+        /// What one sequence holds.
+        n_ctx: usize,
+        /// Tokens the session's context holds now.
+        held: usize,
+        /// Whether the figure is what is left with every earlier turn dropped (the policy drops them).
+        history_dropped: bool,
+        /// What to do about it.
+        advice: &'static str,
+    },
+
     /// Text could not be turned into tokens or tokens into text.
     #[error("tokenize error: {0}")]
     Tokenize(String),

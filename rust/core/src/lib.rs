@@ -42,7 +42,8 @@ pub use context::{
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{
-    ChatTurn, ListedSession, ManagedSession, ManagerStats, SessionManager, SessionTurn, TurnWait,
+    ChatTurn, ListedSession, ManagedSession, ManagerStats, OverflowPolicy, SessionManager,
+    SessionTurn, TurnWait,
 };
 pub use model::{ChatMessage, MemoryKind, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};

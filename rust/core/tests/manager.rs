@@ -22,7 +22,9 @@ fn params() -> ContextParams {
 
 fn manager(dir: &std::path::Path, max_live: usize, autosave: bool) -> SessionManager {
     let store = Arc::new(DirectoryStore::open(dir).unwrap());
-    SessionManager::new(model(), params(), store, max_live, autosave).unwrap()
+    SessionManager::new(model(), params(), store, max_live)
+        .unwrap()
+        .with_autosave(autosave)
 }
 
 fn chat(m: &SessionManager, id: &str, message: &str) -> Vec<i32> {
@@ -121,7 +123,10 @@ fn checkpoints_revert_state_and_history() {
     let history_at_one = session.history();
     let after_one = chat(&m, "c", "Name an animal.");
     chat(&m, "c", "Name a fruit.");
+    assert!(session.context().lock().unwrap().last_stats().is_some());
     m.revert("c", "one").unwrap();
+    // The stats described a turn the revert undid.
+    assert_eq!(session.context().lock().unwrap().last_stats(), None);
     assert_eq!(session.history(), history_at_one);
     assert_eq!(
         session.context().lock().unwrap().tokens(0).unwrap(),
@@ -256,4 +261,36 @@ fn hostile_ids_are_rejected_and_junk_files_ignored() {
     ));
     m.delete("good").unwrap();
     assert!(!m.exists("good").unwrap());
+}
+
+#[test]
+fn autosave_is_the_default_and_unsaved_ids_name_what_would_be_lost_without_it() {
+    let dir = temp_dir("unsaved");
+    let store = Arc::new(DirectoryStore::open(dir.join("default")).unwrap());
+    let durable = SessionManager::new(model(), params(), store, 4).unwrap();
+    assert!(durable.autosave());
+    durable
+        .create_session("a", Some(SYSTEM), Metadata::new())
+        .unwrap();
+    chat(&durable, "a", "Name a color.");
+    assert!(durable.unsaved_ids().is_empty());
+
+    let m = manager(&dir.join("off"), 4, false);
+    for id in ["a", "b"] {
+        m.create_session(id, Some(SYSTEM), Metadata::new()).unwrap();
+    }
+    assert!(m.unsaved_ids().is_empty()); // creating stores
+    chat(&m, "b", "Name a color.");
+    assert_eq!(m.unsaved_ids(), ["b"]);
+    m.save("b").unwrap();
+    assert!(m.unsaved_ids().is_empty());
+    // A change made through the live Context counts too.
+    m.load("a")
+        .unwrap()
+        .context()
+        .lock()
+        .unwrap()
+        .truncate(0, 1)
+        .unwrap();
+    assert_eq!(m.unsaved_ids(), ["a"]);
 }

@@ -29,7 +29,9 @@ fn params() -> ContextParams {
 }
 
 fn manager(store: Arc<dyn SessionStore>, max_live: usize, autosave: bool) -> SessionManager {
-    SessionManager::new(model(), params(), store, max_live, autosave).unwrap()
+    SessionManager::new(model(), params(), store, max_live)
+        .unwrap()
+        .with_autosave(autosave)
 }
 
 fn directory(name: &str) -> Arc<DirectoryStore> {

@@ -68,6 +68,13 @@ impl PyGenerationStats {
         self.stats.generation_seconds
     }
 
+    /// Whole turns a SessionManager chat dropped from the start of its history to make room (its overflow
+    /// policy); 0 for everything else.
+    #[getter]
+    fn dropped_turns(&self) -> usize {
+        self.stats.dropped_turns
+    }
+
     /// "eog", "stop", "length" or "context_full".
     #[getter]
     fn stop_reason(&self) -> &'static str {
@@ -107,7 +114,6 @@ pub struct PyContext {
     /// Shared with a SessionManager when the context is one of its live sessions.
     pub(crate) inner: Arc<Mutex<Context>>,
     model: Py<PyModel>,
-    last_stats: DetachedMutex<Option<PyGenerationStats>>,
 }
 
 /// Turns a core result into a Python one; an interruption raises the exception the signal handler raised.
@@ -208,16 +214,14 @@ fn stop_strings(stop: Option<Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
 impl PyContext {
     /// A Python Context over a context shared with the core (a SessionManager's live session).
     pub(crate) fn shared(inner: Arc<Mutex<Context>>, model: Py<PyModel>) -> PyContext {
-        PyContext {
-            inner,
-            model,
-            last_stats: DetachedMutex::new(None),
-        }
+        PyContext { inner, model }
     }
 
+    /// The stats live on the core's context, so that every handle on a shared context (each `load` of a
+    /// manager's session) sees those of the last generation or chat turn, whoever ran it.
     fn record(&self, py: Python<'_>, stats: PyGenerationStats) -> PyResult<()> {
         native(py, |d| {
-            *self.last_stats.lock(d) = Some(stats);
+            lock_shared(&self.inner, d).set_last_stats(Some((stats.stats, stats.reason)));
             Ok(())
         })
     }
@@ -311,14 +315,16 @@ impl PyContext {
     /// Counts and times of the last generate() or finished stream(), or None.
     #[getter]
     fn last_stats(&self, py: Python<'_>) -> PyResult<Option<PyGenerationStats>> {
-        native(py, |d| Ok(self.last_stats.lock(d).clone()))
+        native(py, |d| {
+            let stats = lock_shared(&self.inner, d).last_stats();
+            Ok(stats.map(|(stats, reason)| PyGenerationStats::new(stats, reason)))
+        })
     }
 
     /// Empties the context.
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
         native(py, |d| {
-            lock_shared(&self.inner, d).reset();
-            *self.last_stats.lock(d) = None; // they described what is gone
+            lock_shared(&self.inner, d).reset(); // forgets the last stats: they described what is gone
             Ok(())
         })
     }
@@ -571,8 +577,9 @@ impl PyContext {
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
         let loaded = native(py, |d| {
-            let loaded = lock_shared(&self.inner, d).load_session(&path, seq, key.as_ref())?;
-            *self.last_stats.lock(d) = None;
+            let mut context = lock_shared(&self.inner, d);
+            let loaded = context.load_session(&path, seq, key.as_ref())?;
+            context.set_last_stats(None);
             Ok(loaded)
         })?;
         warn_all(py, &loaded.warnings)?;
@@ -631,8 +638,9 @@ impl PyContext {
         let seq = seq_arg(seq)?;
         let key = session_key(secret_key)?;
         native(py, |d| {
-            let info = lock_shared(&self.inner, d).restore(&data, seq, key.as_ref())?;
-            *self.last_stats.lock(d) = None;
+            let mut context = lock_shared(&self.inner, d);
+            let info = context.restore(&data, seq, key.as_ref())?;
+            context.set_last_stats(None);
             Ok(info)
         })
         .map(|info| PySessionInfo { info })

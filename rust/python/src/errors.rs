@@ -94,7 +94,9 @@ pub fn to_py(error: Error) -> PyErr {
         Error::ModelLoad { .. } => ModelLoadError::new_err(message),
         Error::InvalidParameter { .. } => InvalidParameterError::new_err(message),
         Error::ContextCreate { .. } => ContextCreateError::new_err(message),
-        Error::ContextFull { .. } => ContextFullError::new_err(message),
+        Error::ContextFull { .. } | Error::ChatOverflow { .. } => {
+            ContextFullError::new_err(message)
+        }
         Error::Tokenize(_) => TokenizeError::new_err(message),
         Error::Decode { .. } => DecodeError::new_err(message),
         Error::ChatTemplate(_) => ChatTemplateError::new_err(message),

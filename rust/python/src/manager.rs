@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llama_sessions::{
-    ChatTurn, DirectoryStore, Error, ListedSession, SessionManager, SessionStore, TurnWait,
+    ChatTurn, DirectoryStore, Error, ListedSession, OverflowPolicy, SessionManager, SessionStore,
+    TurnWait,
 };
 use llama_sessions::{DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 use pyo3::prelude::*;
@@ -168,8 +169,8 @@ impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = false, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None),
-        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=False, n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None)"
+        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -179,6 +180,7 @@ impl PySessionManager {
         params: Option<&PyContextParams>,
         max_live: i64,
         autosave: bool,
+        overflow: &str,
         n_ctx: Option<i64>,
         n_batch: Option<i64>,
         n_threads: Option<Bound<'_, PyAny>>,
@@ -196,11 +198,14 @@ impl PySessionManager {
             .inner;
         let max_live = usize::try_from(max_live)
             .map_err(|_| to_py(Error::invalid("max_live", "max_live >= 1", max_live)))?;
+        let overflow: OverflowPolicy = overflow.parse().map_err(to_py)?;
         let core_model = model.get().inner.clone();
         let dir = session_dir.clone();
         let manager = native(py, |_| {
             let store: Arc<dyn SessionStore> = Arc::new(DirectoryStore::open(dir)?);
-            let manager = SessionManager::new(&core_model, params, store, max_live, autosave)?;
+            let manager = SessionManager::new(&core_model, params, store, max_live)?
+                .with_autosave(autosave)
+                .with_overflow(overflow);
             Ok(match key {
                 Some(key) => manager.with_secret_key(key),
                 None => manager,
@@ -243,6 +248,41 @@ impl PySessionManager {
     #[getter]
     fn autosave(&self) -> bool {
         self.inner.autosave()
+    }
+
+    /// What a chat turn that does not fit does: "drop_oldest" or "error".
+    #[getter]
+    fn overflow(&self) -> &'static str {
+        self.inner.overflow().as_str()
+    }
+
+    /// Ids of the live sessions whose changes are not stored, least recently used first.
+    fn unsaved_sessions(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        native(py, |_| Ok(self.inner.unsaved_ids()))
+    }
+
+    /// Keeps the last `keep_last` turns of a session's history; returns how many turns were dropped.
+    #[pyo3(signature = (session_id, keep_last, *, timeout = None))]
+    fn trim_history(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        keep_last: i64,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
+        let keep_last = usize::try_from(keep_last).map_err(|_| {
+            to_py(Error::invalid(
+                "keep_last",
+                "an integer >= 0 (the turns to keep)",
+                keep_last,
+            ))
+        })?;
+        let wait = turn_wait(timeout)?;
+        native(py, |detached| {
+            self.inner
+                .begin_turn(session_id, wait, detached)?
+                .trim_history(keep_last)
+        })
     }
 
     /// Creates a session, stores it, and returns its live Context.

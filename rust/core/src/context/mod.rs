@@ -103,6 +103,9 @@ pub struct Context {
     /// last positions only), its length at the restore less one; recurrent memory cannot be cut back at all
     /// ([`Context::truncate`] decodes again below it).
     exact_floor: Vec<usize>,
+    /// Counts and stop reason of the last finished generation or chat turn on this context, kept here (not in
+    /// a caller's wrapper) so that every handle on a shared context (a manager's live session) sees them.
+    last_stats: Option<(GenerationStats, StopReason)>,
 }
 
 impl std::fmt::Debug for Context {
@@ -165,6 +168,7 @@ impl Context {
             epoch: 0,
             layout: Err("the layout is being learnt".to_owned()),
             exact_floor: vec![0; n_seq],
+            last_stats: None,
         };
         ctx.layout = match plan {
             layout::LayoutPlan::Ready(layout) => layout,
@@ -295,6 +299,17 @@ impl Context {
 
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Counts and stop reason of the last finished generation or chat turn recorded on this context (None
+    /// after a reset, a restore of state bytes, or before any).
+    pub fn last_stats(&self) -> Option<(GenerationStats, StopReason)> {
+        self.last_stats
+    }
+
+    /// Records (or, with None, forgets) the counts and stop reason of the generation that just finished.
+    pub fn set_last_stats(&mut self, stats: Option<(GenerationStats, StopReason)>) {
+        self.last_stats = stats;
     }
 
     pub(crate) fn check_seq(&self, seq: SeqId) -> Result<()> {
@@ -487,10 +502,11 @@ impl Context {
     pub fn reset(&mut self) {
         self.epoch += 1;
         self.last_logits = None;
-        // Removing every sequence's cells by position range is cheap (llama_memory_clear(data=true) memsets
-        // the whole KV buffer: 8 ms at n_ctx 4096 with a 135M model), but a range starts at position 0 at the
-        // earliest, so a cell at a negative position would survive it. Clear the memory entirely whenever
-        // anything is left.
+        self.last_stats = None; // they described what is gone
+                                // Removing every sequence's cells by position range is cheap (llama_memory_clear(data=true) memsets
+                                // the whole KV buffer: 8 ms at n_ctx 4096 with a 135M model), but a range starts at position 0 at the
+                                // earliest, so a cell at a negative position would survive it. Clear the memory entirely whenever
+                                // anything is left.
         let cleared = self
             .cell
             .with_dependent_mut(|_, ctx| ctx.clear_kv_cache_seq(None, None, None));
@@ -573,6 +589,7 @@ impl Context {
             })?;
         self.epoch += 1;
         self.last_logits = None;
+        self.last_stats = None; // they described what is replaced (a manager's revert, say)
         clear_recent_log();
         // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
         // records (a negative position stays in the cache for good; several sequence ids or positions out of
@@ -758,13 +775,15 @@ impl Context {
         interrupt: &mut dyn Interrupt,
     ) -> Result<(Generator, usize)> {
         self.check_seq(seq)?;
+        let held = &self.sequences[seq as usize];
+        let mut reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
         if tokens.len() > self.capacity_per_sequence {
-            return Err(self.full(tokens.len(), 0));
+            // Reported as things stand (nothing was dropped): what the sequence holds now, and the tokens
+            // that would follow the prefix it shares with the prompt.
+            return Err(self.full(tokens.len() - reused, held.len()));
         }
         options.sampling.validate()?;
         self.model.check_tokens(tokens)?;
-        let held = &self.sequences[seq as usize];
-        let mut reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
         if reused < held.len() && reused < self.exact_floor(seq) {
             // The memory cannot be cut back to the common prefix (recurrent state): decode everything again
             // from the start, in one go with the new tokens.
@@ -897,6 +916,9 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// Seconds spent generating.
     pub generation_seconds: f64,
+    /// Whole turns (a user message and its answer) a manager's chat turn dropped from the start of the
+    /// history to make room (its overflow policy); 0 for everything else.
+    pub dropped_turns: usize,
 }
 
 impl GenerationStats {

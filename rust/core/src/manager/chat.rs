@@ -2,6 +2,7 @@
 //! (see [`SessionManager::begin_turn`]); a [`ChatTurn`] is a chat turn whose answer is read piece by piece and
 //! that keeps that right until it ends.
 
+use std::str::FromStr;
 use std::sync::Arc;
 
 use super::ids::{checkpoint_key, validate_label};
@@ -9,10 +10,81 @@ use super::live::{lock, ManagedSession, TurnPermit};
 use super::records::{split_metadata, ManagerRecord, StoredMessage};
 use super::SessionManager;
 use crate::context::generation::Generator;
-use crate::context::{GenerateOptions, Generation, Interrupt};
+use crate::context::{Context, GenerateOptions, Generation, Interrupt};
 use crate::error::{Error, Result};
 use crate::model::ChatMessage;
 use llama_cpp_2::token::LlamaToken;
+
+/// What a chat turn does when its conversation (system prompt, history, new message) and the `max_tokens`
+/// reserved for its answer do not fit in a sequence. Either way the check runs before the turn starts, so an
+/// answer never runs out of room half-way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    /// Drop the oldest whole turns (a user message and the answers after it) from the history, always keeping
+    /// the system prompt, until the turn fits; the context is then re-encoded from the first token that
+    /// differs (the system prompt's tokens are reused). The turn's stats count the turns dropped
+    /// ([`crate::GenerationStats::dropped_turns`]). [`Error::ChatOverflow`], nothing changed, only when the
+    /// system prompt, the new message and `max_tokens` alone do not fit.
+    #[default]
+    DropOldest,
+    /// [`Error::ChatOverflow`] before the turn starts, nothing changed: trim the history
+    /// ([`SessionManager::trim_history`]) or ask for fewer tokens.
+    Error,
+}
+
+impl OverflowPolicy {
+    /// "drop_oldest" or "error".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverflowPolicy::DropOldest => "drop_oldest",
+            OverflowPolicy::Error => "error",
+        }
+    }
+}
+
+impl FromStr for OverflowPolicy {
+    type Err = Error;
+
+    /// "drop_oldest" or "error"; anything else is [`Error::InvalidParameter`] naming `overflow`.
+    fn from_str(s: &str) -> Result<OverflowPolicy> {
+        match s {
+            "drop_oldest" => Ok(OverflowPolicy::DropOldest),
+            "error" => Ok(OverflowPolicy::Error),
+            other => Err(Error::invalid(
+                "overflow",
+                "\"drop_oldest\" or \"error\"",
+                format!("{other:?}"),
+            )),
+        }
+    }
+}
+
+/// Where each turn of `history` starts: at each user message (messages before the first one belong to the
+/// first turn).
+fn turn_starts(history: &[StoredMessage]) -> Vec<usize> {
+    let mut starts: Vec<usize> = history
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role == "user")
+        .map(|(i, _)| i)
+        .collect();
+    if !history.is_empty() && starts.first() != Some(&0) {
+        starts.insert(0, 0);
+    }
+    starts
+}
+
+/// How many messages the first `turns` turns of a history with these turn starts take.
+fn messages_in_turns(starts: &[usize], history_len: usize, turns: usize) -> usize {
+    starts.get(turns).copied().unwrap_or(history_len)
+}
+
+/// A chat turn that fits: the tokens to decode from, and how much of the history they leave out.
+struct ChatPlan {
+    tokens: Vec<LlamaToken>,
+    dropped_messages: usize,
+    dropped_turns: usize,
+}
 
 /// The exclusive right to change one live session's conversation, from [`SessionManager::begin_turn`]: while
 /// it is held, no other turn runs on the session and the session is not evicted. Each method uses it up; so
@@ -46,7 +118,8 @@ impl<'m> SessionTurn<'m> {
 
     /// One chat turn: `user_message` is formatted with the model's chat template after the history, only
     /// what the context does not hold yet is decoded, and the answer is generated; both messages join the
-    /// history. Saved when the manager autosaves.
+    /// history. Room for `max_tokens` is reserved first, as the manager's [`OverflowPolicy`] says. Saved when
+    /// the manager autosaves; the turn's stats become the context's [`Context::last_stats`].
     pub fn chat(
         self,
         user_message: &str,
@@ -68,21 +141,54 @@ impl<'m> SessionTurn<'m> {
         interrupt: &mut dyn Interrupt,
     ) -> Result<ChatTurn> {
         let session = Arc::clone(self.session());
-        // The record is only read: the permit keeps other turns from changing it meanwhile.
-        let tokens = {
-            let record = lock(&session.record);
+        // The record is only read (the history changes when the turn finishes): the permit keeps other turns
+        // from changing it meanwhile, so the plan's message counts stay valid until then.
+        let record = lock(&session.record);
+        let mut context = lock(&session.context);
+        let plan =
             self.manager
-                .conversation_tokens(&record.manager, user_message)?
-        };
-        let generator = lock(&session.context)
-            .start_generation_reusing_prefix_tokens(0, &tokens, options, interrupt)?
+                .plan_chat(&record.manager, user_message, options.max_tokens, &context)?;
+        drop(record);
+        let generator = context
+            .start_generation_reusing_prefix_tokens(0, &plan.tokens, options, interrupt)?
             .0;
+        drop(context);
         Ok(ChatTurn {
             permit: self.permit,
             user_message: user_message.to_owned(),
             generator,
             text: String::new(),
+            dropped_messages: plan.dropped_messages,
+            dropped_turns: plan.dropped_turns,
         })
+    }
+
+    /// Keeps the last `keep_last` turns of the history (a turn: a user message and the answers after it) and
+    /// drops the older ones; the system prompt stays. Returns how many turns were dropped (0: nothing
+    /// changed). The context is re-encoded from the first token that differs on the next chat turn. Saved
+    /// when the manager autosaves.
+    pub fn trim_history(self, keep_last: usize) -> Result<usize> {
+        let session = Arc::clone(self.session());
+        let mut record = lock(&session.record);
+        let starts = turn_starts(&record.manager.history);
+        let dropped_turns = starts.len().saturating_sub(keep_last);
+        if dropped_turns == 0 {
+            return Ok(0);
+        }
+        let dropped_messages =
+            messages_in_turns(&starts, record.manager.history.len(), dropped_turns);
+        record.manager.history.drain(..dropped_messages);
+        record.mark_changed();
+        if self.manager.autosave {
+            let context = lock(&session.context);
+            let stored = self
+                .manager
+                .store_record(&session.id, &mut record, &context);
+            drop(context);
+            drop(record);
+            self.manager.forget_if_conflict(&session, stored)?;
+        }
+        Ok(dropped_turns)
     }
 
     /// Generates after `full_prompt`, the *whole* text the context should hold: only what follows the
@@ -130,22 +236,93 @@ impl<'m> SessionTurn<'m> {
 }
 
 impl SessionManager {
-    /// The whole conversation formatted with the chat template and tokenized, ready for the assistant's
-    /// answer. Message contents are plain text: only the template's markup becomes control tokens, so no
-    /// user can forge a turn of another role ([`crate::Model::tokenize_chat`]).
-    fn conversation_tokens(
+    /// The tokens of a chat turn after `record`'s conversation, with room for `max_tokens` more in `context`:
+    /// the whole history if it fits, else as the overflow policy says (the oldest turns dropped, or
+    /// [`Error::ChatOverflow`]). Changes nothing.
+    fn plan_chat(
         &self,
         record: &ManagerRecord,
         user_message: &str,
+        max_tokens: usize,
+        context: &Context,
+    ) -> Result<ChatPlan> {
+        let history = &record.history;
+        let system = record.system_prompt.as_deref();
+        let capacity = context.capacity();
+        let fits = |tokens: &[LlamaToken]| tokens.len().saturating_add(max_tokens) <= capacity;
+        let starts = turn_starts(history);
+        let without = |turns: usize| {
+            let dropped_messages = messages_in_turns(&starts, history.len(), turns);
+            let tokens =
+                self.conversation_tokens(system, &history[dropped_messages..], user_message)?;
+            Ok::<_, Error>(ChatPlan {
+                tokens,
+                dropped_messages,
+                dropped_turns: turns,
+            })
+        };
+        let whole = without(0)?;
+        if fits(&whole.tokens) {
+            return Ok(whole);
+        }
+        let held = context.token_count(0)?;
+        let overflow = |conversation_tokens: usize, history_dropped: bool, advice: &'static str| {
+            Error::ChatOverflow {
+                conversation_tokens,
+                max_tokens,
+                n_ctx: capacity,
+                held,
+                history_dropped,
+                advice,
+            }
+        };
+        let bare = without(starts.len())?;
+        if !fits(&bare.tokens) {
+            return Err(overflow(
+                bare.tokens.len(),
+                !history.is_empty(),
+                "Use a shorter message or system prompt, a smaller max_tokens, or a larger n_ctx.",
+            ));
+        }
+        if self.overflow == OverflowPolicy::Error {
+            return Err(overflow(
+                whole.tokens.len(),
+                false,
+                "Call trim_history(session_id, keep_last=N) to drop the oldest turns (or let the \
+                 manager drop them: overflow=\"drop_oldest\"), or pass a smaller max_tokens.",
+            ));
+        }
+        // The fewest oldest turns to drop: dropping more never makes the conversation longer, so search.
+        let (mut too_few, mut enough) = (0, bare);
+        while enough.dropped_turns - too_few > 1 {
+            let middle = without(too_few + (enough.dropped_turns - too_few) / 2)?;
+            if fits(&middle.tokens) {
+                enough = middle;
+            } else {
+                too_few = middle.dropped_turns;
+            }
+        }
+        Ok(enough)
+    }
+
+    /// The conversation (the system prompt, `history`, then `user_message`) formatted with the chat template
+    /// and tokenized, ready for the assistant's answer. Message contents are plain text: only the template's
+    /// markup becomes control tokens, so no user can forge a turn of another role
+    /// ([`crate::Model::tokenize_chat`]).
+    fn conversation_tokens(
+        &self,
+        system_prompt: Option<&str>,
+        history: &[StoredMessage],
+        user_message: &str,
     ) -> Result<Vec<LlamaToken>> {
-        let mut messages = Vec::with_capacity(record.history.len() + 2);
-        if let Some(system) = &record.system_prompt {
+        let mut messages = Vec::with_capacity(history.len() + 2);
+        if let Some(system) = system_prompt {
             messages.push(ChatMessage {
                 role: "system".to_owned(),
-                content: system.clone(),
+                content: system.to_owned(),
             });
         }
-        messages.extend(record.history.iter().map(ChatMessage::from));
+        messages.extend(history.iter().map(ChatMessage::from));
         messages.push(ChatMessage {
             role: "user".to_owned(),
             content: user_message.to_owned(),
@@ -161,6 +338,10 @@ pub struct ChatTurn {
     user_message: String,
     generator: Generator,
     text: String,
+    /// Messages at the start of the history this turn's conversation left out (they go when it finishes).
+    dropped_messages: usize,
+    /// The whole turns they make up.
+    dropped_turns: usize,
 }
 
 impl std::fmt::Debug for ChatTurn {
@@ -182,9 +363,10 @@ impl ChatTurn {
         Ok(piece)
     }
 
-    /// Ends the turn: the rest of the answer is generated if it was not read, the user message and the answer
-    /// join the history, and the session is saved if the manager autosaves. The session is then the most
-    /// recently used, and sessions over `max_live` that were kept for their turns are evicted.
+    /// Ends the turn: the rest of the answer is generated if it was not read, the turns the overflow policy
+    /// dropped leave the history, the user message and the answer join it, the turn's stats become the
+    /// context's [`Context::last_stats`], and the session is saved if the manager autosaves. The session is
+    /// then the most recently used, and sessions over `max_live` that were kept for their turns are evicted.
     pub fn finish(mut self, manager: &SessionManager) -> Result<Generation> {
         while self.next_piece(&mut crate::NeverInterrupt)?.is_some() {}
         let ChatTurn {
@@ -192,31 +374,38 @@ impl ChatTurn {
             user_message,
             generator,
             text,
+            dropped_messages,
+            dropped_turns,
         } = self;
+        let mut generation = generator.into_generation(text);
+        generation.stats.dropped_turns = dropped_turns;
         let session = Arc::clone(permit.session());
         let mut record = lock(&session.record);
+        record.manager.history.drain(..dropped_messages);
         record.manager.history.push(StoredMessage {
             role: "user".to_owned(),
             content: user_message,
         });
         record.manager.history.push(StoredMessage {
             role: "assistant".to_owned(),
-            content: text.clone(),
+            content: generation.text.clone(),
         });
         record.mark_changed();
+        let mut context = lock(&session.context);
+        context.set_last_stats(Some((generation.stats, generation.stop_reason)));
         let stored = if manager.autosave {
-            let context = lock(&session.context);
             manager.store_record(&session.id, &mut record, &context)
         } else {
             Ok(())
         };
+        drop(context);
         drop(record);
         let stored = manager.forget_if_conflict(&session, stored);
         drop(permit);
         manager.live.touch(&session);
         manager.evict_over_capacity();
         stored?;
-        Ok(generator.into_generation(text))
+        Ok(generation)
     }
 
     /// The session this turn runs on.

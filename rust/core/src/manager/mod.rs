@@ -10,7 +10,7 @@
 //!   (threads and processes), compares that version with the stored one, writes version + 1 and releases the
 //!   lock; if the store holds another version, someone else saved in between and the save fails with
 //!   [`Error::SessionConflict`] instead of silently dropping their turn.
-//! - A turn (chat, streamed chat, generation, revert) holds its session exclusively until it ends
+//! - A turn (chat, streamed chat, generation, revert, trim) holds its session exclusively until it ends
 //!   ([`SessionManager::begin_turn`]); a session is never evicted while a turn holds it.
 //! - Whether a session changed is derived from its context (every change of the KV cache counts, whoever
 //!   made it) and from its record.
@@ -38,7 +38,7 @@ use crate::session::Metadata;
 use crate::signing::SessionKey;
 use crate::store::SessionStore;
 
-pub use chat::{ChatTurn, SessionTurn};
+pub use chat::{ChatTurn, OverflowPolicy, SessionTurn};
 pub use ids::{validate_session_id, MAX_SESSION_ID_LEN};
 pub use live::{ManagedSession, TurnWait};
 pub use records::{
@@ -71,6 +71,7 @@ pub struct SessionManager {
     params: ContextParams,
     store: Arc<dyn SessionStore>,
     autosave: bool,
+    overflow: OverflowPolicy,
     live: LiveSet,
     /// Encoded system prompts, by their token ids: the session bytes of a context holding only them.
     prefixes: Mutex<HashMap<Vec<i32>, Arc<Vec<u8>>>>,
@@ -91,13 +92,14 @@ impl std::fmt::Debug for SessionManager {
 
 impl SessionManager {
     /// A manager of the sessions in `store`, whose contexts use `params` (validated here). At most
-    /// `max_live` (>= 1) sessions stay loaded; with `autosave`, every chat turn is saved.
+    /// `max_live` (>= 1) sessions stay loaded. Durable by default: every change a turn makes is saved as the
+    /// turn ends ([`SessionManager::with_autosave`] to save only on request); a chat that would not fit drops
+    /// the oldest turns ([`SessionManager::with_overflow`]).
     pub fn new(
         model: &Model,
         params: ContextParams,
         store: Arc<dyn SessionStore>,
         max_live: usize,
-        autosave: bool,
     ) -> Result<SessionManager> {
         params.validate(model)?;
         if params.n_seq_max != 1 {
@@ -114,12 +116,27 @@ impl SessionManager {
             model: model.clone(),
             params,
             store,
-            autosave,
+            autosave: true,
+            overflow: OverflowPolicy::default(),
             live: LiveSet::new(max_live),
             prefixes: Mutex::new(HashMap::new()),
             stats: Mutex::new(ManagerStats::default()),
             key: None,
         })
+    }
+
+    /// With `autosave` (the default), every turn that changes a session (a chat, a revert, a trim) saves it
+    /// before it returns. Without it, sessions are saved by [`SessionManager::save`] and when they are
+    /// evicted; what is unsaved when the manager goes is lost ([`SessionManager::unsaved_ids`] tells which).
+    pub fn with_autosave(mut self, autosave: bool) -> SessionManager {
+        self.autosave = autosave;
+        self
+    }
+
+    /// What a chat turn that does not fit does ([`OverflowPolicy`]; default: drop the oldest turns).
+    pub fn with_overflow(mut self, overflow: OverflowPolicy) -> SessionManager {
+        self.overflow = overflow;
+        self
     }
 
     /// Signs every session and checkpoint this manager writes with `key`, and loads only sessions signed by
@@ -157,6 +174,26 @@ impl SessionManager {
     /// Whether chat turns are saved as they end.
     pub fn autosave(&self) -> bool {
         self.autosave
+    }
+
+    /// What a chat turn that does not fit does.
+    pub fn overflow(&self) -> OverflowPolicy {
+        self.overflow
+    }
+
+    /// Ids of the live sessions whose changes are not stored (least recently used first): what would be lost
+    /// if the manager went now. Always empty right after every turn with autosave.
+    pub fn unsaved_ids(&self) -> Vec<String> {
+        self.live
+            .sessions()
+            .iter()
+            .filter(|s| {
+                let record = lock(&s.record);
+                let context = lock(&s.context);
+                record.changed(&context)
+            })
+            .map(|s| s.id.clone())
+            .collect()
     }
 
     /// Counters so far.
@@ -318,8 +355,8 @@ impl SessionManager {
         self.evict(victims);
     }
 
-    /// Saves each victim if it changed and drops it from the live set, unless a turn or a `load` claimed it
-    /// back meanwhile. Runs without the live set's lock: the victims were chosen and marked under it. A
+    /// Saves each victim if it changed (with or without autosave: eviction never drops changes) and drops it
+    /// from the live set, unless a turn or a `load` claimed it back meanwhile. Runs without the live set's lock: the victims were chosen and marked under it. A
     /// victim that cannot be saved (a conflict, a full disk) stays live rather than lose its changes.
     fn evict(&self, victims: Vec<Arc<ManagedSession>>) {
         for victim in victims {
@@ -494,6 +531,13 @@ impl SessionManager {
     ) -> Result<(Generation, usize)> {
         self.begin_turn(id, TurnWait::UntilFree, interrupt)?
             .generate_reusing_prefix(full_prompt, options, interrupt)
+    }
+
+    /// Keeps the last `keep_last` turns of session `id`'s history ([`SessionTurn::trim_history`]), waiting
+    /// for a turn in progress to end. Returns how many turns were dropped.
+    pub fn trim_history(&self, id: &str, keep_last: usize) -> Result<usize> {
+        self.begin_turn(id, TurnWait::UntilFree, &mut crate::NeverInterrupt)?
+            .trim_history(keep_last)
     }
 
     /// Puts session `id` back to checkpoint `label` ([`SessionTurn::revert`]), waiting for a turn in progress
