@@ -98,12 +98,13 @@ impl PyGenerationStats {
         let s = &self.stats;
         format!(
             "GenerationStats(prompt_tokens={}, prompt_seconds={:.4}, generated_tokens={}, \
-             generation_seconds={:.4}, stop_reason={:?})",
+             generation_seconds={:.4}, stop_reason={:?}, dropped_turns={})",
             s.prompt_tokens,
             s.prompt_seconds,
             s.generated_tokens,
             s.generation_seconds,
-            self.reason.as_str()
+            self.reason.as_str(),
+            s.dropped_turns
         )
     }
 }
