@@ -66,6 +66,17 @@ impl Context {
             .sum())
     }
 
+    /// The checkpoints of sequence `seq`: token count and llama.cpp's partial state bytes (a test hook: the
+    /// fuzz corpus seeds the state checker with real checkpoints).
+    #[doc(hidden)]
+    pub fn checkpoint_states(&self, seq: SeqId) -> Result<Vec<(usize, &[u8])>> {
+        self.check_seq(seq)?;
+        Ok(self.checkpoints[seq as usize]
+            .iter()
+            .map(|c| (c.tokens, c.state.as_slice()))
+            .collect())
+    }
+
     /// Copies llama.cpp's partial state of sequence `seq` as a checkpoint at its current length, where this
     /// context keeps checkpoints and none is there yet.
     pub(super) fn take_checkpoint(&mut self, seq: SeqId) -> Result<()> {
@@ -118,24 +129,31 @@ impl Context {
     /// Puts sequence `seq` back to its checkpoint at `at` tokens (which exists, at or below what it holds):
     /// the partial state goes through the checked loader, then the attention cells past it are dropped.
     pub(super) fn restore_checkpoint(&mut self, seq: SeqId, at: usize) -> Result<()> {
-        let Some(checkpoint) = self.checkpoints[seq as usize]
-            .iter()
-            .find(|c| c.tokens == at)
-            .cloned()
-        else {
+        let list = &mut self.checkpoints[seq as usize];
+        let Some(index) = list.iter().position(|c| c.tokens == at) else {
             return Err(Error::Internal(format!(
                 "sequence {seq} has no checkpoint at {at} tokens"
             )));
         };
+        // Lent out rather than copied (a real model's recurrent state is up to hundreds of MB), and put back
+        // where it still is: the load keeps the checkpoints at or below `at`, or clears them all on failure.
+        let state = std::mem::take(&mut list[index].state);
         let tokens: Vec<LlamaToken> = self.sequences[seq as usize][..at].to_vec();
-        self.load_state(
+        let loaded = self.load_state(
             seq,
-            &checkpoint.state,
+            &state,
             StateScope::Partial,
             tokens,
             seq,
             &format!("the checkpoint of sequence {seq} at {at} tokens"),
-        )
+        );
+        if let Some(checkpoint) = self.checkpoints[seq as usize]
+            .iter_mut()
+            .find(|c| c.tokens == at)
+        {
+            checkpoint.state = state;
+        }
+        loaded
     }
 
     /// Forgets the checkpoints of sequence `seq` past `keep` tokens (the sequence was cut back to `keep`).

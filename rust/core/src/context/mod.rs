@@ -661,7 +661,9 @@ impl Context {
             })?;
         self.epoch += 1;
         self.last_logits = None;
-        self.last_stats = None; // they described what is replaced (a manager's revert, say)
+        if scope == StateScope::Whole {
+            self.last_stats = None; // they described what is replaced (a manager's revert, say)
+        }
         clear_recent_log();
         // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
         // records (a negative position stays in the cache for good; several sequence ids or positions out of
