@@ -8,8 +8,9 @@
 //!
 //! The fields are private to this module tree, so the compiler enforces that: only [`Context::append`],
 //! [`Context::truncate`], [`Context::reset`] and [`Context::replace_sequence`] (state bytes, parsed and
-//! checked against this context's layout first) change the cache. `state` (sessions and snapshots) and
-//! `generation` are child modules that go through those doors.
+//! checked against this context's layout first; its loader also takes back the partial states of recurrent
+//! memory's checkpoints, checked the same way) change the cache. `state` (sessions and snapshots),
+//! `checkpoints` and `generation` are child modules that go through those doors.
 
 mod checkpoints;
 pub(crate) mod generation;
