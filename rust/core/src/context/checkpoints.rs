@@ -93,8 +93,8 @@ impl Context {
         // SAFETY: llama-cpp-2 passes no bound to `llama_state_seq_get_data_ext`; `state` is exactly the size
         // `llama_state_seq_get_size_ext` just computed with the same flags and serializer (a counting
         // writer), and nothing changed the memory in between (`ctx` is borrowed from `&self`'s cell, taken
-        // under `&mut self`). (Tested by rust/core/tests/checkpoints.rs and fuzz_corpus.rs, which
-        // restore every checkpoint through the layout check.)
+        // under `&mut self`). (Tested by rust/core/tests/checkpoints.rs, which restores checkpoints through
+        // the layout check, and fuzz_corpus.rs, which checks a real checkpoint's bytes against it.)
         let written = unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), seq as i32, flags) };
         if written != len {
             return Err(Error::Internal(format!(
