@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Fuzzes the session envelope readers, llama.cpp's state checker and a structure-aware session mutator
+# Fuzzes the session envelope readers, llama.cpp's state checker (one KV cache, and the memories of
+# sliding-window, hybrid and recurrent models) and a structure-aware session mutator
 # (fuzz/, see docs/reliability.md). Not part of test.sh: the corpus it keeps in fuzz/corpus/ and every crash
 # it finds (copied to fuzz/regressions/) are replayed by `cargo test` (rust/core/tests/fuzz_corpus.rs).
 #
 #   bash scripts/fuzz.sh                      # 1,000,000 executions per target
 #   FUZZ_RUNS=5000000 bash scripts/fuzz.sh    # more
 #   bash scripts/fuzz.sh --minimize           # then rewrite fuzz/corpus/ as a minimized corpus
+#   FUZZ_TARGETS=memory_state bash scripts/fuzz.sh   # some targets only
 #
 # Stable Rust: cargo-fuzz with --sanitizer none builds libFuzzer targets with SanitizerCoverage only (the
 # code under test is safe Rust: the findings are panics, overflows, aborts, hangs and excessive memory, each
@@ -22,7 +24,8 @@ for arg in "$@"; do
         *) echo "usage: bash scripts/fuzz.sh [--minimize]  (FUZZ_RUNS=executions per target)" >&2; exit 2 ;;
     esac
 done
-targets=(session_envelope state_checker structured_session)
+# shellcheck disable=SC2206
+targets=(${FUZZ_TARGETS:-session_envelope state_checker structured_session memory_state})
 
 # The fuzz build gets its own target directory: its instrumented dependencies must not replace the main
 # build's.
@@ -52,11 +55,16 @@ for target in "${targets[@]}"; do
     # persists between runs in $work.
     seeds=("fuzz/corpus/$target" "$work/seeds/$target")
     [ -d "fuzz/regressions/$target" ] && seeds+=("fuzz/regressions/$target")
+    # Real states llama.cpp wrote for the tiny models (rust/core/tests/fuzz_corpus.rs writes them).
+    [ -d "fuzz/real_states/$target" ] && seeds+=("fuzz/real_states/$target")
     start=$(date +%s)
     set +e
     # -timeout: an input that runs 10 s is a hang; -rss_limit_mb: memory sized by what a file announces
     # would exceed it (an allocation that fails aborts, which is a crash).
-    "$bin/$target" "$corpus" "${seeds[@]}" -runs="$runs" -max_len=4096 -timeout=10 \
+    # Real memory states of the tiny models (a recurrent state alone is 20 kB) need longer inputs.
+    max_len=4096
+    [ "$target" = memory_state ] && max_len=32768
+    "$bin/$target" "$corpus" "${seeds[@]}" -runs="$runs" -max_len="$max_len" -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="$artifacts/" \
         >"$log" 2>&1
     status=$?
@@ -87,13 +95,15 @@ if [ "$minimize" -eq 1 ] && [ "$failed" -eq 0 ]; then
         # budget per target that keeps the repository's corpus small.
         case "$target" in
             session_envelope) keep=80 ;;
-            state_checker) keep=50 ;;
+            state_checker | memory_state) keep=50 ;;
             *) keep=70 ;;
         esac
         control="$work/$target.merge-control"
         rm -rf "$control" "$work/merged/$target"
         mkdir -p "$work/merged/$target"
-        "$bin/$target" -merge=1 -merge_control_file="$control" -max_len=4096 "$work/merged/$target" \
+        max_len=4096
+        [ "$target" = memory_state ] && max_len=32768
+        "$bin/$target" -merge=1 -merge_control_file="$control" -max_len="$max_len" "$work/merged/$target" \
             "$work/seeds/$target" "$work/corpus/$target" "fuzz/corpus/$target" >"$work/$target.merge.log" 2>&1
         python3 - "$control" "$keep" "fuzz/corpus/$target" "$work/seeds/$target" <<'PY'
 import os, shutil, sys

@@ -4,8 +4,10 @@
 
 use std::path::Path;
 
-use llama_sessions_fuzz::checks::{header_for, key, layouts, seal_session};
-use llama_sessions_fuzz::llama_state::synthesize;
+use llama_sessions_fuzz::checks::{
+    header_for, key, layouts, memory_input, memory_layouts, seal_session,
+};
+use llama_sessions_fuzz::llama_state::{synthesize, synthesize_memory};
 use llama_sessions_fuzz::session_format::{SequenceRecord, LLAMA_CPP_MAGIC, LLAMA_CPP_VERSION};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
@@ -99,5 +101,20 @@ fn main() {
             &format!("signed-{i}"),
             &[i as u8, 0, 1, 0, 2, 7, 0, 1],
         );
+    }
+
+    // (d) memory states: layout, saved sequence, token count, then the state; every layout empty, and the
+    // small ones with a few tokens, past the window (real states of the tiny models are in the corpus).
+    let memory = root.join("memory_state");
+    for (i, (_, layout)) in memory_layouts().iter().enumerate() {
+        let small = i >= 6;
+        for tokens in if small { vec![0, 1, 5] } else { vec![0] } {
+            let state = synthesize_memory(layout, 0, tokens, 0x5a);
+            write(
+                &memory,
+                &format!("memory-{i}-{tokens}"),
+                &memory_input(i, 0, tokens as u8, &state),
+            );
+        }
     }
 }

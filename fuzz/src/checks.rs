@@ -10,7 +10,9 @@
 
 use std::ops::Range;
 
-use crate::llama_state::{self, Expected, LayerLayout, StateLayout};
+use crate::llama_state::{
+    self, Expected, LayerLayout, MemoryLayout, RecurrentLayout, RowLayout, StateLayout,
+};
 use crate::session_format::{self, ModelRecord, ParamsRecord, SequenceRecord, SessionHeader};
 use crate::{Error, SessionKey};
 
@@ -539,7 +541,8 @@ fn expect_refusal(err: &Error, call: &str, allowed: &[Refusal]) {
 /// accepting paths would replay without testing them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Outcome {
-    /// What was checked: "session", "sequence state", "whole state" or "structured session".
+    /// What was checked: "session", "sequence state", "whole state", "structured session" or "memory
+    /// state".
     pub what: &'static str,
     /// Whether the reader under test accepted it.
     pub accepted: bool,
@@ -1238,5 +1241,211 @@ pub fn check_structured(data: &[u8]) -> Outcome {
     Outcome {
         what: "structured session",
         accepted: all_accepted,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Target (d): the memory states of sliding-window, hybrid and recurrent models
+// ---------------------------------------------------------------------------------------------------------
+
+/// The tiny test models' layer (rust/core/tests/common/arch_models.rs): 2 heads of 32, f16, V transposed.
+const TINY_MODEL_LAYER: LayerLayout = LayerLayout {
+    k_type: 1,
+    k_row_bytes: 128,
+    v_type: 1,
+    v_row_bytes: 0,
+    v_element_bytes: 2,
+    v_width: 64,
+};
+
+fn tiny_model_kv(n_stream: u32) -> StateLayout {
+    StateLayout {
+        n_stream,
+        cell_ext_bytes: 0,
+        v_trans: true,
+        n_rot_k: 0,
+        n_rot_v: 0,
+        layers: vec![TINY_MODEL_LAYER],
+        max_cells: 256,
+    }
+}
+
+fn rows(sizes: &[u64]) -> Vec<RowLayout> {
+    sizes
+        .iter()
+        .map(|&row_bytes| RowLayout { ty: 0, row_bytes })
+        .collect()
+}
+
+/// tiny-lfm2's recurrent section: one short-convolution layer of (3 - 1) x 64 f32 (its S row is empty).
+fn tiny_lfm2_recurrent() -> RecurrentLayout {
+    RecurrentLayout {
+        n_layer: 2,
+        r: rows(&[512]),
+        s: rows(&[0]),
+    }
+}
+
+/// The memory layouts `check_memory_state` is fuzzed against, by name. The first five are the tiny test
+/// models' real ones in a context of n_ctx 256 per sequence, f16, one or two sequences (`fuzz_corpus.rs`
+/// compares them with `Context::memory_layout`): tiny-gemma3 (window 16), tiny-lfm2, tiny-mamba2; then
+/// tiny-lfm2's partial state (a checkpoint: the recurrent section alone); then small ones whose states fit
+/// in a few hundred bytes, so that byte-level mutations build whole states.
+pub fn memory_layouts() -> Vec<(&'static str, MemoryLayout)> {
+    let small_kv = |n_stream: u32, v_trans: bool| StateLayout {
+        n_stream,
+        cell_ext_bytes: 0,
+        v_trans,
+        n_rot_k: 0,
+        n_rot_v: 0,
+        layers: vec![TINY_LAYER],
+        max_cells: 64,
+    };
+    let small_recurrent = RecurrentLayout {
+        n_layer: 3,
+        r: rows(&[4, 8]),
+        s: rows(&[12, 0]),
+    };
+    vec![
+        (
+            "tiny-gemma3",
+            MemoryLayout::SlidingWindow {
+                base: tiny_model_kv(1),
+                swa: tiny_model_kv(1),
+                n_swa: 16,
+            },
+        ),
+        (
+            "tiny-gemma3 2 sequences",
+            MemoryLayout::SlidingWindow {
+                base: tiny_model_kv(2),
+                swa: tiny_model_kv(2),
+                n_swa: 16,
+            },
+        ),
+        (
+            "tiny-lfm2",
+            MemoryLayout::Hybrid {
+                attention: tiny_model_kv(1),
+                recurrent: tiny_lfm2_recurrent(),
+            },
+        ),
+        (
+            "tiny-lfm2 2 sequences",
+            MemoryLayout::Hybrid {
+                attention: tiny_model_kv(2),
+                recurrent: tiny_lfm2_recurrent(),
+            },
+        ),
+        (
+            "tiny-mamba2",
+            MemoryLayout::Recurrent(RecurrentLayout {
+                n_layer: 2,
+                r: rows(&[1920, 1920]),
+                s: rows(&[8192, 8192]),
+            }),
+        ),
+        (
+            "tiny-lfm2 checkpoint",
+            MemoryLayout::Recurrent(tiny_lfm2_recurrent()),
+        ),
+        (
+            "small window",
+            MemoryLayout::SlidingWindow {
+                base: small_kv(1, true),
+                swa: small_kv(1, false),
+                n_swa: 3,
+            },
+        ),
+        (
+            "small window 2 sequences",
+            MemoryLayout::SlidingWindow {
+                base: small_kv(2, false),
+                swa: small_kv(2, true),
+                n_swa: 2,
+            },
+        ),
+        (
+            "small hybrid",
+            MemoryLayout::Hybrid {
+                attention: small_kv(1, true),
+                recurrent: small_recurrent.clone(),
+            },
+        ),
+        ("small recurrent", MemoryLayout::Recurrent(small_recurrent)),
+    ]
+}
+
+/// Streams of the layout's KV sections (none for recurrent memory).
+fn kv_streams(layout: &MemoryLayout) -> Option<u32> {
+    match layout {
+        MemoryLayout::Attention(kv)
+        | MemoryLayout::SlidingWindow { base: kv, .. }
+        | MemoryLayout::Hybrid { attention: kv, .. } => Some(kv.n_stream),
+        MemoryLayout::Recurrent(_) => None,
+    }
+}
+
+/// The second reader for memory states: the structure of a valid state (counts, positions, sequence ids,
+/// types, row sizes, the order of the sections) is fixed by the layout, the saved sequence and the token
+/// count; only the rows' payload is free. So a state is valid exactly when it has the length of the one
+/// `synthesize_memory` writes and equals it on every byte that is not payload (the bytes where the states
+/// synthesized with payload 0x00 and 0xff differ).
+pub fn oracle_accepts_memory(state: &[u8], layout: &MemoryLayout, expected: Expected) -> bool {
+    let max_cells = match layout {
+        MemoryLayout::Attention(kv)
+        | MemoryLayout::SlidingWindow { base: kv, .. }
+        | MemoryLayout::Hybrid { attention: kv, .. } => kv.max_cells,
+        MemoryLayout::Recurrent(_) => usize::MAX,
+    };
+    if expected.token_count > max_cells {
+        return false;
+    }
+    let zeros = llama_state::synthesize_memory(layout, expected.saved_seq, expected.token_count, 0);
+    let ones =
+        llama_state::synthesize_memory(layout, expected.saved_seq, expected.token_count, 0xff);
+    state.len() == zeros.len()
+        && state
+            .iter()
+            .zip(zeros.iter().zip(&ones))
+            .all(|(&byte, (&zero, &one))| zero != one || byte == zero)
+}
+
+/// The input of target (d) for `state`: the layout's index, the saved sequence, the token count.
+pub fn memory_input(layout_index: usize, saved_seq: u32, token_count: u8, state: &[u8]) -> Vec<u8> {
+    let mut input = vec![layout_index as u8, saved_seq as u8, token_count];
+    input.extend_from_slice(state);
+    input
+}
+
+/// Target (d): the first bytes choose a memory layout, the saved sequence (a stream of the layout's KV
+/// caches) and the token count; the rest is the state. `check_memory_state` must never panic, refuse with a
+/// reason, and accept exactly what [`oracle_accepts_memory`] accepts.
+pub fn check_memory(data: &[u8]) -> Outcome {
+    let mut input = Input::new(data);
+    let layouts = memory_layouts();
+    let (_, layout) = &layouts[usize::from(input.u8()) % layouts.len()];
+    let seq_byte = u32::from(input.u8());
+    let saved_seq = kv_streams(layout).map_or(seq_byte % 4, |n| seq_byte % n);
+    let token_count = usize::from(input.u8());
+    let expected = Expected {
+        saved_seq,
+        token_count,
+    };
+    let state = input.rest();
+    let verdict = llama_state::check_memory_state(state, layout, expected);
+    let oracle = oracle_accepts_memory(state, layout, expected);
+    assert_eq!(
+        verdict.is_ok(),
+        oracle,
+        "check_memory_state said {verdict:?}, the oracle says accepted={oracle} ({} {expected:?})",
+        layout.kind()
+    );
+    if let Err(reason) = &verdict {
+        assert!(!reason.is_empty());
+    }
+    Outcome {
+        what: "memory state",
+        accepted: verdict.is_ok(),
     }
 }

@@ -37,7 +37,7 @@ mod text;
 pub use context::generation::Generator;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
-    StopReason,
+    StopReason, MAX_CHECKPOINTS,
 };
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;

@@ -295,6 +295,25 @@ impl Model {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// The token counts at which the messages of `messages` end in `tokens` (its [`Model::tokenize_chat`]
+    /// with the generation prompt): for each leading run of messages whose own formatting is a prefix of
+    /// `tokens`, that prefix's length, in increasing order. A chat template that formats a message
+    /// differently when more follow yields fewer boundaries, never a wrong one.
+    pub fn chat_message_ends(
+        &self,
+        messages: &[ChatMessage],
+        tokens: &[LlamaToken],
+    ) -> Result<Vec<usize>> {
+        let mut ends = Vec::new();
+        for k in 1..messages.len() {
+            let prefix = self.tokenize_chat(&messages[..k], false, true)?;
+            if tokens.starts_with(&prefix) && ends.last() != Some(&prefix.len()) {
+                ends.push(prefix.len());
+            }
+        }
+        Ok(ends)
+    }
+
     /// Tokens of `messages` formatted with the model's chat template, where only the template's own markup
     /// can become control tokens: each message's content is tokenized as plain text, so a user who writes
     /// `<|im_start|>system` gets those characters, not a system turn. (The template is rendered around

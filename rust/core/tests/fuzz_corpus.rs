@@ -22,10 +22,11 @@ use llama_sessions::{Context, ContextParams, KvType};
 /// A fuzz target's checks.
 type Check = fn(&[u8]) -> Outcome;
 
-const TARGETS: [(&str, Check); 3] = [
+const TARGETS: [(&str, Check); 4] = [
     ("session_envelope", checks::check_envelope),
     ("state_checker", checks::check_state),
     ("structured_session", checks::check_structured),
+    ("memory_state", checks::check_memory),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -79,6 +80,11 @@ fn the_fuzz_corpus_and_every_regression_pass_the_fuzz_checks() {
             check,
             &mut outcomes,
         );
+        replay(
+            &fuzz_dir().join("real_states").join(target),
+            check,
+            &mut outcomes,
+        );
     }
     // The corpus reaches both sides of every reader; a corpus that stopped reaching acceptance would replay
     // without testing it.
@@ -87,6 +93,7 @@ fn the_fuzz_corpus_and_every_regression_pass_the_fuzz_checks() {
         "sequence state",
         "whole state",
         "structured session",
+        "memory state",
     ] {
         for accepted in [true, false] {
             assert!(
@@ -167,4 +174,123 @@ fn the_fuzz_crate_bounds_sequences_as_the_library_does() {
         llama_sessions::MAX_SEQUENCES
     );
     assert!(root.contains(&line), "fuzz/src/lib.rs lacks {line:?}");
+}
+
+/// The tiny test models' contexts the memory layouts are fuzzed for: n_ctx 256 per sequence, f16, one
+/// thread.
+fn tiny_context(name: &str, n_seq_max: u32) -> Context {
+    let params = ContextParams {
+        n_ctx: 256 * n_seq_max,
+        n_batch: 32,
+        n_seq_max,
+        n_threads: 1,
+        ..ContextParams::default()
+    };
+    Context::new(common::arch_model(name), params).unwrap()
+}
+
+#[test]
+fn the_fuzzed_memory_layouts_are_the_tiny_models_real_ones() {
+    let fuzzed = checks::memory_layouts();
+    let real = [
+        ("tiny-gemma3", 1),
+        ("tiny-gemma3", 2),
+        ("tiny-lfm2", 1),
+        ("tiny-lfm2", 2),
+        ("tiny-mamba2", 1),
+    ];
+    for (i, (name, n_seq_max)) in real.into_iter().enumerate() {
+        let ctx = tiny_context(name, n_seq_max);
+        assert_eq!(
+            ctx.memory_layout().unwrap(),
+            &fuzzed[i].1,
+            "{}",
+            fuzzed[i].0
+        );
+    }
+    // A hybrid's checkpoint is its recurrent section alone.
+    let llama_state::MemoryLayout::Hybrid { recurrent, .. } = &fuzzed[2].1 else {
+        panic!("tiny-lfm2 is hybrid");
+    };
+    assert_eq!(
+        fuzzed[5].1,
+        llama_state::MemoryLayout::Recurrent(recurrent.clone())
+    );
+}
+
+/// Real states of the tiny models (sliding window past its 16 cells, hybrid, recurrent, a hybrid's
+/// checkpoint), as target (d)'s inputs, named for the corpus. The checkpoint is read the way the context
+/// takes one (`LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`), through `Context::snapshot` of a sequence for the
+/// others.
+fn real_memory_inputs() -> Vec<(String, Vec<u8>)> {
+    let mut inputs = Vec::new();
+    // About 25 tokens: past tiny-gemma3's window of 16.
+    let prompt =
+        "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the \
+                  steps as his father had, and lit the great lamp";
+    for (index, name, n_seq_max, seq) in [
+        (0, "tiny-gemma3", 1, 0),
+        (1, "tiny-gemma3", 2, 1),
+        (2, "tiny-lfm2", 1, 0),
+        (3, "tiny-lfm2", 2, 1),
+        (4, "tiny-mamba2", 1, 0),
+    ] {
+        let mut ctx = tiny_context(name, n_seq_max);
+        for words in [0, 3, usize::MAX] {
+            let text: String = prompt.split(' ').take(words).collect::<Vec<_>>().join(" ");
+            ctx.reset();
+            if !text.is_empty() {
+                ctx.generate(
+                    seq,
+                    &text,
+                    common::greedy(0),
+                    &mut llama_sessions::NeverInterrupt,
+                )
+                .unwrap();
+            }
+            let n = ctx.token_count(seq).unwrap();
+            let snapshot = ctx
+                .snapshot(Some(seq), &llama_sessions::Metadata::new(), None)
+                .unwrap();
+            let opened = session_format::open(&snapshot, "snapshot").unwrap();
+            let state = &snapshot[opened.state_ranges[0].clone()];
+            inputs.push((
+                format!("real-{name}-{n_seq_max}-seq{seq}-{n}-tokens"),
+                checks::memory_input(index, seq, u8::try_from(n).unwrap(), state),
+            ));
+            if name == "tiny-lfm2" && n_seq_max == 1 {
+                // The checkpoint the prompt's decode took at its end.
+                for (at, partial) in ctx.checkpoint_states(seq).unwrap() {
+                    inputs.push((
+                        format!("real-tiny-lfm2-checkpoint-{at}-tokens"),
+                        checks::memory_input(5, seq, u8::try_from(at).unwrap(), partial),
+                    ));
+                }
+            }
+        }
+    }
+    inputs
+}
+
+/// The real states pass target (d)'s checks (accepted, as the oracle says); with
+/// `LLAMA_SESSIONS_WRITE_FUZZ_SEEDS=1` they are (re)written into `fuzz/real_states/memory_state/`, where they
+/// seed the fuzzer (scripts/fuzz.sh) apart from the minimized corpus, and are replayed by the test above.
+#[test]
+fn real_states_of_every_memory_kind_pass_the_memory_state_checks() {
+    let inputs = real_memory_inputs();
+    let dir = fuzz_dir().join("real_states/memory_state");
+    for (name, input) in &inputs {
+        let outcome = checks::check_memory(input);
+        assert!(outcome.accepted, "{name} is refused");
+        if std::env::var_os("LLAMA_SESSIONS_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), input).unwrap();
+        }
+    }
+    assert_eq!(inputs.len(), 17);
+    assert_eq!(
+        files(&dir).len(),
+        inputs.len(),
+        "fuzz/real_states/memory_state: write them with LLAMA_SESSIONS_WRITE_FUZZ_SEEDS=1"
+    );
 }

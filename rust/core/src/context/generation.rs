@@ -63,6 +63,19 @@ impl Generator {
         options: GenerateOptions,
         interrupt: &mut dyn Interrupt,
     ) -> Result<Generator> {
+        Generator::start_tokens_at(ctx, seq, tokens, &[], options, interrupt)
+    }
+
+    /// [`Generator::start_tokens`] taking state checkpoints (where the context keeps them) at the start, at
+    /// each of `boundaries` (token counts of the sequence) and at the end of the prompt.
+    pub(crate) fn start_tokens_at(
+        ctx: &mut Context,
+        seq: SeqId,
+        tokens: &[LlamaToken],
+        boundaries: &[usize],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Generator> {
         options.sampling.validate()?;
         // llama.cpp sizes the penalty's ring buffer by repeat_last_n: bound it by what a sequence can hold.
         if options.sampling.repeat_last_n as usize > ctx.capacity() {
@@ -77,13 +90,13 @@ impl Generator {
         }
         let started = Instant::now();
         let prompt_tokens = if options.max_tokens == 0 {
-            ctx.append(seq, tokens, false, interrupt)?;
+            ctx.append_with_checkpoints(seq, tokens, boundaries, false, interrupt)?;
             tokens.len()
         } else if tokens.is_empty() {
             ctx.ensure_logits(seq, interrupt)?;
             0
         } else {
-            ctx.append(seq, tokens, true, interrupt)?;
+            ctx.append_with_checkpoints(seq, tokens, boundaries, true, interrupt)?;
             tokens.len()
         };
         let stats = GenerationStats {

@@ -8,9 +8,11 @@
 //!
 //! The fields are private to this module tree, so the compiler enforces that: only [`Context::append`],
 //! [`Context::truncate`], [`Context::reset`] and [`Context::replace_sequence`] (state bytes, parsed and
-//! checked against this context's layout first) change the cache. `state` (sessions and snapshots) and
-//! `generation` are child modules that go through those doors.
+//! checked against this context's layout first; its loader also takes back the partial states of recurrent
+//! memory's checkpoints, checked the same way) change the cache. `state` (sessions and snapshots),
+//! `checkpoints` and `generation` are child modules that go through those doors.
 
+mod checkpoints;
 pub(crate) mod generation;
 mod layout;
 mod state;
@@ -28,6 +30,8 @@ use crate::llama_state::{self, Expected, MemoryLayout, StateLayout};
 use crate::model::{ChatMessage, MemoryKind, Model, ModelInner};
 use crate::params::ContextParams;
 use crate::sampling::SamplingParams;
+use checkpoints::Checkpoint;
+pub use checkpoints::MAX_CHECKPOINTS;
 use generation::Generator;
 
 type BorrowedContext<'model> = LlamaContext<'model>;
@@ -45,6 +49,15 @@ self_cell::self_cell!(
         dependent: BorrowedContext,
     }
 );
+
+/// Which part of a sequence's state bytes hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateScope {
+    /// Everything llama.cpp keeps of the sequence.
+    Whole,
+    /// The recurrent section alone (`LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`): a checkpoint.
+    Partial,
+}
 
 /// A sequence id: which of the context's `n_seq_max` independent sequences a call works on.
 pub type SeqId = u32;
@@ -103,6 +116,9 @@ pub struct Context {
     /// last positions only), its length at the restore less one; recurrent memory cannot be cut back at all
     /// ([`Context::truncate`] decodes again below it).
     exact_floor: Vec<usize>,
+    /// Per sequence, recurrent state checkpoints in increasing token order (see the `checkpoints` module);
+    /// empty where the memory can be cut back in place.
+    checkpoints: Vec<Vec<Checkpoint>>,
     /// Counts and stop reason of the last finished generation or chat turn on this context, kept here (not in
     /// a caller's wrapper) so that every handle on a shared context (a manager's live session) sees them.
     last_stats: Option<(GenerationStats, StopReason)>,
@@ -168,6 +184,7 @@ impl Context {
             epoch: 0,
             layout: Err("the layout is being learnt".to_owned()),
             exact_floor: vec![0; n_seq],
+            checkpoints: vec![Vec::new(); n_seq],
             last_stats: None,
         };
         ctx.layout = match plan {
@@ -427,6 +444,7 @@ impl Context {
         self.epoch += 1;
         self.last_logits = None;
         self.sequences[seq as usize].clear();
+        self.checkpoints[seq as usize].clear();
         let removed = self
             .cell
             .with_dependent_mut(|_, ctx| ctx.kv_cache_seq_rm(seq as i32, None, None));
@@ -453,6 +471,7 @@ impl Context {
             )));
         }
         self.sequences[seq as usize].truncate(keep);
+        self.drop_checkpoints_above(seq, keep);
         if keep == 0 {
             self.exact_floor[seq as usize] = 0;
         }
@@ -463,9 +482,11 @@ impl Context {
     /// the next token goes to position `n`.
     ///
     /// Where the memory cannot be cut back to `n` in place and stay exact (a recurrent state; a
-    /// sliding-window model restored from a state that kept only its window), the sequence is emptied and
-    /// its first `n` tokens are decoded again, in chunks of `n_batch`, as a fresh context would: exact, at the
-    /// cost of decoding `n` tokens. Nothing changes if `n` is out of range.
+    /// sliding-window model restored from a state that kept only its window), the sequence goes back to its
+    /// nearest state checkpoint at or below `n` (recurrent and hybrid memory: see
+    /// [`Context::checkpoint_positions`]), or is emptied where there is none, and the tokens from there to `n`
+    /// are decoded again, in chunks of `n_batch`: exact, at the cost of decoding those tokens. Nothing
+    /// changes if `n` is out of range.
     pub fn truncate(&mut self, seq: SeqId, n: usize) -> Result<()> {
         let held = self.token_count(seq)?;
         if n > held {
@@ -482,8 +503,13 @@ impl Context {
             return self.remove_from(seq, n);
         }
         let kept = self.sequences[seq as usize][..n].to_vec();
-        self.remove_from(seq, 0)?;
-        self.append(seq, &kept, false, &mut NeverInterrupt)
+        let from = self.nearest_checkpoint(seq, n);
+        if from > 0 {
+            self.restore_checkpoint(seq, from)?;
+        } else {
+            self.remove_from(seq, 0)?;
+        }
+        self.append(seq, &kept[from..], false, &mut NeverInterrupt)
     }
 
     /// The shortest length sequence `seq` can be cut back to in place, exactly (see
@@ -515,6 +541,9 @@ impl Context {
         }
         for tokens in &mut self.sequences {
             tokens.clear();
+        }
+        for checkpoints in &mut self.checkpoints {
+            checkpoints.clear();
         }
         self.exact_floor.fill(0);
     }
@@ -579,8 +608,52 @@ impl Context {
         saved_seq: SeqId,
         origin: &str,
     ) -> Result<()> {
+        self.load_state(seq, state, StateScope::Whole, tokens, saved_seq, origin)
+    }
+
+    /// What [`Context::replace_sequence`] does, for a whole state or (a checkpoint) a partial one: with
+    /// [`StateScope::Partial`], `state` is the recurrent section alone of sequence `seq` when it held
+    /// `tokens`, which must be the first tokens it holds now; it replaces the recurrent cell and the attention
+    /// cells past `tokens` are dropped.
+    pub(super) fn load_state(
+        &mut self,
+        seq: SeqId,
+        state: &[u8],
+        scope: StateScope,
+        tokens: Vec<LlamaToken>,
+        saved_seq: SeqId,
+        origin: &str,
+    ) -> Result<()> {
         self.check_seq(seq)?;
-        self.check_state(state, saved_seq, tokens.len(), origin)?;
+        let flags = match scope {
+            StateScope::Whole => {
+                self.check_state(state, saved_seq, tokens.len(), origin)?;
+                LlamaStateSeqFlags::empty()
+            }
+            StateScope::Partial => {
+                let layout = self.checkpoint_layout().ok_or_else(|| {
+                    Error::Internal("a partial state for memory without a recurrent part".into())
+                })?;
+                let expected = Expected {
+                    saved_seq,
+                    token_count: tokens.len(),
+                };
+                llama_state::check_memory_state(state, &layout, expected).map_err(|reason| {
+                    Error::SessionCorrupt {
+                        origin: origin.to_owned(),
+                        reason: format!(
+                            "llama.cpp's partial state of sequence {saved_seq}: {reason}"
+                        ),
+                    }
+                })?;
+                if !self.sequences[seq as usize].starts_with(&tokens) {
+                    return Err(Error::Internal(format!(
+                        "{origin} is not a state of the tokens sequence {seq} starts with"
+                    )));
+                }
+                LlamaStateSeqFlags::PARTIAL_ONLY
+            }
+        };
         self.model
             .check_tokens(&tokens)
             .map_err(|e| Error::SessionCorrupt {
@@ -589,18 +662,21 @@ impl Context {
             })?;
         self.epoch += 1;
         self.last_logits = None;
-        self.last_stats = None; // they described what is replaced (a manager's revert, say)
+        if scope == StateScope::Whole {
+            self.last_stats = None; // they described what is replaced (a manager's revert, say)
+        }
         clear_recent_log();
         // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
         // records (a negative position stays in the cache for good; several sequence ids or positions out of
-        // order trip assertions that abort the process). `check_state` just parsed every byte of `state`
-        // against this context's layout: exactly one cell per token at positions 0..n in order, each in one
-        // sequence, every type and size this context's, nothing left over; and `seq < n_seq_max`
-        // (`check_seq`). (Tested by the forged-state tests in tests/test_hardening.py and
-        // rust/core/tests/state_check.rs, which hand such states to restore and expect SessionCorrupt with
-        // the cache unchanged.)
+        // order trip assertions that abort the process). `check_state` (whole) or `check_memory_state` with
+        // the recurrent section's layout (partial, read by llama.cpp with the same PARTIAL_ONLY flag it was
+        // written with) just parsed every byte of `state` against this context's layout: exactly one cell
+        // per token at positions 0..n in order (one recurrent cell at n - 1), each in one sequence, every type
+        // and size this context's, nothing left over; and `seq < n_seq_max` (`check_seq`). (Tested by the
+        // forged-state tests in tests/test_hardening.py and rust/core/tests/state_check.rs, which hand such
+        // states to restore and expect SessionCorrupt with the cache unchanged, and by the checkpoint tests.)
         let accepted = self.cell.with_dependent_mut(|_, ctx| unsafe {
-            ctx.state_seq_set_data_ext(state, seq as i32, LlamaStateSeqFlags::empty())
+            ctx.state_seq_set_data_ext(state, seq as i32, flags)
         });
         if !accepted {
             self.sequences[seq as usize].clear();
@@ -610,6 +686,12 @@ impl Context {
                  are unchanged"
             ))));
         }
+        if scope == StateScope::Partial {
+            // The recurrent cell is at the checkpoint; the attention cells (of a hybrid) past it go, and with
+            // them the checkpoints past it.
+            return self.remove_from(seq, tokens.len());
+        }
+        self.checkpoints[seq as usize].clear();
         // A sliding-window state keeps the window's last positions only: below them the sequence can no
         // longer be cut back in place.
         let n_swa = self.model.n_swa() as usize;
@@ -774,6 +856,21 @@ impl Context {
         options: GenerateOptions,
         interrupt: &mut dyn Interrupt,
     ) -> Result<(Generator, usize)> {
+        self.start_generation_reusing_prefix_at(seq, tokens, &[], options, interrupt)
+    }
+
+    /// [`Context::start_generation_reusing_prefix_tokens`] where `boundaries` are the token counts at which
+    /// the prompt's messages end (see [`Model::chat_message_ends`]): where the context keeps checkpoints, it
+    /// takes one at each of them it decodes, so that a later edit of the history after one of them (the
+    /// system prompt's end, say) decodes again only from there.
+    pub(crate) fn start_generation_reusing_prefix_at(
+        &mut self,
+        seq: SeqId,
+        tokens: &[LlamaToken],
+        boundaries: &[usize],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<(Generator, usize)> {
         self.check_seq(seq)?;
         let held = &self.sequences[seq as usize];
         let mut reused = held.iter().zip(tokens).take_while(|(a, b)| a == b).count();
@@ -785,12 +882,19 @@ impl Context {
         options.sampling.validate()?;
         self.model.check_tokens(tokens)?;
         if reused < held.len() && reused < self.exact_floor(seq) {
-            // The memory cannot be cut back to the common prefix (recurrent state): decode everything again
-            // from the start, in one go with the new tokens.
-            reused = 0;
+            // The memory cannot be cut back to the common prefix (recurrent state): go back to the nearest
+            // checkpoint below it (or the start) and decode the rest in one go with the new tokens.
+            reused = self.nearest_checkpoint(seq, reused);
         }
         self.truncate(seq, reused)?;
-        let generator = Generator::start_tokens(self, seq, &tokens[reused..], options, interrupt)?;
+        let generator = Generator::start_tokens_at(
+            self,
+            seq,
+            &tokens[reused..],
+            boundaries,
+            options,
+            interrupt,
+        )?;
         Ok((generator, reused))
     }
 
@@ -834,7 +938,12 @@ impl Context {
             ));
         }
         let tokens = self.model.tokenize_chat(messages, true, true)?;
-        self.start_generation_reusing_prefix_tokens(seq, &tokens, options, interrupt)
+        let boundaries = if self.checkpoint_layout().is_some() {
+            self.model.chat_message_ends(messages, &tokens)?
+        } else {
+            Vec::new()
+        };
+        self.start_generation_reusing_prefix_at(seq, &tokens, &boundaries, options, interrupt)
     }
 
     /// [`Context::start_chat`] run to the end; returns the answer and how many tokens were reused.

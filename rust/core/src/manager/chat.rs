@@ -148,9 +148,12 @@ impl<'m> SessionTurn<'m> {
         let plan =
             self.manager
                 .plan_chat(&record.manager, user_message, options.max_tokens, &context)?;
+        let boundaries =
+            self.manager
+                .message_ends(&record.manager, &plan, user_message, &context)?;
         drop(record);
         let generator = context
-            .start_generation_reusing_prefix_tokens(0, &plan.tokens, options, interrupt)?
+            .start_generation_reusing_prefix_at(0, &plan.tokens, &boundaries, options, interrupt)?
             .0;
         drop(context);
         Ok(ChatTurn {
@@ -315,6 +318,38 @@ impl SessionManager {
         history: &[StoredMessage],
         user_message: &str,
     ) -> Result<Vec<LlamaToken>> {
+        let messages = conversation_messages(system_prompt, history, user_message);
+        self.model.tokenize_chat(&messages, true, true)
+    }
+
+    /// Where the messages of `plan`'s conversation end in its tokens, for a context that keeps state
+    /// checkpoints there (recurrent and hybrid memory); nothing for the others.
+    fn message_ends(
+        &self,
+        record: &ManagerRecord,
+        plan: &ChatPlan,
+        user_message: &str,
+        context: &Context,
+    ) -> Result<Vec<usize>> {
+        if !context.keeps_checkpoints() {
+            return Ok(Vec::new());
+        }
+        let messages = conversation_messages(
+            record.system_prompt.as_deref(),
+            &record.history[plan.dropped_messages..],
+            user_message,
+        );
+        self.model.chat_message_ends(&messages, &plan.tokens)
+    }
+}
+
+/// The messages of a conversation: the system prompt, the history, the new user message.
+fn conversation_messages(
+    system_prompt: Option<&str>,
+    history: &[StoredMessage],
+    user_message: &str,
+) -> Vec<ChatMessage> {
+    {
         let mut messages = Vec::with_capacity(history.len() + 2);
         if let Some(system) = system_prompt {
             messages.push(ChatMessage {
@@ -327,7 +362,7 @@ impl SessionManager {
             role: "user".to_owned(),
             content: user_message.to_owned(),
         });
-        self.model.tokenize_chat(&messages, true, true)
+        messages
     }
 }
 

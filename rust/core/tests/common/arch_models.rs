@@ -60,6 +60,63 @@ pub fn ensure(name: &str, tokenizer: &Path, out_dir: &Path) -> PathBuf {
     path
 }
 
+/// The path of test model `name` with the chat template of `tokenizer` added (`{name}-chat.gguf` in
+/// `out_dir`), built first if absent: llama.cpp's model saver leaves the template out, and chat tests need
+/// one.
+pub fn ensure_with_chat_template(name: &str, tokenizer: &Path, out_dir: &Path) -> PathBuf {
+    let path = out_dir.join(format!("{name}-chat.gguf"));
+    if path.exists() {
+        return path;
+    }
+    let plain = ensure(name, tokenizer, out_dir);
+    let key = cstr("tokenizer.chat_template");
+    let tokenizer_c = cstr(tokenizer.to_str().expect("UTF-8 path"));
+    let plain_c = cstr(plain.to_str().expect("UTF-8 path"));
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let tmp_c = cstr(tmp.to_str().expect("UTF-8 path"));
+    // SAFETY: each gguf_context is live from its gguf_init_from_file until its gguf_free (metadata only, no
+    // tensor data is loaded); the template string is copied (CStr::to_owned) before its context is freed;
+    // every name is a NUL-terminated CString that outlives the call.
+    let data_offset = unsafe {
+        let src = sys::gguf_init_from_file(
+            tokenizer_c.as_ptr(),
+            sys::gguf_init_params {
+                no_alloc: true,
+                ctx: std::ptr::null_mut(),
+            },
+        );
+        assert!(!src.is_null(), "cannot read {}", tokenizer.display());
+        let id = sys::gguf_find_key(src, key.as_ptr());
+        assert!(id >= 0, "{} has no chat template", tokenizer.display());
+        let template = CStr::from_ptr(sys::gguf_get_val_str(src, id)).to_owned();
+        sys::gguf_free(src);
+        let model = sys::gguf_init_from_file(
+            plain_c.as_ptr(),
+            sys::gguf_init_params {
+                no_alloc: true,
+                ctx: std::ptr::null_mut(),
+            },
+        );
+        assert!(!model.is_null(), "cannot read {}", plain.display());
+        let data_offset = sys::gguf_get_data_offset(model);
+        sys::gguf_set_val_str(model, key.as_ptr(), template.as_ptr());
+        // The metadata, padded to the alignment; the tensor data (offsets relative to its start) follows.
+        let written = sys::gguf_write_to_file(model, tmp_c.as_ptr(), true);
+        sys::gguf_free(model);
+        assert!(written, "cannot write {}", tmp.display());
+        data_offset
+    };
+    let original = std::fs::read(&plain).expect("read the model");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .expect("open the new model");
+    std::io::Write::write_all(&mut file, &original[data_offset..]).expect("write the tensor data");
+    drop(file);
+    std::fs::rename(&tmp, &path).expect("rename the finished model");
+    path
+}
+
 /// The architecture's hyperparameters, as GGUF metadata keys without the architecture prefix.
 enum Value {
     U32(u32),

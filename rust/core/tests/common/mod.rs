@@ -72,3 +72,22 @@ pub fn arch_model(name: &str) -> &'static Model {
         Box::leak(Box::new(model))
     })
 }
+
+/// Test model `name` with a chat template ([`arch_models::ensure_with_chat_template`]), loaded once per test
+/// binary.
+#[allow(dead_code)]
+pub fn arch_chat_model(name: &str) -> &'static Model {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static MODELS: OnceLock<Mutex<HashMap<String, &'static Model>>> = OnceLock::new();
+    let mut models = MODELS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    models.entry(name.to_owned()).or_insert_with(|| {
+        let path =
+            arch_models::ensure_with_chat_template(name, &model_path(), &arch_models::cache_dir());
+        let model = Model::load(path, &ModelParams::default()).expect("load an arch test model");
+        Box::leak(Box::new(model))
+    })
+}
