@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod chunks;
 mod context;
 mod durable;
 mod error;
@@ -39,6 +40,7 @@ pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
     StopReason,
 };
+pub use chunks::PrefixCache;
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{

@@ -13,6 +13,7 @@
 
 pub(crate) mod generation;
 mod layout;
+mod prefix;
 mod state;
 
 use std::sync::Arc;
@@ -106,6 +107,9 @@ pub struct Context {
     /// Counts and stop reason of the last finished generation or chat turn on this context, kept here (not in
     /// a caller's wrapper) so that every handle on a shared context (a manager's live session) sees them.
     last_stats: Option<(GenerationStats, StopReason)>,
+    /// The chunk cache prompts are restored from and offered to, with the scope of this context's keys (None
+    /// when its memory is not one plain KV cache: then the cache is never consulted).
+    prefix_cache: Option<(crate::chunks::PrefixCache, Option<crate::chunks::ChunkScope>)>,
 }
 
 impl std::fmt::Debug for Context {
@@ -169,6 +173,7 @@ impl Context {
             layout: Err("the layout is being learnt".to_owned()),
             exact_floor: vec![0; n_seq],
             last_stats: None,
+            prefix_cache: None,
         };
         ctx.layout = match plan {
             layout::LayoutPlan::Ready(layout) => layout,
