@@ -273,7 +273,8 @@ impl StoreChunkStore {
         StoreChunkStore::open(Arc::new(store), max_bytes)
     }
 
-    /// Chunks in `store`, indexed from what it lists now; evicts down to `max_bytes` at once.
+    /// Chunks in `store`, indexed from what it lists now. Opening removes nothing: a store over its bound is
+    /// brought within it by the next [`ChunkStore::put`] or [`ChunkStore::gc`].
     pub fn open(store: Arc<dyn SessionStore>, max_bytes: u64) -> Result<StoreChunkStore> {
         let chunks = StoreChunkStore {
             store,
@@ -282,7 +283,6 @@ impl StoreChunkStore {
             counters: Counters::default(),
         };
         chunks.rescan()?;
-        chunks.evict()?;
         Ok(chunks)
     }
 
@@ -445,13 +445,16 @@ mod tests {
         store.put(&key(3), &[3; 10]).unwrap();
         assert!(!chunk_path(&dir, &key(1)).exists());
         assert!(chunk_path(&dir, &key(3)).exists());
-        let reopened = StoreChunkStore::open_dir(&dir, 25).unwrap();
+        let reopened = StoreChunkStore::open_dir(&dir, 15).unwrap();
         assert_eq!((reopened.stats().entries, reopened.stats().bytes), (2, 20));
+        // Over its bound after reopening with a smaller one: the next put evicts the oldest files.
+        reopened.put(&key(4), &[4; 10]).unwrap();
+        assert!(!chunk_path(&dir, &key(2)).exists() && !chunk_path(&dir, &key(3)).exists());
+        assert_eq!(reopened.stats().evictions, 2);
         // Files that are not chunks are ignored; unsound chunks are removed by gc.
         std::fs::write(dir.join("notes.txt"), b"x").unwrap();
         let report = reopened.gc().unwrap();
-        assert_eq!(report.removed_corrupt, 2); // these test bytes are no chunks
-        assert_eq!(report.kept, 0);
+        assert_eq!((report.removed_corrupt, report.kept), (1, 0)); // these test bytes are no chunk
         assert!(dir.join("notes.txt").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
