@@ -35,12 +35,12 @@ mod signing;
 pub mod store;
 mod text;
 
+pub use chunks::PrefixCache;
 pub use context::generation::Generator;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
     StopReason,
 };
-pub use chunks::PrefixCache;
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{

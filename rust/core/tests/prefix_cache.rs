@@ -46,10 +46,19 @@ fn tokenize(text: &str) -> Vec<LlamaToken> {
 /// tokens it decoded.
 fn run(ctx: &mut Context, seq: u32, tokens: &[LlamaToken], max_tokens: usize) -> usize {
     let (mut generator, reused) = ctx
-        .start_generation_reusing_prefix_tokens(seq, tokens, greedy(max_tokens), &mut NeverInterrupt)
+        .start_generation_reusing_prefix_tokens(
+            seq,
+            tokens,
+            greedy(max_tokens),
+            &mut NeverInterrupt,
+        )
         .unwrap();
     assert_eq!(reused, 0);
-    while generator.next_piece(ctx, &mut NeverInterrupt).unwrap().is_some() {}
+    while generator
+        .next_piece(ctx, &mut NeverInterrupt)
+        .unwrap()
+        .is_some()
+    {}
     generator.stats().prompt_tokens
 }
 
@@ -112,8 +121,8 @@ fn a_second_context_restores_the_shared_chunks_and_decodes_only_the_rest() {
     let shared = common_prefix(&first, &second);
     assert!((2 * C..3 * C).contains(&shared), "{shared} shared tokens");
 
-    let mut a = Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone())
-        .unwrap();
+    let mut a =
+        Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone()).unwrap();
     assert_eq!(run(&mut a, 0, &first, 4), first.len());
     // Offered when the prompt was decoded: its full chunks.
     assert_eq!(cache.stats().entries as usize, first.len() / C);
@@ -140,13 +149,21 @@ fn chunks_of_other_kv_parameters_or_another_namespace_never_match() {
     let cache = PrefixCache::in_memory(1 << 30, C, "").unwrap();
     let tokens = tokenize(&text(9, 9, ""));
     let full_chunks = tokens.len() / C;
-    let mut f16 = Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone())
-        .unwrap();
+    let mut f16 =
+        Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone()).unwrap();
     assert_eq!(run(&mut f16, 0, &tokens, 0), tokens.len());
-    for (kv, flash) in [(KvType::F16, true), (KvType::Q8_0, true), (KvType::Q8_0, false)] {
+    for (kv, flash) in [
+        (KvType::F16, true),
+        (KvType::Q8_0, true),
+        (KvType::Q8_0, false),
+    ] {
         let mut other =
             Context::with_prefix_cache(model(), params(kv, flash, 1), cache.clone()).unwrap();
-        assert_eq!(run(&mut other, 0, &tokens, 0), tokens.len(), "{kv:?} {flash}");
+        assert_eq!(
+            run(&mut other, 0, &tokens, 0),
+            tokens.len(),
+            "{kv:?} {flash}"
+        );
     }
     let tenant = PrefixCache::new(cache.store().clone(), C, "tenant b").unwrap();
     let mut other =
@@ -160,8 +177,8 @@ fn chunks_of_other_kv_parameters_or_another_namespace_never_match() {
     // removed, and the prefix is decoded.
     let store = cache.store().clone();
     let f16_layout = f16.state_layout().unwrap().clone();
-    let f16_key = ChunkScope::new(model().fingerprint(), f16.params(), &f16_layout, C, "")
-        .chain(&tokens)[0];
+    let f16_key =
+        ChunkScope::new(model().fingerprint(), f16.params(), &f16_layout, C, "").chain(&tokens)[0];
     let planted = store.get(&f16_key).unwrap().unwrap();
     let q8 = Context::new(model(), params(KvType::Q8_0, true, 1)).unwrap();
     let q8_scope = ChunkScope::new(
@@ -197,8 +214,8 @@ fn a_damaged_chunk_file_is_a_miss_and_the_prefix_is_decoded_again() {
     let cache = PrefixCache::on_disk(&dir, 1 << 30, C, "").unwrap();
     let tokens = tokenize(&text(9, 9, ""));
     assert!(tokens.len() > 3 * C);
-    let mut a = Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone())
-        .unwrap();
+    let mut a =
+        Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone()).unwrap();
     run(&mut a, 0, &tokens, 0);
     let a_full = a.sequence_state(0).unwrap();
     let layout = a.state_layout().unwrap().clone();
@@ -210,8 +227,8 @@ fn a_damaged_chunk_file_is_a_miss_and_the_prefix_is_decoded_again() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
     std::fs::write(file(1), &bytes).unwrap();
-    let mut b = Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone())
-        .unwrap();
+    let mut b =
+        Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone()).unwrap();
     assert_eq!(run(&mut b, 0, &tokens, 0), tokens.len() - C);
     assert_eq!(cache.stats().corrupt, 1);
     parse_chunk(&std::fs::read(file(1)).unwrap(), &keys[1], C, C, &layout).unwrap();
@@ -221,8 +238,8 @@ fn a_damaged_chunk_file_is_a_miss_and_the_prefix_is_decoded_again() {
     // Chunk 0 cut short: nothing is restored; the context decodes it all, exactly as the first did.
     let bytes = std::fs::read(file(0)).unwrap();
     std::fs::write(file(0), &bytes[..bytes.len() - 1]).unwrap();
-    let mut c = Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone())
-        .unwrap();
+    let mut c =
+        Context::with_prefix_cache(model(), params(KvType::F16, false, 1), cache.clone()).unwrap();
     assert_eq!(run(&mut c, 0, &tokens, 0), tokens.len());
     assert_eq!(cache.stats().corrupt, 2);
     assert!(c.sequence_state(0).unwrap() == a_full);

@@ -310,7 +310,9 @@ pub fn assemble(chunks: &[ChunkView<'_>], layout: &StateLayout, seq: u32) -> Vec
             out.extend_from_slice(&l.k_row_bytes.to_le_bytes());
             for chunk in chunks {
                 let at = k_start(chunk, il);
-                out.extend_from_slice(&chunk.payload[at..at + chunk.cells * l.k_row_bytes as usize]);
+                out.extend_from_slice(
+                    &chunk.payload[at..at + chunk.cells * l.k_row_bytes as usize],
+                );
             }
         }
         for (il, l) in layout.layers.iter().enumerate() {
@@ -377,7 +379,11 @@ mod tests {
             }
         };
         for i in 0..n {
-            vary(&mut s, sec.records + i * record_len(l) + 8, l.cell_ext_bytes);
+            vary(
+                &mut s,
+                sec.records + i * record_len(l) + 8,
+                l.cell_ext_bytes,
+            );
         }
         for (il, layer) in l.layers.iter().enumerate() {
             vary(&mut s, sec.k[il], n * layer.k_row_bytes as usize);
@@ -409,7 +415,11 @@ mod tests {
                         // Into another sequence too: the chunk carries no sequence id.
                         for target in [seq, 0] {
                             let want = truncated(&full, &l, seq, n, k * c, target);
-                            assert_eq!(assemble(&views, &l, target), want, "{v_trans} {n_stream} {ext} {k}");
+                            assert_eq!(
+                                assemble(&views, &l, target),
+                                want,
+                                "{v_trans} {n_stream} {ext} {k}"
+                            );
                         }
                     }
                 }
@@ -419,7 +429,14 @@ mod tests {
 
     /// The state of the first `keep` cells of `full` (a state of `n` cells of `seq`) for sequence `target`,
     /// built by hand from the layout.
-    fn truncated(full: &[u8], l: &StateLayout, seq: u32, n: usize, keep: usize, target: u32) -> Vec<u8> {
+    fn truncated(
+        full: &[u8],
+        l: &StateLayout,
+        seq: u32,
+        n: usize,
+        keep: usize,
+        target: u32,
+    ) -> Vec<u8> {
         let mut want = synthesize(l, target, keep, 0);
         if keep == 0 {
             return want;
@@ -433,7 +450,8 @@ mod tests {
         }
         for (il, layer) in l.layers.iter().enumerate() {
             let row = layer.k_row_bytes as usize;
-            want[dst.k[il]..dst.k[il] + keep * row].copy_from_slice(&full[src.k[il]..src.k[il] + keep * row]);
+            want[dst.k[il]..dst.k[il] + keep * row]
+                .copy_from_slice(&full[src.k[il]..src.k[il] + keep * row]);
             if l.v_trans {
                 let e = layer.v_element_bytes as usize;
                 for j in 0..layer.v_width as usize {
@@ -443,7 +461,8 @@ mod tests {
                 }
             } else {
                 let row = layer.v_row_bytes as usize;
-                want[dst.v[il]..dst.v[il] + keep * row].copy_from_slice(&full[src.v[il]..src.v[il] + keep * row]);
+                want[dst.v[il]..dst.v[il] + keep * row]
+                    .copy_from_slice(&full[src.v[il]..src.v[il] + keep * row]);
             }
         }
         want
@@ -474,7 +493,10 @@ mod tests {
         let full = distinct_state(&l, 0, 8);
         let chunk = encode_chunk(&full, &l, 0, 8, 4, 0, &key(0)).unwrap();
         let err = parse_chunk(&chunk, &key(9), 0, 4, &l).unwrap_err();
-        assert_eq!(err, "the chunk records another key than the one it was stored under");
+        assert_eq!(
+            err,
+            "the chunk records another key than the one it was stored under"
+        );
         let err = parse_chunk(&chunk, &key(0), 4, 4, &l).unwrap_err();
         assert_eq!(err, "the chunk holds cells 0..4, expected 4..8");
         let mut wider = l.clone();

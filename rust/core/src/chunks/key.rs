@@ -54,7 +54,10 @@ pub struct ChunkScope {
 
 impl std::fmt::Debug for ChunkScope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hex: String = self.digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = self.digest[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         write!(f, "ChunkScope({hex}.., {} tokens)", self.chunk_tokens)
     }
 }

@@ -430,14 +430,18 @@ mod tests {
         assert!(store.contains(&key(1)) && store.contains(&key(3)) && store.contains(&key(4)));
         assert!(!store.contains(&key(2)));
         let stats = store.stats();
-        assert_eq!((stats.entries, stats.bytes, stats.evictions, stats.puts), (3, 30, 1, 4));
+        assert_eq!(
+            (stats.entries, stats.bytes, stats.evictions, stats.puts),
+            (3, 30, 1, 4)
+        );
         assert_eq!(store.clear().unwrap(), 3);
         assert_eq!(store.stats().bytes, 0);
     }
 
     #[test]
     fn directory_store_evicts_by_bytes_and_reindexes_after_a_restart() {
-        let dir = std::env::temp_dir().join(format!("llama-sessions-chunks-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("llama-sessions-chunks-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = StoreChunkStore::open_dir(&dir, 25).unwrap();
         store.put(&key(1), &[1; 10]).unwrap();

@@ -109,7 +109,10 @@ pub struct Context {
     last_stats: Option<(GenerationStats, StopReason)>,
     /// The chunk cache prompts are restored from and offered to, with the scope of this context's keys (None
     /// when its memory is not one plain KV cache: then the cache is never consulted).
-    prefix_cache: Option<(crate::chunks::PrefixCache, Option<crate::chunks::ChunkScope>)>,
+    prefix_cache: Option<(
+        crate::chunks::PrefixCache,
+        Option<crate::chunks::ChunkScope>,
+    )>,
 }
 
 impl std::fmt::Debug for Context {

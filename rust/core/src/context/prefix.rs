@@ -108,7 +108,9 @@ impl Context {
             .enumerate()
             .map(|(i, bytes)| parse_chunk(bytes, &keys[i], i * c, c, layout))
             .collect::<std::result::Result<Vec<_>, String>>()
-            .map_err(|reason| Error::Internal(format!("a chunk changed after its check: {reason}")))?;
+            .map_err(|reason| {
+                Error::Internal(format!("a chunk changed after its check: {reason}"))
+            })?;
         let state = assemble(&views, layout, seq);
         drop(views);
         match self.replace_sequence(seq, &state, all[..k * c].to_vec(), seq, ORIGIN) {
