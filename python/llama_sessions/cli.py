@@ -533,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache_parser = commands.add_parser(
         "cache",
         help="counts, garbage collection or removal of a prefix cache (KV chunks)",
-        description="stats: chunks and bytes in DIR; gc: remove chunks whose bytes fail their checks (length, "
-        "checksum, key) and, with --max-bytes, evict the least recently used down to that many bytes; "
-        "clear: remove every chunk. See docs/prefix-cache.md.",
+        description="stats: chunks and bytes in DIR; gc: remove chunks whose bytes fail their checks "
+        "(length, checksum, key) and, with --max-bytes, evict the least recently used down to that many "
+        "bytes; clear: remove every chunk. See docs/prefix-cache.md.",
     )
     cache_parser.add_argument("action", choices=["stats", "gc", "clear"])
     cache_parser.add_argument(

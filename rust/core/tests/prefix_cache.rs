@@ -21,7 +21,6 @@ fn params(kv: KvType, flash_attn: bool, n_seq_max: u32) -> ContextParams {
         type_v: if flash_attn { kv } else { KvType::F16 },
         flash_attn,
         n_seq_max,
-        ..ContextParams::default()
     }
 }
 

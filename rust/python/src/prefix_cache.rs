@@ -47,7 +47,10 @@ fn gc_dict<'py>(py: Python<'py>, r: GcReport) -> PyResult<Bound<'py, PyDict>> {
 impl PyPrefixCache {
     /// A cache in `path` (a directory of `.kvchunk` files, created if missing), or in memory without a path.
     #[new]
-    #[pyo3(signature = (path = None, *, max_bytes = DEFAULT_MAX_BYTES as i64, chunk_tokens = DEFAULT_CHUNK_TOKENS as i64, namespace = String::new()))]
+    #[pyo3(
+        signature = (path = None, *, max_bytes = DEFAULT_MAX_BYTES as i64, chunk_tokens = DEFAULT_CHUNK_TOKENS as i64, namespace = String::new()),
+        text_signature = "(path=None, *, max_bytes=1073741824, chunk_tokens=256, namespace='')"
+    )]
     fn new(
         py: Python<'_>,
         path: Option<PathBuf>,

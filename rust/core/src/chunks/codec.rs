@@ -72,7 +72,8 @@ fn sections(layout: &StateLayout, home_stream: usize, n: usize) -> Sections {
     }
     let mut v = Vec::with_capacity(layout.layers.len());
     for il in 0..layout.layers.len() {
-        at += if layout.v_trans { 4 + 4 + 4 } else { 4 + 8 };
+        // i32 type, then a u64 row size, or (transposed) a u32 element size and a u32 width.
+        at += 12;
         v.push(at);
         at += n * v_cell_bytes(layout, il) as usize;
     }

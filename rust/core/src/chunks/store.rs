@@ -152,11 +152,14 @@ impl Counters {
     }
 }
 
+/// The recency order and the bytes of a [`MemoryChunkStore`].
+type Held = (Lru, HashMap<ChunkKey, Arc<Vec<u8>>>);
+
 /// Chunks in this process's memory, at most `max_bytes` of them.
 #[derive(Debug)]
 pub struct MemoryChunkStore {
     max_bytes: u64,
-    inner: Mutex<(Lru, HashMap<ChunkKey, Arc<Vec<u8>>>)>,
+    inner: Mutex<Held>,
     counters: Counters,
 }
 
@@ -170,7 +173,7 @@ impl MemoryChunkStore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Lru, HashMap<ChunkKey, Arc<Vec<u8>>>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
