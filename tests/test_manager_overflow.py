@@ -72,6 +72,7 @@ def test_a_full_session_keeps_answering_by_dropping_the_oldest_turns(
         assert stats.stop_reason != "context_full"  # room for the answer was reserved
         dropped = stats.dropped_turns
         assert dropped >= (1 if turn == 0 else 0)
+        assert repr(stats).endswith(f'stop_reason="{stats.stop_reason}", dropped_turns={dropped})')
         history = manager.history("s")
         assert history == [
             *before[2 * dropped :],

@@ -59,12 +59,14 @@ class Model:
     def memory(self) -> MemoryKind:
         """How llama.cpp keeps the memory of a sequence: ``"attention"`` (one KV cache), ``"sliding_window"``
         (a full-attention cache and a window cache), ``"hybrid"`` (attention and recurrent layers) or
-        ``"recurrent"``. See docs/architectures.md for what each supports."""
+        ``"recurrent"``. See docs/architectures.md for what each supports.
+        """
     @property
     def partial_truncation(self) -> bool:
         """Whether llama.cpp can cut a sequence back in place. When it cannot (recurrent state),
         ``Context.truncate`` decodes the kept tokens again from the start: still exact, at the cost of
-        decoding them."""
+        decoding them.
+        """
     @property
     def n_swa(self) -> int:
         """The sliding window in tokens (0 without one)."""
@@ -146,11 +148,13 @@ class ContextParams:
     def n_ctx(self) -> int:
         """KV cells requested for the context, shared by all sequences: each holds at most
         ``n_ctx / n_seq_max`` tokens. llama.cpp rounds it up (to a multiple of 256 per sequence);
-        ``Context.params.n_ctx`` is what it allocated."""
+        ``Context.params.n_ctx`` is what it allocated.
+        """
     @property
     def n_batch(self) -> int:
         """Most tokens decoded per llama.cpp call; longer prompts are split. llama.cpp clamps it to
-        ``n_ctx``; ``Context.params.n_batch`` is what it applied."""
+        ``n_ctx``; ``Context.params.n_batch`` is what it applied.
+        """
     @property
     def n_threads(self) -> int:
         """CPU threads used for decoding (default: the cores available; 1 to 512, llama.cpp's limit)."""
@@ -172,7 +176,8 @@ class ContextParams:
 @final
 class GenerationStats:
     """Counts and times of the last generation on a Context, or of the last chat turn on a SessionManager's
-    session (``manager.load(session_id).last_stats``)."""
+    session (``manager.load(session_id).last_stats``).
+    """
 
     @property
     def prompt_tokens(self) -> int:
@@ -189,7 +194,8 @@ class GenerationStats:
     @property
     def dropped_turns(self) -> int:
         """Whole turns (a user message and its answer) a SessionManager chat turn dropped from the start of
-        the history to make room for itself (``overflow="drop_oldest"``); 0 for everything else."""
+        the history to make room for itself (``overflow="drop_oldest"``); 0 for everything else.
+        """
     @property
     def stop_reason(self) -> StopReason:
         """Why the generation ended: "eog", "stop", "length" or "context_full"."""
@@ -222,6 +228,13 @@ class PrefixCache:
     its parent chunk's key, its token ids and everything that shapes its bytes (model fingerprint, KV types,
     flash attention, llama.cpp build, layout, ``namespace``). A chunk whose bytes fail their checks (length,
     checksum, key, layout) is removed and its prefix decoded again, never trusted.
+
+    A cache in directory ``path`` (one ``.kvchunk`` file per chunk, created if missing), or in this
+    process's memory without a path; at most ``max_bytes`` of chunks, the least recently used evicted
+    first. Chunks of one ``namespace`` never match in another.
+
+    Raises InvalidParameterError for ``max_bytes < 1``, ``chunk_tokens`` outside 1..65536 or a namespace
+    over 1024 bytes; StorageError when the directory cannot be created or read.
     """
 
     def __new__(
@@ -231,14 +244,7 @@ class PrefixCache:
         max_bytes: int = 1073741824,
         chunk_tokens: int = 256,
         namespace: str = "",
-    ) -> PrefixCache:
-        """A cache in directory ``path`` (one ``.kvchunk`` file per chunk, created if missing), or in this
-        process's memory without a path; at most ``max_bytes`` of chunks, the least recently used evicted
-        first. Chunks of one ``namespace`` never match in another.
-
-        Raises InvalidParameterError for ``max_bytes < 1``, ``chunk_tokens`` outside 1..65536 or a namespace
-        over 1024 bytes; StorageError when the directory cannot be created or read.
-        """
+    ) -> PrefixCache: ...
     @property
     def path(self) -> Path | None:
         """The directory of an on-disk cache; None in memory."""
@@ -252,11 +258,13 @@ class PrefixCache:
     def max_bytes(self) -> int:
         """The bound on the bytes of chunks kept."""
     def stats(self) -> dict[str, int]:
-        """``entries``, ``bytes``, ``max_bytes``, and this process's ``hits``, ``misses``, ``corrupt``
-        (chunks found unsound and removed), ``puts`` and ``evictions``."""
+        """``entries``, ``bytes``, ``max_bytes``, and this process's ``hits``, ``misses``, ``corrupt`` (chunks
+        found unsound and removed), ``puts`` and ``evictions``.
+        """
     def gc(self) -> dict[str, int]:
         """Re-reads the directory, removes chunks whose bytes fail their checks and evicts down to
-        ``max_bytes``: returns ``removed_corrupt``, ``evicted``, ``kept`` and ``bytes``."""
+        ``max_bytes``: returns ``removed_corrupt``, ``evicted``, ``kept`` and ``bytes``.
+        """
     def clear(self) -> int:
         """Removes every chunk; returns how many."""
     def __repr__(self) -> str: ...
@@ -268,6 +276,17 @@ class Context:
     No call takes a position: each call continues where the context stands. One Context serves one call at
     a time (a second thread waits); many Contexts over one Model run in parallel. The GIL is released during
     native work, and Ctrl-C interrupts a long call with KeyboardInterrupt, keeping the tokens decoded so far.
+
+    Create a context over ``model`` with ``params`` (default ``ContextParams()``) changed by the
+    keyword overrides (None keeps a field as it is).
+
+    With ``prefix_cache``, every generate/encode first restores the longest chain of cached chunks that
+    prefixes what the sequence will hold (beyond what it holds), decodes only the rest, and offers every
+    full chunk it holds to the cache (``last_stats.prompt_tokens`` counts only the decoded tokens). Only
+    models whose memory is one plain KV cache use it; others ignore it.
+
+    Raises InvalidParameterError naming the parameter for an invalid value or combination (n_ctx <= 0
+    or above the model's n_ctx_train, a quantized V cache without flash attention, ...).
     """
 
     def __new__(
@@ -283,18 +302,7 @@ class Context:
         flash_attn: bool | None = None,
         n_seq_max: int | None = None,
         prefix_cache: PrefixCache | None = None,
-    ) -> Context:
-        """Create a context over ``model`` with ``params`` (default ``ContextParams()``) changed by the
-        keyword overrides (None keeps a field as it is).
-
-        With ``prefix_cache``, every generate/encode first restores the longest chain of cached chunks that
-        prefixes what the sequence will hold (beyond what it holds), decodes only the rest, and offers every
-        full chunk it holds to the cache (``last_stats.prompt_tokens`` counts only the decoded tokens). Only
-        models whose memory is one plain KV cache use it; others ignore it.
-
-        Raises InvalidParameterError naming the parameter for an invalid value or combination (n_ctx <= 0
-        or above the model's n_ctx_train, a quantized V cache without flash attention, ...).
-        """
+    ) -> Context: ...
     @property
     def model(self) -> Model:
         """The model this context reads with."""
@@ -302,7 +310,8 @@ class Context:
     def params(self) -> ContextParams:
         """The parameters the context was created with, ``n_ctx`` and ``n_batch`` as llama.cpp allocated them
         (``Context(model, n_ctx=300).params.n_ctx == 512``, and ``n_batch`` 300): what sessions record and
-        compare."""
+        compare.
+        """
     @property
     def n_ctx(self) -> int:
         """KV cells of the context as llama.cpp allocated them (``params.n_ctx``), shared by all sequences.
@@ -313,7 +322,8 @@ class Context:
     @property
     def n_ctx_per_seq(self) -> int:
         """Most tokens one sequence holds: ``n_ctx // n_seq_max`` (``n_ctx`` itself with one sequence).
-        ContextFullError is raised against this."""
+        ContextFullError is raised against this.
+        """
     @property
     def n_seq_max(self) -> int:
         """Independent sequences in the context (``seq`` arguments run from 0 to n_seq_max - 1)."""
@@ -327,7 +337,8 @@ class Context:
         """Counts and times of the last generate() or finished stream() on this context, or None (also after
         reset(), restore() and load_session(), which replace what they described). For a SessionManager's
         session (a Context from load()), the last chat turn's too, whoever ran it; a session read from its
-        file has None until its next turn."""
+        file has None until its next turn.
+        """
     def token_count(self, seq: int = 0) -> int:
         """How many tokens sequence ``seq`` holds; the next token goes to this position."""
     def reset(self) -> None:
@@ -556,7 +567,8 @@ class SessionInfo:
     @property
     def params(self) -> ContextParams | None:
         """The parameters it was saved with (n_threads is this machine's default); None for a llama.cpp
-        file."""
+        file.
+        """
     @property
     def sequences(self) -> dict[int, list[int]]:
         """The tokens of each saved sequence, by sequence id."""
@@ -590,7 +602,8 @@ def inspect_session(source: str | PathLike[str] | Buffer, *, secret_key: bytes |
 @final
 class StoredSession:
     """One stored session, as SessionManager.list() reports it. A file that cannot be read is listed with
-    ``error`` set and the other fields None."""
+    ``error`` set and the other fields None.
+    """
 
     @property
     def id(self) -> str:
@@ -626,7 +639,8 @@ class ChatStream(Iterator[str]):
     message and the answer join the session's history (and the session is saved if the manager autosaves).
 
     Until it ends, is closed or is dropped, the stream holds its session's turn: other turns on the session
-    wait for it, and the session is not evicted."""
+    wait for it, and the session is not evicted.
+    """
 
     def __iter__(self) -> ChatStream: ...
     def __next__(self) -> str: ...
@@ -636,12 +650,34 @@ class ChatStream(Iterator[str]):
         ``'failed'``."""
     def close(self) -> None:
         """End the turn now and free the session: the answer so far stays in the context but does not join
-        the history. Closing an ended stream does nothing."""
+        the history. Closing an ended stream does nothing.
+        """
 
 @disjoint_base
 class SessionManager:
     """Many named, persistent sessions for many users on one model. Use ``llama_sessions.SessionManager``
-    (this class plus asyncio variants)."""
+    (this class plus asyncio variants).
+
+    Manage the sessions in ``session_dir`` (created if missing); every session's context uses
+    ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
+    memory is saved first if it changed, with or without autosave).
+
+    ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
+    ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
+    save() and when they are evicted; what is still unsaved when the manager is garbage-collected or the
+    interpreter exits is lost, with an UnsavedSessionsWarning naming the sessions.
+
+    ``overflow``: what a chat turn does when its conversation plus the ``max_tokens`` reserved for the
+    answer do not fit in ``n_ctx``. "drop_oldest" (default) drops the oldest whole turns from the history,
+    keeping the system prompt, until it fits (the turn's ``last_stats.dropped_turns`` counts them);
+    "error" raises ContextFullError before the turn starts, changing nothing (then call trim_history()).
+    Either way ContextFullError, nothing changed, when the system prompt, the message and ``max_tokens``
+    alone do not fit. InvalidParameterError for any other value.
+
+    With ``secret_key`` (bytes, at least 16) every session and checkpoint is signed as it is written, and
+    one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
+    loaded (see docs/reliability.md).
+    """
 
     def __new__(
         cls,
@@ -659,26 +695,7 @@ class SessionManager:
         type_v: KvType | None = None,
         flash_attn: bool | None = None,
         secret_key: bytes | None = None,
-    ) -> SessionManager:
-        """Manage the sessions in ``session_dir`` (created if missing); every session's context uses
-        ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
-        memory is saved first if it changed, with or without autosave).
-
-        ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
-        ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
-        save() and when they are evicted; what is still unsaved when the manager is garbage-collected or the
-        interpreter exits is lost, with an UnsavedSessionsWarning naming the sessions.
-
-        ``overflow``: what a chat turn does when its conversation plus the ``max_tokens`` reserved for the
-        answer do not fit in ``n_ctx``. "drop_oldest" (default) drops the oldest whole turns from the history,
-        keeping the system prompt, until it fits (the turn's ``last_stats.dropped_turns`` counts them);
-        "error" raises ContextFullError before the turn starts, changing nothing (then call trim_history()).
-        Either way ContextFullError, nothing changed, when the system prompt, the message and ``max_tokens``
-        alone do not fit. InvalidParameterError for any other value.
-
-        With ``secret_key`` (bytes, at least 16) every session and checkpoint is signed as it is written, and
-        one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
-        loaded (see docs/reliability.md)."""
+    ) -> SessionManager: ...
     @property
     def model(self) -> Model:
         """The model."""
@@ -700,11 +717,13 @@ class SessionManager:
     def unsaved_sessions(self) -> builtins.list[str]:
         """Ids of the live sessions whose changes are not stored yet (least recently used first): what would
         be lost if the manager went now. Always empty with autosave, unless a Context from load() was changed
-        directly."""
+        directly.
+        """
     @property
     def stats(self) -> dict[str, int]:
         """Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
-        encoded system prompt instead), store_loads, store_saves, evictions."""
+        encoded system prompt instead), store_loads, store_saves, evictions.
+        """
     def create_session(
         self, session_id: str, system_prompt: str | None = None, *, metadata: Mapping[str, Any] | None = None
     ) -> Context:
@@ -732,14 +751,16 @@ class SessionManager:
 
         With ``context`` (not the live one), store that context under the id instead, replacing what is stored
         (an existing session's history, system prompt and metadata are kept); SessionBusyError, writing
-        nothing, if a turn holds the live copy."""
+        nothing, if a turn holds the live copy.
+        """
     def delete(self, session_id: str) -> None:
         """Delete a session, its checkpoints and their lock files (SessionNotFoundError if there is none)."""
     def exists(self, session_id: str) -> bool:
         """Whether the session exists (live or stored)."""
     def list(self) -> builtins.list[StoredSession]:
         """Every stored session, sorted by id. Files that are not sessions are ignored; a corrupt session file
-        is listed with its error."""
+        is listed with its error.
+        """
     def session_path(self, session_id: str) -> Path:
         """The file of a session."""
     def history(self, session_id: str) -> builtins.list[dict[str, str]]:
@@ -773,7 +794,8 @@ class SessionManager:
         A turn holds its session until it ends. If another turn holds it (a chat in another thread, or a
         stream_chat stream not exhausted, closed or dropped yet), this call waits for it: without limit when
         ``timeout`` is None (Ctrl-C ends the wait), else at most ``timeout`` seconds (0: not at all), then
-        raises SessionBusyError. Turns on one session from several threads thus take turns."""
+        raises SessionBusyError. Turns on one session from several threads thus take turns.
+        """
     def stream_chat(
         self,
         session_id: str,
@@ -792,7 +814,8 @@ class SessionManager:
         """Like chat(), the answer arriving piece by piece; the overflow policy applies before the stream is
         returned. The stream holds the session's turn until it is exhausted, closed or dropped; ``timeout``
         bounds the wait for a turn in progress, as in chat(). Once exhausted, the turn's stats are
-        ``load(session_id).last_stats``."""
+        ``load(session_id).last_stats``.
+        """
     def generate_reusing_prefix(
         self,
         session_id: str,
@@ -812,13 +835,16 @@ class SessionManager:
         formatted from its start): only the part after the longest common prefix with what the context holds
         is decoded, the rest of the context is dropped, as llama.cpp's server does. Returns the text and the
         number of tokens reused. The chat history is not changed. A turn, like chat() (``timeout``
-        likewise)."""
+        likewise).
+        """
     def checkpoint(self, session_id: str, label: str) -> None:
         """Store the session's state and history as checkpoint ``label`` (during a streamed turn: the state so
-        far, without the turn in the history)."""
+        far, without the turn in the history).
+        """
     def revert(self, session_id: str, label: str, *, timeout: float | None = None) -> None:
         """Put the session back to checkpoint ``label``: state and history (SessionNotFoundError if none). A
-        turn, like chat() (``timeout`` likewise)."""
+        turn, like chat() (``timeout`` likewise).
+        """
     def checkpoints(self, session_id: str) -> builtins.list[str]:
         """Labels of the session's checkpoints, sorted."""
     def trim_history(self, session_id: str, keep_last: int, *, timeout: float | None = None) -> int:
@@ -826,7 +852,8 @@ class SessionManager:
         and drop the older ones; the system prompt stays. Returns how many turns were dropped (0: nothing
         changed). The next chat turn decodes again from the first token that differs (the system prompt's
         tokens are reused). Saved when the manager autosaves. InvalidParameterError for a negative
-        ``keep_last``. A turn, like chat() (``timeout`` likewise)."""
+        ``keep_last``. A turn, like chat() (``timeout`` likewise).
+        """
     def live_sessions(self) -> builtins.list[str]:
         """Ids of the sessions loaded in memory, least recently used first."""
     def live_kv_bytes(self) -> int:
@@ -834,13 +861,16 @@ class SessionManager:
 
 def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
     """Every stored session in ``session_dir``, sorted by id, read without a model (headers only; a load
-    verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error."""
+    verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error.
+    """
 
 def delete_session(session_dir: str | PathLike[str], session_id: str) -> None:
     """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock), and
-    their lock files, without a model. SessionNotFoundError if there is none."""
+    their lock files, without a model. SessionNotFoundError if there is none.
+    """
 
 def validate_session_id(session_id: str) -> None:
     """Raise InvalidParameterError (a ValueError) unless ``session_id`` can name a session: 1 to 128 bytes, no
     "/", "\\", ":", "@" or control characters, not starting with a dot, neither starting nor ending with
-    whitespace."""
+    whitespace.
+    """

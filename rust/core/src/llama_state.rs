@@ -81,55 +81,8 @@ pub fn check_sequence_state(
         bytes: state,
         at: 0,
     };
-    let magic = r.u32("the state's magic")?;
-    if magic != IO_MAGIC {
-        return Err(format!(
-            "the state's magic is {magic:#010x}, expected {IO_MAGIC:#010x}"
-        ));
-    }
-    let saved_seq = r.i32("the saved sequence id")?;
-    if i64::from(saved_seq) != i64::from(expected.saved_seq) {
-        return Err(format!(
-            "the state belongs to sequence {saved_seq}, the header records sequence {}",
-            expected.saved_seq
-        ));
-    }
-    let n_stream = r.u32("the stream count")?;
-    if n_stream != layout.n_stream {
-        return Err(format!(
-            "the state has {n_stream} KV streams, this context has {}",
-            layout.n_stream
-        ));
-    }
-    if expected.token_count > layout.max_cells {
-        return Err(format!(
-            "the header records {} tokens, a sequence of this context holds at most {}",
-            expected.token_count, layout.max_cells
-        ));
-    }
-    // llama.cpp keeps sequence s in stream s when streams are per sequence.
-    let home_stream = if layout.n_stream > 1 {
-        expected.saved_seq
-    } else {
-        0
-    };
-    for stream in 0..n_stream {
-        let cells = r.u32("a stream's cell count")? as usize;
-        let wanted = if stream == home_stream {
-            expected.token_count
-        } else {
-            0
-        };
-        if cells != wanted {
-            return Err(format!(
-                "stream {stream} holds {cells} cells, expected {wanted} (one per recorded token)"
-            ));
-        }
-        if cells > 0 {
-            check_cells(&mut r, layout, expected.saved_seq, 0, cells)?;
-            check_rows(&mut r, layout, cells)?;
-        }
-    }
+    check_preamble(&mut r, expected)?;
+    check_kv_section(&mut r, layout, expected, 0, "")?;
     if r.at != state.len() {
         return Err(format!(
             "{} bytes follow the end of the state",
@@ -335,6 +288,7 @@ fn check_kv_section(
             expected.token_count, layout.max_cells
         ));
     }
+    // llama.cpp keeps sequence s in stream s when streams are per sequence.
     let home_stream = if layout.n_stream > 1 {
         expected.saved_seq
     } else {

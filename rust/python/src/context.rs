@@ -29,7 +29,8 @@ use crate::session::{
     metadata_from_py, seq_arg, seq_id, session_bytes_arg, session_key, warn_all, PySessionInfo,
 };
 
-/// Counts and times of the last generation (or stream) on a Context.
+/// Counts and times of the last generation on a Context, or of the last chat turn on a SessionManager's
+/// session (``manager.load(session_id).last_stats``).
 #[pyclass(name = "GenerationStats", module = "llama_sessions._native", frozen)]
 #[derive(Clone)]
 pub struct PyGenerationStats {
@@ -69,14 +70,14 @@ impl PyGenerationStats {
         self.stats.generation_seconds
     }
 
-    /// Whole turns a SessionManager chat dropped from the start of its history to make room (its overflow
-    /// policy); 0 for everything else.
+    /// Whole turns (a user message and its answer) a SessionManager chat turn dropped from the start of
+    /// the history to make room for itself (``overflow="drop_oldest"``); 0 for everything else.
     #[getter]
     fn dropped_turns(&self) -> usize {
         self.stats.dropped_turns
     }
 
-    /// "eog", "stop", "length" or "context_full".
+    /// Why the generation ended: "eog", "stop", "length" or "context_full".
     #[getter]
     fn stop_reason(&self) -> &'static str {
         self.reason.as_str()
@@ -98,18 +99,33 @@ impl PyGenerationStats {
         let s = &self.stats;
         format!(
             "GenerationStats(prompt_tokens={}, prompt_seconds={:.4}, generated_tokens={}, \
-             generation_seconds={:.4}, stop_reason={:?})",
+             generation_seconds={:.4}, stop_reason={:?}, dropped_turns={})",
             s.prompt_tokens,
             s.prompt_seconds,
             s.generated_tokens,
             s.generation_seconds,
-            self.reason.as_str()
+            self.reason.as_str(),
+            s.dropped_turns
         )
     }
 }
 
-/// The KV cache of a model and the bookkeeping of what is in it. No call takes a position: each call
-/// continues where the context stands.
+/// The KV cache of a model and the bookkeeping of what is in it.
+///
+/// No call takes a position: each call continues where the context stands. One Context serves one call at
+/// a time (a second thread waits); many Contexts over one Model run in parallel. The GIL is released during
+/// native work, and Ctrl-C interrupts a long call with KeyboardInterrupt, keeping the tokens decoded so far.
+///
+/// Create a context over ``model`` with ``params`` (default ``ContextParams()``) changed by the
+/// keyword overrides (None keeps a field as it is).
+///
+/// With ``prefix_cache``, every generate/encode first restores the longest chain of cached chunks that
+/// prefixes what the sequence will hold (beyond what it holds), decodes only the rest, and offers every
+/// full chunk it holds to the cache (``last_stats.prompt_tokens`` counts only the decoded tokens). Only
+/// models whose memory is one plain KV cache use it; others ignore it.
+///
+/// Raises InvalidParameterError naming the parameter for an invalid value or combination (n_ctx <= 0
+/// or above the model's n_ctx_train, a quantized V cache without flash attention, ...).
 #[pyclass(name = "Context", module = "llama_sessions._native", frozen)]
 pub struct PyContext {
     /// Shared with a SessionManager when the context is one of its live sessions.
@@ -271,26 +287,32 @@ impl PyContext {
         self.model.clone_ref(py)
     }
 
-    /// The parameters the context was created with.
+    /// The parameters the context was created with, ``n_ctx`` and ``n_batch`` as llama.cpp allocated them
+    /// (``Context(model, n_ctx=300).params.n_ctx == 512``, and ``n_batch`` 300): what sessions record and
+    /// compare.
     #[getter]
     fn params(&self, py: Python<'_>) -> PyResult<PyContextParams> {
         let params = native(py, |d| Ok(lock_shared(&self.inner, d).params().clone()))?;
         Ok(PyContextParams { inner: params })
     }
 
-    /// KV cells of the context as llama.cpp allocated them (a multiple of 256), shared by all sequences.
+    /// KV cells of the context as llama.cpp allocated them (``params.n_ctx``), shared by all sequences.
+    ///
+    /// llama.cpp gives each sequence an equal share that is a multiple of 256: ``n_ctx=300`` holds 512,
+    /// ``n_ctx=512, n_seq_max=4`` holds 1024 (256 per sequence). See n_ctx_per_seq.
     #[getter]
     fn n_ctx(&self, py: Python<'_>) -> PyResult<u32> {
         native(py, |d| Ok(lock_shared(&self.inner, d).params().n_ctx))
     }
 
-    /// Most tokens one sequence holds: n_ctx / n_seq_max (n_ctx itself with one sequence).
+    /// Most tokens one sequence holds: ``n_ctx // n_seq_max`` (``n_ctx`` itself with one sequence).
+    /// ContextFullError is raised against this.
     #[getter]
     fn n_ctx_per_seq(&self, py: Python<'_>) -> PyResult<usize> {
         native(py, |d| Ok(lock_shared(&self.inner, d).capacity()))
     }
 
-    /// The token ids in the context, in position order.
+    /// The token ids in sequence 0, in position order.
     #[getter]
     fn tokens(&self, py: Python<'_>) -> PyResult<Vec<i32>> {
         native(py, |d| {
@@ -298,7 +320,7 @@ impl PyContext {
         })
     }
 
-    /// The token ids in sequence `seq`, in position order.
+    /// The token ids in sequence ``seq``, in position order.
     fn sequence_tokens(&self, py: Python<'_>, seq: i64) -> PyResult<Vec<i32>> {
         let seq = seq_id(seq)?;
         native(py, |d| {
@@ -306,20 +328,23 @@ impl PyContext {
         })
     }
 
-    /// Independent sequences in the context.
+    /// Independent sequences in the context (``seq`` arguments run from 0 to n_seq_max - 1).
     #[getter]
     fn n_seq_max(&self, py: Python<'_>) -> PyResult<u32> {
         native(py, |d| Ok(lock_shared(&self.inner, d).params().n_seq_max))
     }
 
-    /// How many tokens sequence `seq` holds; the next token goes to this position.
+    /// How many tokens sequence ``seq`` holds; the next token goes to this position.
     #[pyo3(signature = (seq = 0))]
     fn token_count(&self, py: Python<'_>, seq: i64) -> PyResult<usize> {
         let seq = seq_id(seq)?;
         native(py, |d| lock_shared(&self.inner, d).token_count(seq))
     }
 
-    /// Counts and times of the last generate() or finished stream(), or None.
+    /// Counts and times of the last generate() or finished stream() on this context, or None (also after
+    /// reset(), restore() and load_session(), which replace what they described). For a SessionManager's
+    /// session (a Context from load()), the last chat turn's too, whoever ran it; a session read from its
+    /// file has None until its next turn.
     #[getter]
     fn last_stats(&self, py: Python<'_>) -> PyResult<Option<PyGenerationStats>> {
         native(py, |d| {
@@ -328,7 +353,7 @@ impl PyContext {
         })
     }
 
-    /// Empties the context.
+    /// Empty every sequence of the context.
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
         native(py, |d| {
             lock_shared(&self.inner, d).reset(); // forgets the last stats: they described what is gone
@@ -336,8 +361,15 @@ impl PyContext {
         })
     }
 
-    /// Keeps the first `n` tokens of sequence `seq` and drops the rest; the next call continues at position
-    /// `n`.
+    /// Keep the first ``n`` tokens of sequence ``seq`` and drop the rest; the next call continues at
+    /// position ``n``.
+    ///
+    /// Where the memory cannot be cut back in place (recurrent and hybrid models, see
+    /// ``Model.partial_truncation``; a sliding-window model restored from a state, below its last token),
+    /// the sequence is emptied and its first ``n`` tokens are decoded again: the result is exactly what a
+    /// fresh context that decoded them holds, at the cost of decoding ``n`` tokens.
+    ///
+    /// Raises InvalidParameterError when ``n`` is negative or above token_count(seq).
     #[pyo3(signature = (n, *, seq = 0))]
     fn truncate(&self, py: Python<'_>, n: i64, seq: i64) -> PyResult<()> {
         let seq = seq_id(seq)?;
@@ -349,11 +381,21 @@ impl PyContext {
         native(py, |d| lock_shared(&self.inner, d).truncate(seq, n))
     }
 
-    /// Appends `prompt` after what the context holds and generates up to `max_tokens` tokens, returning the
-    /// text. `max_tokens=0` only encodes the prompt. BOS is added only when the context is empty. Generation
-    /// ends at an end-of-generation token, at any `stop` string (not returned), at `max_tokens` or when the
-    /// context is full. Generated tokens stay in the context. `temperature=0` is greedy and deterministic.
-    /// Raises ContextFullError, before decoding anything, when the prompt does not fit.
+    /// Append ``prompt`` after what the context holds and generate up to ``max_tokens`` tokens.
+    ///
+    /// ``max_tokens=0`` only encodes the prompt. The BOS token is added only when the context is empty;
+    /// special-token text in the prompt (as produced by apply_chat_template) becomes control tokens.
+    /// Generation ends at an end-of-generation token, at any ``stop`` string (not part of the result), at
+    /// ``max_tokens``, or when the context is full. Generated tokens stay in the context, so the next call
+    /// continues after them. ``temperature=0`` is greedy and deterministic.
+    ///
+    /// Raises ContextFullError, before decoding anything, when the prompt does not fit in what sequence
+    /// ``seq`` has left of its n_ctx_per_seq; the context is then unchanged. ``seq`` picks the sequence of a
+    /// context with n_seq_max > 1. A list of chat messages instead of a str raises InvalidParameterError
+    /// pointing at chat() and Model.apply_chat_template().
+    ///
+    /// To hold a conversation, either format each new turn yourself and pass only it (the context keeps
+    /// what came before), or pass the whole conversation to chat(), which decodes only what is new.
     #[pyo3(signature = (prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
@@ -393,9 +435,10 @@ impl PyContext {
         Ok(generation.text)
     }
 
-    /// Like generate(), but returns an iterator of text pieces as they are produced. The prompt is encoded
-    /// by this call (so ContextFullError is raised here); generation happens as the iterator is advanced.
-    /// Pieces never split a multi-byte character.
+    /// Like generate(), but yield text pieces as they are produced.
+    ///
+    /// The prompt is encoded by this call (ContextFullError is raised here, not on the first step). Pieces
+    /// never split a multi-byte character and never contain (part of) a stop string.
     #[pyo3(signature = (prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
@@ -439,11 +482,22 @@ impl PyContext {
         })
     }
 
-    /// The assistant's answer to `messages` (a sequence of {"role": str, "content": str}): the whole
-    /// conversation is formatted with the model's chat template, each content as plain text (no message can
-    /// forge a turn), and only what differs from what sequence `seq` holds is decoded; the answer is
-    /// generated after it and stays in the context. Give it the whole conversation each time, previous
-    /// answers included. Generation options as for generate().
+    /// The assistant's answer to ``messages``: the *whole* conversation so far, a sequence of
+    /// ``{"role": str, "content": str}`` (system, user and assistant turns, previous answers included).
+    ///
+    /// The conversation is formatted with the model's chat template (llama.cpp's built-in engine, as
+    /// Model.apply_chat_template), each message's content as plain text: text such as
+    /// ``"<|im_start|>system"`` inside a message stays text and cannot open a turn of another role. Only
+    /// what differs from what sequence ``seq`` holds is decoded: the tokens after the longest common prefix
+    /// are dropped and the rest of the conversation decoded, as llama.cpp's server does. Call it again with
+    /// the answer and the next user message appended: the sequence then holds exactly the formatted
+    /// conversation and the answer (never a turn twice), and the answer is the one a fresh context given
+    /// the whole conversation would generate. Generation options, stop reasons and ``last_stats`` (whose
+    /// ``prompt_tokens`` counts only the tokens decoded) are as for generate().
+    ///
+    /// Raises InvalidParameterError for an empty or malformed ``messages`` (naming the message),
+    /// ChatTemplateError when the model has no usable template, ContextFullError (before anything changes)
+    /// when the conversation does not fit in n_ctx_per_seq.
     #[pyo3(signature = (messages, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
@@ -483,8 +537,10 @@ impl PyContext {
         Ok(generation.text)
     }
 
-    /// Like chat(), but returns an iterator of text pieces as they are produced. The conversation is encoded
-    /// by this call (so ContextFullError is raised here); generation happens as the iterator is advanced.
+    /// Like chat(), but yield the answer's text pieces as they are produced.
+    ///
+    /// The conversation is encoded by this call (its errors, ContextFullError included, are raised here);
+    /// the answer is generated as the stream is advanced, as for stream().
     #[pyo3(signature = (messages, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn stream_chat(
@@ -528,13 +584,27 @@ impl PyContext {
         })
     }
 
-    /// Replaces sequence `dst` by a copy of sequence `src` (tokens and KV cache) without decoding anything.
+    /// Replace sequence ``dst`` by a copy of sequence ``src`` (tokens and KV cache), decoding nothing.
+    ///
+    /// A prefix encoded once (a long system prompt) then serves many sequences; each continues exactly as
+    /// ``src`` would.
     fn copy_sequence(&self, py: Python<'_>, src: i64, dst: i64) -> PyResult<()> {
         let (src, dst) = (seq_id(src)?, seq_id(dst)?);
         native(py, |d| lock_shared(&self.inner, d).copy_sequence(src, dst))
     }
 
-    /// Saves the context (or sequence `seq`) to `path`, atomically and durably.
+    /// Save the context's state (or only sequence ``seq``) to ``path``.
+    ///
+    /// The file records the model fingerprint, the state-relevant parameters (as llama.cpp allocated them),
+    /// the tokens, ``metadata`` (a dict of JSON values, at most 16 MiB, kept exactly: a non-str key, a NaN or
+    /// an infinity, or a value of another type raises InvalidParameterError naming it) and a checksum; see
+    /// docs/session-format.md. It is written to a
+    /// temporary file, fsynced and renamed over ``path``: a crash leaves the old file or the new one; an OS
+    /// error (a full disk, a read-only directory) raises a StorageError, which is also an OSError.
+    /// With ``secret_key`` (bytes, at least 16) the session is signed: a keyed BLAKE3 MAC over the whole
+    /// file, which only the same key verifies (see docs/reliability.md).
+    /// ``format="llama.cpp"`` writes llama.cpp's own session file instead (what ``llama_state_save_file``
+    /// writes), for a context with n_seq_max == 1.
     #[pyo3(signature = (path, *, metadata = None, seq = None, format = "llama-sessions", secret_key = None))]
     fn save_session(
         &self,
@@ -571,8 +641,17 @@ impl PyContext {
         Ok(PySessionInfo { info: info? })
     }
 
-    /// Loads a session file (ours, or llama.cpp's own with a SessionInteropWarning) into the context, or into
-    /// sequence `seq`.
+    /// Replace the context's state by the session at ``path``; the next call continues after its tokens.
+    ///
+    /// Everything is checked before llama.cpp sees a byte: SessionCorruptError (not a session, truncated,
+    /// changed, or llama.cpp state whose cell records or sizes do not match the recorded tokens and this
+    /// context), SessionModelMismatchError (another model or other weights), SessionParamsMismatchError (a
+    /// state-relevant parameter differs), SessionVersionError (newer format, other llama.cpp build),
+    /// SessionSignatureError (with ``secret_key``: unsigned, modified, or signed with another key; without:
+    /// the session is signed). A failed load leaves the context exactly as it was. With ``seq``, the file
+    /// must hold one sequence, which replaces sequence ``seq``; without, every other sequence is emptied. A
+    /// llama.cpp session file is loaded too, with a SessionInteropWarning, after the same checks of its
+    /// state.
     #[pyo3(signature = (path, *, seq = None, secret_key = None))]
     fn load_session(
         &self,
@@ -593,7 +672,11 @@ impl PyContext {
         Ok(PySessionInfo { info: loaded.info })
     }
 
-    /// The context (or sequence `seq`) as session bytes.
+    /// The context's state (or sequence ``seq``) as session bytes, in the file format; signed with
+    /// ``secret_key`` if given.
+    ///
+    /// Store them anywhere (memory, a database, another process) and give them to restore(): cheap enough for
+    /// undo checkpoints.
     #[pyo3(signature = (*, seq = None, metadata = None, secret_key = None))]
     // The one binding call that takes the GIL back while it holds the context's lock: the `bytes` object must be
     // allocated with the GIL, and llama.cpp then writes the state straight into it with the GIL released again
@@ -632,7 +715,12 @@ impl PyContext {
         Ok(bytes.into_bound(py))
     }
 
-    /// Restores session bytes from snapshot() (or a file's contents) into the context, or into sequence `seq`.
+    /// Replace the context's state by session bytes from snapshot() or a file, with the checks of
+    /// load_session(); a failed restore leaves the context exactly as it was.
+    ///
+    /// ``data`` is ``bytes`` or any object of the buffer protocol (bytearray, memoryview, mmap, ...: copied
+    /// once); anything else raises InvalidParameterError. A SessionParamsMismatchError advises
+    /// Context.from_session (or a context created with the saved ``params``).
     #[pyo3(signature = (data, *, seq = None, secret_key = None))]
     fn restore(
         &self,
@@ -653,7 +741,10 @@ impl PyContext {
         .map(|info| PySessionInfo { info })
     }
 
-    /// Creates a context with the parameters recorded in the session at `path` and loads it.
+    /// Create a Context with the parameters recorded in the session at ``path`` and load it.
+    ///
+    /// Raises the errors of load_session(); InvalidParameterError for a llama.cpp session file (it records
+    /// no parameters).
     #[staticmethod]
     #[pyo3(signature = (model, path, *, n_threads = None, secret_key = None))]
     fn from_session(
@@ -700,9 +791,9 @@ impl PyContext {
     }
 }
 
-/// Text pieces of a generation in progress, from Context.stream(). Each step runs with the GIL released and
-/// holds the context's lock only for that step; if another call changes the context between two steps the
-/// stream raises StreamInvalidatedError.
+/// Text pieces of a generation in progress, from Context.stream().
+///
+/// If another call changes the context between two steps, the next step raises StreamInvalidatedError.
 #[pyclass(module = "llama_sessions._native", frozen)]
 pub struct TokenStream {
     context: Py<PyContext>,
@@ -752,8 +843,9 @@ impl TokenStream {
         Ok(piece)
     }
 
-    /// ``TokenStream(seq=0, generated=3, max_tokens=32, state='running')``; once ended, the state is
-    /// ``'ended'`` with the stop reason, or ``'failed'``.
+    /// ``TokenStream(seq=0, generated=3, max_tokens=32, state='running')``: the tokens generated so far;
+    /// once the stream has ended, ``state='ended', stop_reason='length'`` (or another stop reason of
+    /// GenerationStats), or ``state='failed'`` after an error.
     fn __repr__(&self) -> String {
         let (generated, state) = self.progress.describe();
         format!(

@@ -23,7 +23,28 @@ use crate::params::PyContextParams;
 use crate::progress::StreamProgress;
 use crate::session::metadata_from_py;
 
-/// Many named, persistent sessions for many users on one model.
+/// Many named, persistent sessions for many users on one model. Use ``llama_sessions.SessionManager``
+/// (this class plus asyncio variants).
+///
+/// Manage the sessions in ``session_dir`` (created if missing); every session's context uses
+/// ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
+/// memory is saved first if it changed, with or without autosave).
+///
+/// ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
+/// ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
+/// save() and when they are evicted; what is still unsaved when the manager is garbage-collected or the
+/// interpreter exits is lost, with an UnsavedSessionsWarning naming the sessions.
+///
+/// ``overflow``: what a chat turn does when its conversation plus the ``max_tokens`` reserved for the
+/// answer do not fit in ``n_ctx``. "drop_oldest" (default) drops the oldest whole turns from the history,
+/// keeping the system prompt, until it fits (the turn's ``last_stats.dropped_turns`` counts them);
+/// "error" raises ContextFullError before the turn starts, changing nothing (then call trim_history()).
+/// Either way ContextFullError, nothing changed, when the system prompt, the message and ``max_tokens``
+/// alone do not fit. InvalidParameterError for any other value.
+///
+/// With ``secret_key`` (bytes, at least 16) every session and checkpoint is signed as it is written, and
+/// one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
+/// loaded (see docs/reliability.md).
 #[pyclass(
     name = "SessionManager",
     module = "llama_sessions._native",
@@ -59,7 +80,8 @@ fn turn_wait(timeout: Option<f64>) -> PyResult<TurnWait> {
         })
 }
 
-/// One stored session as `SessionManager.list()` reports it.
+/// One stored session, as SessionManager.list() reports it. A file that cannot be read is listed with
+/// ``error`` set and the other fields None.
 #[pyclass(name = "StoredSession", module = "llama_sessions._native", frozen)]
 pub struct PyStoredSession {
     listed: ListedSession,
@@ -89,7 +111,7 @@ impl PyStoredSession {
         self.listed.size
     }
 
-    /// Tokens held, or None if the file could not be read.
+    /// Tokens held.
     #[getter]
     fn token_count(&self) -> Option<usize> {
         self.listed
@@ -99,7 +121,7 @@ impl PyStoredSession {
             .map(|h| h.sequences.iter().map(|s| s.tokens.len()).sum())
     }
 
-    /// When it was created (aware UTC datetime), or None.
+    /// When the session was created (aware UTC datetime).
     #[getter]
     fn created_at<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         match self.listed.record() {
@@ -111,7 +133,7 @@ impl PyStoredSession {
         }
     }
 
-    /// When it was last saved (aware UTC datetime), or None.
+    /// When it was last saved (aware UTC datetime).
     #[getter]
     fn updated_at<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         match &self.listed.header {
@@ -120,19 +142,19 @@ impl PyStoredSession {
         }
     }
 
-    /// The stored version (1 after the first save), or None.
+    /// The stored version: 1 after the first save, +1 per save.
     #[getter]
     fn version(&self) -> Option<u64> {
         self.listed.record().map(|r| r.version)
     }
 
-    /// Chat messages in its history, or None.
+    /// Chat messages in its history.
     #[getter]
     fn message_count(&self) -> Option<usize> {
         self.listed.record().map(|r| r.history.len())
     }
 
-    /// The user's metadata, or None.
+    /// The metadata given to create_session().
     #[getter]
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Ok(header) = &self.listed.header else {
@@ -145,7 +167,7 @@ impl PyStoredSession {
         py.import("json")?.call_method1("loads", (text,)).map(Some)
     }
 
-    /// Why the file could not be read (a corrupt file is reported here, not raised), or None.
+    /// Why the file could not be read (a corrupt file is reported here, not raised).
     #[getter]
     fn error(&self) -> Option<&str> {
         self.listed.header.as_ref().err().map(String::as_str)
@@ -244,7 +266,7 @@ impl PySessionManager {
         self.inner.max_live()
     }
 
-    /// Whether every chat turn is saved as it ends.
+    /// Whether every turn that changes a session saves it as it ends.
     #[getter]
     fn autosave(&self) -> bool {
         self.inner.autosave()
@@ -256,12 +278,18 @@ impl PySessionManager {
         self.inner.overflow().as_str()
     }
 
-    /// Ids of the live sessions whose changes are not stored, least recently used first.
+    /// Ids of the live sessions whose changes are not stored yet (least recently used first): what would
+    /// be lost if the manager went now. Always empty with autosave, unless a Context from load() was changed
+    /// directly.
     fn unsaved_sessions(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         native(py, |_| Ok(self.inner.unsaved_ids()))
     }
 
-    /// Keeps the last `keep_last` turns of a session's history; returns how many turns were dropped.
+    /// Keep the last ``keep_last`` turns of the session's history (a turn: a user message and its answer)
+    /// and drop the older ones; the system prompt stays. Returns how many turns were dropped (0: nothing
+    /// changed). The next chat turn decodes again from the first token that differs (the system prompt's
+    /// tokens are reused). Saved when the manager autosaves. InvalidParameterError for a negative
+    /// ``keep_last``. A turn, like chat() (``timeout`` likewise).
     #[pyo3(signature = (session_id, keep_last, *, timeout = None))]
     fn trim_history(
         &self,
@@ -285,7 +313,11 @@ impl PySessionManager {
         })
     }
 
-    /// Creates a session, stores it, and returns its live Context.
+    /// Create a session starting from ``system_prompt`` (formatted with the model's chat template), store
+    /// it and return its live Context. A system prompt this manager encoded before is restored, not decoded.
+    ///
+    /// Raises SessionExistsError for an existing id, InvalidParameterError (a ValueError) for an invalid id:
+    /// 1 to 128 bytes, no "/", "\", ":", "@" or control characters, not starting with a dot.
     #[pyo3(signature = (session_id, system_prompt = None, *, metadata = None))]
     fn create_session(
         &self,
@@ -302,7 +334,12 @@ impl PySessionManager {
         Ok(self.context(py, &session))
     }
 
-    /// The live Context of a session, from memory or from its file.
+    /// The live Context of a session: from memory (no I/O), or read, verified and restored from its file.
+    /// What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
+    /// before the session is evicted. It bypasses the turn order, like any shared Context.
+    ///
+    /// Raises SessionNotFoundError for an unknown id and the SessionError subclasses of Context.load_session;
+    /// a SessionParamsMismatchError advises opening the manager with the saved parameters.
     fn load(&self, py: Python<'_>, session_id: &str) -> PyResult<PyContext> {
         let session = native(py, |_| self.inner.load(session_id))?;
         Ok(self.context(py, &session))
@@ -320,7 +357,14 @@ impl PySessionManager {
         Ok(self.context(py, &session))
     }
 
-    /// Saves a session: its live copy, or `context` stored under that id.
+    /// Save a session's live copy; raises SessionConflictError (writing nothing) if the stored version
+    /// changed since that copy was loaded: the stale copy then leaves memory, so the next load() reads the
+    /// stored version. A stored session that is not live has nothing unsaved: saving it does nothing.
+    /// SessionNotFoundError if there is no such session.
+    ///
+    /// With ``context`` (not the live one), store that context under the id instead, replacing what is stored
+    /// (an existing session's history, system prompt and metadata are kept); SessionBusyError, writing
+    /// nothing, if a turn holds the live copy.
     #[pyo3(signature = (session_id, context = None))]
     fn save(&self, py: Python<'_>, session_id: &str, context: Option<&PyContext>) -> PyResult<()> {
         let shared = context.map(|c| Arc::clone(&c.inner));
@@ -330,17 +374,18 @@ impl PySessionManager {
         })
     }
 
-    /// Deletes a session, its checkpoints and their lock files.
+    /// Delete a session, its checkpoints and their lock files (SessionNotFoundError if there is none).
     fn delete(&self, py: Python<'_>, session_id: &str) -> PyResult<()> {
         native(py, |_| self.inner.delete(session_id))
     }
 
-    /// Whether the session exists.
+    /// Whether the session exists (live or stored).
     fn exists(&self, py: Python<'_>, session_id: &str) -> PyResult<bool> {
         native(py, |_| self.inner.exists(session_id))
     }
 
-    /// Every stored session, sorted by id.
+    /// Every stored session, sorted by id. Files that are not sessions are ignored; a corrupt session file
+    /// is listed with its error.
     fn list(&self, py: Python<'_>) -> PyResult<Vec<PyStoredSession>> {
         let listed = native(py, |_| self.inner.list())?;
         Ok(listed
@@ -357,7 +402,7 @@ impl PySessionManager {
             .ok_or_else(|| to_py(Error::Internal("the store has no paths".to_owned())))
     }
 
-    /// The conversation of a session after its system prompt.
+    /// The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``.
     fn history<'py>(&self, py: Python<'py>, session_id: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let history = native(py, |_| Ok(self.inner.load(session_id)?.history()))?;
         history
@@ -371,12 +416,24 @@ impl PySessionManager {
             .collect()
     }
 
-    /// The system prompt a session started from.
+    /// The system prompt the session started from.
     fn system_prompt(&self, py: Python<'_>, session_id: &str) -> PyResult<Option<String>> {
         native(py, |_| Ok(self.inner.load(session_id)?.system_prompt()))
     }
 
-    /// One chat turn; returns the answer.
+    /// One chat turn: the conversation is formatted with the model's chat template, only what the context
+    /// does not hold yet is decoded, the answer is generated and both messages join the history (saved when
+    /// the manager autosaves). Returns the answer; its stats (stop reason, token counts, times, turns
+    /// dropped) are then ``load(session_id).last_stats``.
+    ///
+    /// Room for ``max_tokens`` is reserved before anything is decoded: when the conversation and
+    /// ``max_tokens`` do not fit in ``n_ctx``, the manager's ``overflow`` policy drops the oldest turns or
+    /// raises ContextFullError, changing nothing (see the constructor).
+    ///
+    /// A turn holds its session until it ends. If another turn holds it (a chat in another thread, or a
+    /// stream_chat stream not exhausted, closed or dropped yet), this call waits for it: without limit when
+    /// ``timeout`` is None (Ctrl-C ends the wait), else at most ``timeout`` seconds (0: not at all), then
+    /// raises SessionBusyError. Turns on one session from several threads thus take turns.
     #[pyo3(signature = (session_id, user_message, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
@@ -411,7 +468,10 @@ impl PySessionManager {
         })
     }
 
-    /// One chat turn whose answer arrives piece by piece.
+    /// Like chat(), the answer arriving piece by piece; the overflow policy applies before the stream is
+    /// returned. The stream holds the session's turn until it is exhausted, closed or dropped; ``timeout``
+    /// bounds the wait for a turn in progress, as in chat(). Once exhausted, the turn's stats are
+    /// ``load(session_id).last_stats``.
     #[pyo3(signature = (session_id, user_message, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn stream_chat(
@@ -455,8 +515,11 @@ impl PySessionManager {
         })
     }
 
-    /// Generates after `prompt`, the whole text the session's context should hold; only the part after the
-    /// longest common prefix with what it holds is decoded. Returns the text and the tokens reused.
+    /// Generate after ``prompt``, the *whole* text the session's context should hold (a conversation
+    /// formatted from its start): only the part after the longest common prefix with what the context holds
+    /// is decoded, the rest of the context is dropped, as llama.cpp's server does. Returns the text and the
+    /// number of tokens reused. The chat history is not changed. A turn, like chat() (``timeout``
+    /// likewise).
     #[pyo3(signature = (session_id, prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_reusing_prefix(
@@ -493,12 +556,14 @@ impl PySessionManager {
         Ok((generation.text, reused))
     }
 
-    /// Stores the session's state and history as checkpoint `label`.
+    /// Store the session's state and history as checkpoint ``label`` (during a streamed turn: the state so
+    /// far, without the turn in the history).
     fn checkpoint(&self, py: Python<'_>, session_id: &str, label: &str) -> PyResult<()> {
         native(py, |_| self.inner.checkpoint(session_id, label))
     }
 
-    /// Puts the session back to checkpoint `label` (state and history).
+    /// Put the session back to checkpoint ``label``: state and history (SessionNotFoundError if none). A
+    /// turn, like chat() (``timeout`` likewise).
     #[pyo3(signature = (session_id, label, *, timeout = None))]
     fn revert(
         &self,
@@ -525,12 +590,13 @@ impl PySessionManager {
         native(py, |_| Ok(self.inner.live_ids()))
     }
 
-    /// Bytes of KV cache allocated by the live sessions' contexts.
+    /// Bytes of KV cache allocated by the live sessions' contexts (n_ctx cells each, used or not).
     fn live_kv_bytes(&self, py: Python<'_>) -> PyResult<usize> {
         native(py, |_| Ok(self.inner.live_kv_bytes()))
     }
 
-    /// Counters: prefill_tokens, prefix_reuses, store_loads, store_saves, evictions.
+    /// Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
+    /// encoded system prompt instead), store_loads, store_saves, evictions.
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = native(py, |_| Ok(self.inner.stats()))?;
@@ -553,8 +619,11 @@ impl PySessionManager {
     }
 }
 
-/// The answer of a chat turn, piece by piece; the turn joins the history when the stream ends. The stream
-/// holds its session's turn until it ends, is closed, or is dropped.
+/// The answer of a chat turn, piece by piece, from SessionManager.stream_chat(). When it ends, the user
+/// message and the answer join the session's history (and the session is saved if the manager autosaves).
+///
+/// Until it ends, is closed or is dropped, the stream holds its session's turn: other turns on the session
+/// wait for it, and the session is not evicted.
 #[pyclass(module = "llama_sessions._native", frozen)]
 pub struct ChatStream {
     manager: Arc<SessionManager>,
@@ -599,8 +668,9 @@ impl ChatStream {
         })
     }
 
-    /// ``ChatStream(session='ada', pieces=3, max_tokens=48, state='running')``; the state becomes
-    /// ``'ended'`` (the turn joined the history), ``'closed'`` or ``'failed'``.
+    /// ``ChatStream(session='ada', pieces=3, max_tokens=48, state='running')``: the pieces read so far,
+    /// and the state: ``'running'``, ``'ended'`` (the turn joined the history), ``'closed'`` or
+    /// ``'failed'``.
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let (pieces, state) = self.progress.describe();
         let session = pyo3::types::PyString::new(py, &self.session_id).repr()?;
@@ -610,8 +680,8 @@ impl ChatStream {
         ))
     }
 
-    /// Ends the turn now: the session is free for the next turn; the answer so far stays in the context but
-    /// does not join the history. Closing an ended stream does nothing.
+    /// End the turn now and free the session: the answer so far stays in the context but does not join
+    /// the history. Closing an ended stream does nothing.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         native(py, |detached| {
             let turn = self.turn.lock(detached).take();
@@ -624,7 +694,8 @@ impl ChatStream {
     }
 }
 
-/// Every stored session in `session_dir`, sorted by id, read without a model (headers only).
+/// Every stored session in ``session_dir``, sorted by id, read without a model (headers only; a load
+/// verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error.
 #[pyfunction]
 pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PyStoredSession>> {
     let listed = native(py, |_| {
@@ -637,8 +708,8 @@ pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PySto
         .collect())
 }
 
-/// Deletes session `session_id` and its checkpoints from `session_dir`, holding its lock, and their lock
-/// files; no model needed.
+/// Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock), and
+/// their lock files, without a model. SessionNotFoundError if there is none.
 #[pyfunction]
 pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) -> PyResult<()> {
     native(py, |_| {
@@ -647,7 +718,9 @@ pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) ->
     })
 }
 
-/// Raises InvalidParameterError (a ValueError) unless `session_id` can name a session.
+/// Raise InvalidParameterError (a ValueError) unless ``session_id`` can name a session: 1 to 128 bytes, no
+/// "/", "\", ":", "@" or control characters, not starting with a dot, neither starting nor ending with
+/// whitespace.
 #[pyfunction]
 pub fn validate_session_id(session_id: &str) -> PyResult<()> {
     llama_sessions::manager::validate_session_id(session_id).map_err(to_py)

@@ -11,8 +11,9 @@ use pyo3::types::{PyBool, PyBytes, PyInt, PyMapping, PySequence, PyString};
 use crate::errors::InvalidParameterError;
 use crate::native::native;
 
-/// A GGUF model loaded by llama.cpp. Immutable and thread-safe: share one Model between many Contexts and
-/// threads.
+/// A GGUF model loaded by llama.cpp.
+///
+/// Immutable and thread-safe: share one Model between many Contexts and threads.
 #[pyclass(name = "Model", module = "llama_sessions._native", frozen)]
 pub struct PyModel {
     pub(crate) inner: Model,
@@ -127,7 +128,9 @@ fn message_from_py(index: usize, item: &Bound<'_, PyAny>) -> PyResult<ChatMessag
 
 #[pymethods]
 impl PyModel {
-    /// Loads a GGUF model. Raises ModelLoadError for a missing, non-GGUF or truncated file.
+    /// Load a GGUF model.
+    ///
+    /// Raises ModelLoadError for a missing, non-GGUF or truncated file, with the reason.
     #[staticmethod]
     #[pyo3(signature = (path, *, n_gpu_layers = 0, use_mmap = true))]
     fn load(py: Python<'_>, path: PathBuf, n_gpu_layers: i64, use_mmap: bool) -> PyResult<Self> {
@@ -150,7 +153,7 @@ impl PyModel {
         self.inner.path().to_path_buf()
     }
 
-    /// `general.architecture` from the GGUF metadata, e.g. "llama".
+    /// ``general.architecture`` from the GGUF metadata, e.g. ``"llama"``.
     #[getter]
     fn architecture(&self) -> String {
         self.inner.architecture().to_owned()
@@ -180,19 +183,23 @@ impl PyModel {
         self.inner.n_embd()
     }
 
-    /// How llama.cpp keeps the memory of a sequence: "attention", "sliding_window", "hybrid" or "recurrent".
+    /// How llama.cpp keeps the memory of a sequence: ``"attention"`` (one KV cache), ``"sliding_window"``
+    /// (a full-attention cache and a window cache), ``"hybrid"`` (attention and recurrent layers) or
+    /// ``"recurrent"``. See docs/architectures.md for what each supports.
     #[getter]
     fn memory(&self) -> &'static str {
         self.inner.memory_kind().as_str()
     }
 
-    /// Whether llama.cpp can cut a sequence back in place (False for recurrent state).
+    /// Whether llama.cpp can cut a sequence back in place. When it cannot (recurrent state),
+    /// ``Context.truncate`` decodes the kept tokens again from the start: still exact, at the cost of
+    /// decoding them.
     #[getter]
     fn partial_truncation(&self) -> bool {
         self.inner.memory_kind().partial_truncation()
     }
 
-    /// The sliding window in tokens, 0 without one.
+    /// The sliding window in tokens (0 without one).
     #[getter]
     fn n_swa(&self) -> u32 {
         self.inner.n_swa()
@@ -210,16 +217,23 @@ impl PyModel {
         self.inner.chat_template()
     }
 
-    /// A short string identifying the model's content: the GGUF header and a sample of every tensor's data.
+    /// A short string identifying the model's content.
+    ///
+    /// BLAKE3 over the whole GGUF header (metadata, tensor names, types, shapes) and a fixed sample of
+    /// every tensor's data; see docs/fingerprint.md for what it does and does not detect.
     #[getter]
     fn fingerprint(&self) -> String {
         self.inner.fingerprint().to_owned()
     }
 
-    /// Text to token ids. `add_bos` adds the beginning-of-sequence token if the model uses one; `special`
-    /// parses special-token text such as "<|im_start|>" into control tokens. `Context.generate` tokenizes
-    /// its prompt with `special=True`, so count a prompt's tokens with that: with the default `False`, a
-    /// templated prompt gives more tokens than generate decodes.
+    /// Turn text into token ids.
+    ///
+    /// ``add_bos`` adds the beginning-of-sequence token if the model uses one; ``special`` parses
+    /// special-token text such as ``"<|im_start|>"`` into control tokens (otherwise it is plain text).
+    ///
+    /// ``Context.generate`` and ``Context.stream`` tokenize their prompt with ``special=True`` (the caller
+    /// writes the markup), so to count a prompt's tokens as they will, pass ``special=True``: with the
+    /// default, each ``<|im_start|>`` of a templated prompt is several plain-text tokens instead of one.
     #[pyo3(signature = (text, add_bos = true, special = false))]
     fn tokenize(
         &self,
@@ -232,7 +246,11 @@ impl PyModel {
         Ok(tokens_to_py(&tokens))
     }
 
-    /// Token ids to text. `special` renders control tokens as their text.
+    /// Turn token ids (a list, tuple or other sequence of int) into text. ``special`` renders control
+    /// tokens as their text.
+    ///
+    /// Raises InvalidParameterError for anything but a sequence of int (a str is refused, not read as
+    /// characters), TokenizeError for an id outside the vocabulary.
     #[pyo3(signature = (tokens, special = false))]
     fn detokenize(
         &self,
@@ -244,8 +262,14 @@ impl PyModel {
         native(py, |_| self.inner.detokenize(&tokens, special))
     }
 
-    /// Formats messages (`[{"role": ..., "content": ...}, ...]`, or any other sequence or iterable of such
-    /// mappings) with the model's chat template.
+    /// Format ``[{"role": ..., "content": ...}, ...]`` with the model's chat template.
+    ///
+    /// ``messages`` may be any sequence or iterable of such mappings (a list, a tuple, a generator); a str,
+    /// bytes or a single mapping raises InvalidParameterError, as does a message without a str "role" and
+    /// "content".
+    ///
+    /// Uses llama.cpp's built-in template engine (the common templates, not a full Jinja engine).
+    /// Raises ChatTemplateError when the model has no usable template.
     #[pyo3(signature = (messages, add_generation_prompt = true))]
     fn apply_chat_template(
         &self,

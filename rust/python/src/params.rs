@@ -5,9 +5,10 @@ use pyo3::prelude::*;
 
 use crate::errors::InvalidParameterError;
 
-/// Parameters of a Context. Immutable; `replace(**changes)` returns a modified copy.
+/// Parameters of a Context. Immutable; ``replace(**changes)`` returns a modified copy.
 ///
-/// Every field that shapes the saved state is explicit: `flash_attn` is True or False, never "auto".
+/// Every field that shapes the saved state is explicit: ``flash_attn`` is True or False, never "auto".
+/// Out-of-range values raise InvalidParameterError (a ValueError) naming the parameter.
 #[pyclass(
     name = "ContextParams",
     module = "llama_sessions._native",
@@ -129,7 +130,7 @@ impl PyContextParams {
         })
     }
 
-    /// A copy with the given fields changed.
+    /// A copy with the given fields changed (None keeps a field as it is).
     #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, n_seq_max = None))]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn replace(
@@ -156,32 +157,34 @@ impl PyContextParams {
         })
     }
 
-    /// KV cells asked for, shared by all sequences (each holds n_ctx / n_seq_max); llama.cpp rounds it up,
-    /// and Context.params holds what it allocated.
+    /// KV cells requested for the context, shared by all sequences: each holds at most
+    /// ``n_ctx / n_seq_max`` tokens. llama.cpp rounds it up (to a multiple of 256 per sequence);
+    /// ``Context.params.n_ctx`` is what it allocated.
     #[getter]
     fn n_ctx(&self) -> u32 {
         self.inner.n_ctx
     }
 
-    /// Most tokens decoded per llama.cpp call; longer prompts are split. llama.cpp clamps it to n_ctx.
+    /// Most tokens decoded per llama.cpp call; longer prompts are split. llama.cpp clamps it to
+    /// ``n_ctx``; ``Context.params.n_batch`` is what it applied.
     #[getter]
     fn n_batch(&self) -> u32 {
         self.inner.n_batch
     }
 
-    /// CPU threads used for decoding.
+    /// CPU threads used for decoding (default: the cores available; 1 to 512, llama.cpp's limit).
     #[getter]
     fn n_threads(&self) -> u32 {
         self.inner.n_threads
     }
 
-    /// K cache type: "f16", "q8_0" or "q4_0".
+    /// K cache type.
     #[getter]
     fn type_k(&self) -> &'static str {
         self.inner.type_k.as_str()
     }
 
-    /// V cache type: "f16", "q8_0" or "q4_0".
+    /// V cache type (a quantized V needs flash_attn=True).
     #[getter]
     fn type_v(&self) -> &'static str {
         self.inner.type_v.as_str()

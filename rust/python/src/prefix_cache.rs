@@ -14,8 +14,19 @@ use crate::native::native;
 /// Bytes of chunks a cache keeps unless told otherwise: 1 GiB.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
-/// A cache of KV chunks: give it to several Contexts and a prompt restores the longest prefix any of them
-/// computed.
+/// A cache of content-addressed KV chunks shared by Contexts (see docs/prefix-cache.md).
+///
+/// A sequence's KV cache is cut into chunks of ``chunk_tokens`` tokens; a chunk's key is a BLAKE3 hash of
+/// its parent chunk's key, its token ids and everything that shapes its bytes (model fingerprint, KV types,
+/// flash attention, llama.cpp build, layout, ``namespace``). A chunk whose bytes fail their checks (length,
+/// checksum, key, layout) is removed and its prefix decoded again, never trusted.
+///
+/// A cache in directory ``path`` (one ``.kvchunk`` file per chunk, created if missing), or in this
+/// process's memory without a path; at most ``max_bytes`` of chunks, the least recently used evicted
+/// first. Chunks of one ``namespace`` never match in another.
+///
+/// Raises InvalidParameterError for ``max_bytes < 1``, ``chunk_tokens`` outside 1..65536 or a namespace
+/// over 1024 bytes; StorageError when the directory cannot be created or read.
 #[pyclass(name = "PrefixCache", module = "llama_sessions._native", frozen)]
 pub struct PyPrefixCache {
     pub(crate) inner: PrefixCache,
@@ -45,7 +56,6 @@ fn gc_dict<'py>(py: Python<'py>, r: GcReport) -> PyResult<Bound<'py, PyDict>> {
 
 #[pymethods]
 impl PyPrefixCache {
-    /// A cache in `path` (a directory of `.kvchunk` files, created if missing), or in memory without a path.
     #[new]
     #[pyo3(
         signature = (path = None, *, max_bytes = DEFAULT_MAX_BYTES as i64, chunk_tokens = DEFAULT_CHUNK_TOKENS as i64, namespace = String::new()),
@@ -103,14 +113,16 @@ impl PyPrefixCache {
         self.inner.stats().max_bytes
     }
 
-    /// Counts: entries, bytes, max_bytes, and this process's hits, misses, corrupt, puts, evictions.
+    /// ``entries``, ``bytes``, ``max_bytes``, and this process's ``hits``, ``misses``, ``corrupt`` (chunks
+    /// found unsound and removed), ``puts`` and ``evictions``.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let cache = self.inner.clone();
         let stats = native(py, move |_| Ok(cache.stats()))?;
         stats_dict(py, stats)
     }
 
-    /// Removes chunks whose bytes fail their checks and evicts down to max_bytes.
+    /// Re-reads the directory, removes chunks whose bytes fail their checks and evicts down to
+    /// ``max_bytes``: returns ``removed_corrupt``, ``evicted``, ``kept`` and ``bytes``.
     fn gc<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let cache = self.inner.clone();
         let report = native(py, move |_| cache.gc())?;

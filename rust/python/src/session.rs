@@ -13,7 +13,7 @@ use crate::errors::{to_py, InvalidParameterError, SessionInteropWarning};
 use crate::native::native;
 use crate::params::PyContextParams;
 
-/// What a session holds, read from its verified header.
+/// What a session holds, read from its verified header (see inspect_session()).
 #[pyclass(name = "SessionInfo", module = "llama_sessions._native", frozen)]
 pub struct PySessionInfo {
     pub(crate) info: SessionInfo,
@@ -21,13 +21,13 @@ pub struct PySessionInfo {
 
 #[pymethods]
 impl PySessionInfo {
-    /// "llama-sessions" or "llama.cpp" (llama.cpp's own session file).
+    /// "llama-sessions", or "llama.cpp" for llama.cpp's own session file.
     #[getter]
     fn format(&self) -> &'static str {
         self.info.format.as_str()
     }
 
-    /// Version of that file format.
+    /// Version of that format.
     #[getter]
     fn format_version(&self) -> u32 {
         self.info.format_version
@@ -45,7 +45,7 @@ impl PySessionInfo {
         non_empty(&self.info.header.llama_cpp_build)
     }
 
-    /// When it was written, as an aware UTC datetime (None for a llama.cpp file).
+    /// When it was written, an aware UTC datetime (None for a llama.cpp file).
     #[getter]
     fn created_at<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
         match non_empty(&self.info.header.created_at) {
@@ -64,7 +64,7 @@ impl PySessionInfo {
         non_empty(&self.info.header.model.fingerprint)
     }
 
-    /// `general.name` of that model, if it has one.
+    /// ``general.name`` of that model, if it has one.
     #[getter]
     fn model_name(&self) -> Option<&str> {
         self.info.header.model.name.as_deref()
@@ -82,7 +82,7 @@ impl PySessionInfo {
         self.info.header.model.file_name.as_deref()
     }
 
-    /// The context parameters it was saved with (n_threads is this machine's default); None for a llama.cpp
+    /// The parameters it was saved with (n_threads is this machine's default); None for a llama.cpp
     /// file.
     #[getter]
     fn params(&self) -> PyResult<Option<PyContextParams>> {
@@ -110,7 +110,7 @@ impl PySessionInfo {
         self.info.token_count()
     }
 
-    /// The user's metadata.
+    /// The metadata given to save_session() or snapshot().
     #[getter]
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let text = serde_json::to_string(&self.info.header.metadata)
@@ -124,7 +124,7 @@ impl PySessionInfo {
         self.info.header_bytes
     }
 
-    /// Bytes of llama.cpp state (the KV cache rows of the tokens held).
+    /// Bytes of llama.cpp state: the KV cache rows of the tokens held, nothing else.
     #[getter]
     fn state_bytes(&self) -> usize {
         self.info.state_bytes
@@ -136,7 +136,7 @@ impl PySessionInfo {
         self.info.total_bytes
     }
 
-    /// Whether the session is signed: loading it needs the secret_key it was signed with.
+    /// Whether the session is signed (loading it needs the secret_key it was signed with).
     #[getter]
     fn signed(&self) -> bool {
         self.info.signed
@@ -163,7 +163,11 @@ fn non_empty(text: &str) -> Option<&str> {
     (!text.is_empty()).then_some(text)
 }
 
-/// Reads and verifies a session from a path or from bytes, without a model.
+/// Read and verify a session file or session bytes without a model.
+///
+/// A llama-sessions session is checked completely (SessionCorruptError, SessionVersionError); a signed one
+/// by its checksum, and by its signature when ``secret_key`` is given (SessionSignatureError). Of a
+/// llama.cpp session file only the header can be checked.
 #[pyfunction]
 #[pyo3(signature = (source, *, secret_key = None))]
 pub fn inspect_session(
