@@ -221,6 +221,55 @@ class TokenStream(Iterator[str]):
         GenerationStats), or ``state='failed'`` after an error."""
 
 @final
+class PrefixCache:
+    """A cache of content-addressed KV chunks shared by Contexts (see docs/prefix-cache.md).
+
+    A sequence's KV cache is cut into chunks of ``chunk_tokens`` tokens; a chunk's key is a BLAKE3 hash of
+    its parent chunk's key, its token ids and everything that shapes its bytes (model fingerprint, KV types,
+    flash attention, llama.cpp build, layout, ``namespace``). A chunk whose bytes fail their checks (length,
+    checksum, key, layout) is removed and its prefix decoded again, never trusted.
+
+    A cache in directory ``path`` (one ``.kvchunk`` file per chunk, created if missing), or in this
+    process's memory without a path; at most ``max_bytes`` of chunks, the least recently used evicted
+    first. Chunks of one ``namespace`` never match in another.
+
+    Raises InvalidParameterError for ``max_bytes < 1``, ``chunk_tokens`` outside 1..65536 or a namespace
+    over 1024 bytes; StorageError when the directory cannot be created or read.
+    """
+
+    def __new__(
+        cls,
+        path: str | PathLike[str] | None = None,
+        *,
+        max_bytes: int = 1073741824,
+        chunk_tokens: int = 256,
+        namespace: str = "",
+    ) -> PrefixCache: ...
+    @property
+    def path(self) -> Path | None:
+        """The directory of an on-disk cache; None in memory."""
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per chunk."""
+    @property
+    def namespace(self) -> str:
+        """The namespace chunk keys are derived in."""
+    @property
+    def max_bytes(self) -> int:
+        """The bound on the bytes of chunks kept."""
+    def stats(self) -> dict[str, int]:
+        """``entries``, ``bytes``, ``max_bytes``, and this process's ``hits``, ``misses``, ``corrupt`` (chunks
+        found unsound and removed), ``puts`` and ``evictions``.
+        """
+    def gc(self) -> dict[str, int]:
+        """Re-reads the directory, removes chunks whose bytes fail their checks and evicts down to
+        ``max_bytes``: returns ``removed_corrupt``, ``evicted``, ``kept`` and ``bytes``.
+        """
+    def clear(self) -> int:
+        """Removes every chunk; returns how many."""
+    def __repr__(self) -> str: ...
+
+@final
 class Context:
     """The KV cache of a model and the bookkeeping of what is in it.
 
@@ -230,6 +279,11 @@ class Context:
 
     Create a context over ``model`` with ``params`` (default ``ContextParams()``) changed by the
     keyword overrides (None keeps a field as it is).
+
+    With ``prefix_cache``, every generate/encode first restores the longest chain of cached chunks that
+    prefixes what the sequence will hold (beyond what it holds), decodes only the rest, and offers every
+    full chunk it holds to the cache (``last_stats.prompt_tokens`` counts only the decoded tokens). Only
+    models whose memory is one plain KV cache use it; others ignore it.
 
     Raises InvalidParameterError naming the parameter for an invalid value or combination (n_ctx <= 0
     or above the model's n_ctx_train, a quantized V cache without flash attention, ...).
@@ -247,6 +301,7 @@ class Context:
         type_v: KvType | None = None,
         flash_attn: bool | None = None,
         n_seq_max: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> Context: ...
     @property
     def model(self) -> Model:

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._fetch import default_model_path
+from ._fetch import cache_dir, default_model_path
 from ._native import (
     LLAMA_CPP_BUILD,
     Context,
     ContextParams,
     Model,
+    PrefixCache,
     SessionInfo,
     __version__,
     delete_session,
@@ -350,6 +351,37 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# `cache stats` and `cache clear` must not evict: the cache is opened with no bound unless gc is given one.
+_UNBOUNDED = 2**63 - 1
+
+
+def default_prefix_cache_dir() -> Path:
+    """Where ``llama-sessions cache`` looks unless ``--dir`` says otherwise: ``cache_dir()/prefix-cache``."""
+    return cache_dir() / "prefix-cache"
+
+
+def cache(args: argparse.Namespace) -> int:
+    """Counts of a prefix-cache directory, its garbage collection, or its removal."""
+    directory = Path(args.dir) if args.dir else default_prefix_cache_dir()
+    if not directory.is_dir():
+        print(f"llama-sessions: no prefix cache directory {directory}", file=sys.stderr)
+        return 1
+    max_bytes = args.max_bytes if args.action == "gc" and args.max_bytes is not None else _UNBOUNDED
+    prefix_cache = PrefixCache(directory, max_bytes=max_bytes)
+    if args.action == "stats":
+        stats = prefix_cache.stats()
+        print(f"{directory}: {stats['entries']} chunks, {stats['bytes']:,} bytes")
+    elif args.action == "gc":
+        report = prefix_cache.gc()
+        print(
+            f"{directory}: removed {report['removed_corrupt']} corrupt chunks, evicted {report['evicted']}, "
+            f"kept {report['kept']} ({report['bytes']:,} bytes)"
+        )
+    else:
+        print(f"{directory}: removed {prefix_cache.clear()} chunks")
+    return 0
+
+
 def sessions(args: argparse.Namespace) -> int:
     """List, show or delete the sessions in a directory (``list ID``: that session's row only)."""
     if args.session_id is not None:
@@ -498,6 +530,19 @@ def build_parser() -> argparse.ArgumentParser:
     sessions_parser.add_argument("session_id", nargs="?", help="needed by show and delete; optional for list")
     sessions_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
     sessions_parser.set_defaults(run=sessions)
+    cache_parser = commands.add_parser(
+        "cache",
+        help="counts, garbage collection or removal of a prefix cache (KV chunks)",
+        description="stats: chunks and bytes in DIR; gc: remove chunks whose bytes fail their checks "
+        "(length, checksum, key) and, with --max-bytes, evict the least recently used down to that many "
+        "bytes; clear: remove every chunk. See docs/prefix-cache.md.",
+    )
+    cache_parser.add_argument("action", choices=["stats", "gc", "clear"])
+    cache_parser.add_argument(
+        "--dir", help="prefix cache directory (default: the user cache's prefix-cache directory)"
+    )
+    cache_parser.add_argument("--max-bytes", type=_positive_int, help="gc: evict down to this many bytes")
+    cache_parser.set_defaults(run=cache)
     fetch_parser = commands.add_parser("fetch-model", help="cache the default model and print its path")
     fetch_parser.set_defaults(run=fetch_model)
     return parser

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod chunks;
 mod context;
 mod durable;
 mod error;
@@ -34,6 +35,7 @@ mod signing;
 pub mod store;
 mod text;
 
+pub use chunks::PrefixCache;
 pub use context::generation::Generator;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,

@@ -61,6 +61,7 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct DirectoryStore {
     dir: PathBuf,
+    suffix: &'static str,
 }
 
 /// Suffix of the files that hold values.
@@ -69,13 +70,22 @@ pub const SESSION_SUFFIX: &str = ".session";
 impl DirectoryStore {
     /// A store in `dir`, created if missing.
     pub fn open(dir: impl Into<PathBuf>) -> Result<DirectoryStore> {
+        DirectoryStore::open_with_suffix(dir, SESSION_SUFFIX)
+    }
+
+    /// A store in `dir` whose values are files `<key><suffix>` (KV chunks are `.kvchunk`, say), so that
+    /// different kinds of values can share a directory without listing each other.
+    pub fn open_with_suffix(
+        dir: impl Into<PathBuf>,
+        suffix: &'static str,
+    ) -> Result<DirectoryStore> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             op: "create directory",
             path: dir.clone(),
             source,
         })?;
-        Ok(DirectoryStore { dir })
+        Ok(DirectoryStore { dir, suffix })
     }
 
     /// The directory.
@@ -84,7 +94,7 @@ impl DirectoryStore {
     }
 
     fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}{SESSION_SUFFIX}"))
+        self.dir.join(format!("{key}{}", self.suffix))
     }
 }
 
@@ -186,7 +196,7 @@ impl SessionStore for DirectoryStore {
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
             let entry = entry.map_err(io)?;
             let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(SESSION_SUFFIX)) else {
+            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(self.suffix)) else {
                 continue;
             };
             if key.is_empty() || key.starts_with('.') {

@@ -23,6 +23,7 @@ use crate::interrupt::SignalCheck;
 use crate::model::{messages_from_py, tokens_to_py, type_name, PyModel};
 use crate::native::{lock_shared, native, DetachedMutex};
 use crate::params::PyContextParams;
+use crate::prefix_cache::PyPrefixCache;
 use crate::progress::StreamProgress;
 use crate::session::{
     metadata_from_py, seq_arg, seq_id, session_bytes_arg, session_key, warn_all, PySessionInfo,
@@ -117,6 +118,11 @@ impl PyGenerationStats {
 ///
 /// Create a context over ``model`` with ``params`` (default ``ContextParams()``) changed by the
 /// keyword overrides (None keeps a field as it is).
+///
+/// With ``prefix_cache``, every generate/encode first restores the longest chain of cached chunks that
+/// prefixes what the sequence will hold (beyond what it holds), decodes only the rest, and offers every
+/// full chunk it holds to the cache (``last_stats.prompt_tokens`` counts only the decoded tokens). Only
+/// models whose memory is one plain KV cache use it; others ignore it.
 ///
 /// Raises InvalidParameterError naming the parameter for an invalid value or combination (n_ctx <= 0
 /// or above the model's n_ctx_train, a quantized V cache without flash attention, ...).
@@ -242,7 +248,7 @@ impl PyContext {
 impl PyContext {
     /// Creates a context over `model` with `params` (default: ContextParams()) changed by `overrides`.
     #[new]
-    #[pyo3(signature = (model, params = None, *, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, n_seq_max = None))]
+    #[pyo3(signature = (model, params = None, *, n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, n_seq_max = None, prefix_cache = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -255,7 +261,9 @@ impl PyContext {
         type_v: Option<String>,
         flash_attn: Option<Bound<'_, PyAny>>,
         n_seq_max: Option<i64>,
+        prefix_cache: Option<Py<PyPrefixCache>>,
     ) -> PyResult<Self> {
+        let cache = prefix_cache.map(|c| c.get().inner.clone());
         let base = PyContextParams {
             inner: params.map(|p| p.inner.clone()).unwrap_or_default(),
         };
@@ -265,7 +273,11 @@ impl PyContext {
             )?
             .inner;
         let core_model = model.get().inner.clone();
-        let context = native(py, |_| Context::new(&core_model, params))?;
+        let context = native(py, |_| {
+            let mut context = Context::new(&core_model, params)?;
+            context.set_prefix_cache(cache);
+            Ok(context)
+        })?;
         Ok(PyContext::shared(Arc::new(Mutex::new(context)), model))
     }
 

@@ -9,6 +9,7 @@ mod manager;
 mod model;
 mod native;
 mod params;
+mod prefix_cache;
 mod progress;
 mod session;
 
@@ -23,6 +24,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<context::TokenStream>()?;
     m.add_class::<context::PyGenerationStats>()?;
     m.add_class::<session::PySessionInfo>()?;
+    m.add_class::<prefix_cache::PyPrefixCache>()?;
     m.add_class::<manager::PySessionManager>()?;
     m.add_class::<manager::PyStoredSession>()?;
     m.add_class::<manager::ChatStream>()?;

@@ -89,7 +89,11 @@ impl Generator {
             ));
         }
         let started = Instant::now();
-        let prompt_tokens = if options.max_tokens == 0 {
+        let want_logits = options.max_tokens > 0;
+        // A prefix cache may already hold the first chunks of what the sequence will hold.
+        let restored = ctx.restore_from_prefix_cache(seq, tokens, want_logits)?;
+        let tokens = &tokens[restored..];
+        let prompt_tokens = if !want_logits {
             ctx.append_with_checkpoints(seq, tokens, boundaries, false, interrupt)?;
             tokens.len()
         } else if tokens.is_empty() {
@@ -99,6 +103,7 @@ impl Generator {
             ctx.append_with_checkpoints(seq, tokens, boundaries, true, interrupt)?;
             tokens.len()
         };
+        ctx.offer_to_prefix_cache(seq);
         let stats = GenerationStats {
             prompt_tokens,
             prompt_seconds: started.elapsed().as_secs_f64(),

@@ -15,6 +15,7 @@
 mod checkpoints;
 pub(crate) mod generation;
 mod layout;
+mod prefix;
 mod state;
 
 use std::sync::Arc;
@@ -122,6 +123,12 @@ pub struct Context {
     /// Counts and stop reason of the last finished generation or chat turn on this context, kept here (not in
     /// a caller's wrapper) so that every handle on a shared context (a manager's live session) sees them.
     last_stats: Option<(GenerationStats, StopReason)>,
+    /// The chunk cache prompts are restored from and offered to, with the scope of this context's keys (None
+    /// when its memory is not one plain KV cache: then the cache is never consulted).
+    prefix_cache: Option<(
+        crate::chunks::PrefixCache,
+        Option<crate::chunks::ChunkScope>,
+    )>,
 }
 
 impl std::fmt::Debug for Context {
@@ -186,6 +193,7 @@ impl Context {
             exact_floor: vec![0; n_seq],
             checkpoints: vec![Vec::new(); n_seq],
             last_stats: None,
+            prefix_cache: None,
         };
         ctx.layout = match plan {
             layout::LayoutPlan::Ready(layout) => layout,

@@ -1,0 +1,152 @@
+//! The Context's use of a [`PrefixCache`]: before a prompt is decoded, the longest chain of cached chunks
+//! that prefixes what the sequence will hold replaces the sequence (through [`Context::replace_sequence`],
+//! which checks every byte), and afterwards every full chunk of the sequence that the cache lacks is offered
+//! to it.
+
+use llama_cpp_2::token::LlamaToken;
+
+use super::{Context, SeqId};
+use crate::chunks::codec::{assemble, encode_chunk, parse_chunk};
+use crate::chunks::{ChunkScope, PrefixCache};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::params::ContextParams;
+
+/// Where restored chunks come from, in error messages.
+const ORIGIN: &str = "the prefix cache";
+
+impl Context {
+    /// Creates a context (as [`Context::new`]) that uses `cache` for every prompt it decodes.
+    pub fn with_prefix_cache(
+        model: &Model,
+        params: ContextParams,
+        cache: PrefixCache,
+    ) -> Result<Context> {
+        let mut ctx = Context::new(model, params)?;
+        ctx.set_prefix_cache(Some(cache));
+        Ok(ctx)
+    }
+
+    /// Uses `cache` (None: no cache) from the next prompt on. A context whose memory is not one plain KV
+    /// cache keeps the cache but never consults it.
+    pub fn set_prefix_cache(&mut self, cache: Option<PrefixCache>) {
+        self.prefix_cache = cache.map(|cache| {
+            let scope = self.state_layout().ok().map(|layout| {
+                ChunkScope::new(
+                    self.model.fingerprint(),
+                    &self.params,
+                    layout,
+                    cache.chunk_tokens(),
+                    cache.namespace(),
+                )
+            });
+            (cache, scope)
+        });
+    }
+
+    /// The prefix cache this context uses.
+    pub fn prefix_cache(&self) -> Option<&PrefixCache> {
+        self.prefix_cache.as_ref().map(|(cache, _)| cache)
+    }
+
+    /// llama.cpp's state of sequence `seq`, as `llama_state_seq_get_data_ext` writes it.
+    pub fn sequence_state(&self, seq: SeqId) -> Result<Vec<u8>> {
+        self.check_seq(seq)?;
+        let mut state = vec![0; self.sequence_state_len(seq)];
+        self.write_sequence_state(seq, &mut state)?;
+        Ok(state)
+    }
+
+    /// Before `tokens` are decoded after what sequence `seq` holds: restores the longest chain of cached
+    /// chunks that prefixes the result, when it reaches beyond what the sequence holds. With `want_logits`,
+    /// at least one token is left to decode (its logits are needed). Returns how many of `tokens` are now
+    /// held. A chunk that fails its checks is removed from the cache and ends the chain (that prefix is
+    /// decoded instead).
+    pub(crate) fn restore_from_prefix_cache(
+        &mut self,
+        seq: SeqId,
+        tokens: &[LlamaToken],
+        want_logits: bool,
+    ) -> Result<usize> {
+        let Some((cache, Some(scope))) = &self.prefix_cache else {
+            return Ok(0);
+        };
+        let Ok(layout) = self.state_layout() else {
+            return Ok(0);
+        };
+        let held = self.sequences[seq as usize].len();
+        let mut all = self.sequences[seq as usize].clone();
+        all.extend_from_slice(tokens);
+        let c = scope.chunk_tokens();
+        let limit = if want_logits {
+            all.len().saturating_sub(1)
+        } else {
+            all.len()
+        };
+        let usable = limit / c;
+        if usable * c <= held {
+            return Ok(0);
+        }
+        let keys = scope.chain(&all[..usable * c]);
+        let store = cache.store();
+        let mut found = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let Some(bytes) = store.get(key)? else { break };
+            if parse_chunk(&bytes, key, i * c, c, layout).is_err() {
+                store.remove_corrupt(key)?;
+                break;
+            }
+            store.record_hit();
+            found.push(bytes);
+        }
+        let k = found.len();
+        if k * c <= held {
+            return Ok(0);
+        }
+        let views = found
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| parse_chunk(bytes, &keys[i], i * c, c, layout))
+            .collect::<std::result::Result<Vec<_>, String>>()
+            .map_err(|reason| {
+                Error::Internal(format!("a chunk changed after its check: {reason}"))
+            })?;
+        let state = assemble(&views, layout, seq);
+        drop(views);
+        match self.replace_sequence(seq, &state, all[..k * c].to_vec(), seq, ORIGIN) {
+            Ok(()) => Ok(k * c - held),
+            // Refused before anything changed: decode instead.
+            Err(Error::SessionCorrupt { .. } | Error::SessionVersion { .. }) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Offers every full chunk of sequence `seq` that the cache lacks. Best effort: a chunk that cannot be
+    /// written is simply not cached.
+    pub(crate) fn offer_to_prefix_cache(&mut self, seq: SeqId) {
+        let Some((cache, Some(scope))) = &self.prefix_cache else {
+            return;
+        };
+        let Ok(layout) = self.state_layout() else {
+            return;
+        };
+        let tokens = &self.sequences[seq as usize];
+        let keys = scope.chain(tokens);
+        let store = cache.store();
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|&i| !store.contains(&keys[i]))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let Ok(state) = self.sequence_state(seq) else {
+            return;
+        };
+        for i in missing {
+            let c = scope.chunk_tokens();
+            if let Ok(bytes) = encode_chunk(&state, layout, seq, tokens.len(), c, i, &keys[i]) {
+                let _ = store.put(&keys[i], &bytes);
+            }
+        }
+    }
+}
