@@ -17,6 +17,7 @@ import argparse
 import ast
 import importlib
 import inspect
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,8 @@ def main() -> int:
     items = stub_items(ast.parse(source))
     if args.write:
         STUB.write_text(write(source, items))
-        return 0
+        # The stub's layout is ruff format's (lint checks it); the docstrings are what this script wrote.
+        return subprocess.run([sys.executable, "-m", "ruff", "format", "--quiet", str(STUB)]).returncode
     problems = differences(items)
     for problem in problems:
         print(problem, file=sys.stderr)
