@@ -1,6 +1,7 @@
 """The prefix cache from Python: contexts that share a PrefixCache restore each other's KV chunks and decode
-only the rest; chunks of other KV parameters or another namespace never match; damaged chunk files are
-misses; bad arguments get exact exception types; ``llama-sessions cache`` reports, collects and clears."""
+only the rest, and so do the sessions of a SessionManager given one; chunks of other KV parameters or another
+namespace never match; damaged chunk files are misses; bad arguments get exact exception types;
+``llama-sessions cache`` reports, collects and clears."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from llama_sessions import (
     InvalidParameterError,
     Model,
     PrefixCache,
+    SessionManager,
     StorageError,
 )
 from llama_sessions.cli import main
@@ -67,6 +69,55 @@ def test_a_second_context_decodes_only_what_the_cache_lacks(model: Model, tmp_pa
     assert prompt_tokens(b) == len(second_tokens) - 2 * C
     assert b.tokens[: len(second_tokens)] == second_tokens
     assert cache.stats()["hits"] == 2
+
+
+def chat_tokens(model: Model, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """The tokens a manager's context holds for ``messages`` (plain text: no markup inside)."""
+    formatted = model.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return model.tokenize(formatted, special=True)
+
+
+def test_manager_sessions_reuse_each_others_chunks(model: Model, tmp_path: pathlib.Path) -> None:
+    system = text(8, 8, "")
+    question = (
+        "Tell me which lamps the keeper lit at dusk, and in which order he lit them, one by one, please."
+    )
+    system_tokens = chat_tokens(model, [{"role": "system", "content": system}], False)
+    prompt = chat_tokens(
+        model, [{"role": "system", "content": system}, {"role": "user", "content": question}], True
+    )
+    assert len(system_tokens) >= 100 and prompt[: len(system_tokens)] == system_tokens
+    restorable = (len(prompt) - 1) // C * C  # full chunks, leaving the last token to decode for its logits
+    assert restorable > len(system_tokens)
+
+    cache = PrefixCache(chunk_tokens=C)
+    cached = SessionManager(model, tmp_path / "cached", **SMALL, prefix_cache=cache)
+    plain = SessionManager(model, tmp_path / "plain", **SMALL)
+    assert cached.prefix_cache is cache and plain.prefix_cache is None
+
+    cached.create_session("a", system)
+    assert cache.stats()["entries"] == len(system_tokens) // C  # the system prompt's full chunks, offered
+    first = cached.chat("a", question, 6, temperature=0.0)
+    assert prompt_tokens(cached.load("a")) == len(prompt) - len(system_tokens)
+    assert cache.stats()["entries"] == len(prompt) // C
+
+    # The second session restores the system prompt whole (the manager's copy), then the chunks the first
+    # one computed for the same question: only the rest is decoded.
+    cached.create_session("b", system)
+    assert cached.stats["prefill_tokens"] == len(system_tokens)
+    assert cached.stats["prefix_reuses"] == 1
+    second = cached.chat("b", question, 6, temperature=0.0)
+    assert prompt_tokens(cached.load("b")) == len(prompt) - restorable
+    assert cached.load("b").tokens[: len(prompt)] == prompt
+
+    # Answers as a manager without the cache gives them, where each session decodes the question itself.
+    plain.create_session("a", system)
+    plain.create_session("b", system)
+    expected = plain.chat("b", question, 6, temperature=0.0)
+    assert prompt_tokens(plain.load("b")) == len(prompt) - len(system_tokens)
+    assert_same_output(second, expected)
+    assert_same_output(first, plain.chat("a", question, 6, temperature=0.0))
+    assert cached.load("b").tokens == plain.load("b").tokens
 
 
 def test_damaged_chunk_files_are_misses_and_the_answer_is_unchanged(

@@ -677,6 +677,12 @@ class SessionManager:
     With ``secret_key`` (bytes, at least 16) every session and checkpoint is signed as it is written, and
     one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
     loaded (see docs/reliability.md).
+
+    With ``prefix_cache`` (a PrefixCache; default None: none), every session context the manager creates
+    or loads shares that cache: a chat turn restores the longest chain of full chunks that any session (or
+    any Context given the same cache) computed for the same tokens, and decodes only the rest, so sessions
+    that start with the same long system prompt and first messages compute them once (see
+    docs/prefix-cache.md).
     """
 
     def __new__(
@@ -695,6 +701,7 @@ class SessionManager:
         type_v: KvType | None = None,
         flash_attn: bool | None = None,
         secret_key: bytes | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> SessionManager: ...
     @property
     def model(self) -> Model:
@@ -705,6 +712,9 @@ class SessionManager:
     @property
     def params(self) -> ContextParams:
         """The parameters of every session's context."""
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The PrefixCache every session's context shares (None: none)."""
     @property
     def max_live(self) -> int:
         """Most sessions kept loaded in memory."""

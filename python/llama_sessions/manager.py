@@ -18,7 +18,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from ._native import SAMPLING_DEFAULTS as _DEFAULTS
-from ._native import Context, ContextParams, Model, StoredSession
+from ._native import Context, ContextParams, Model, PrefixCache, StoredSession
 from ._native import SessionManager as _NativeSessionManager
 from .errors import UnsavedSessionsWarning
 
@@ -70,6 +70,7 @@ class SessionManager(_NativeSessionManager):
         type_v: KvType | None = None,
         flash_attn: bool | None = None,
         secret_key: bytes | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         # The native __new__ built the manager from these arguments; here it only joins the watch for
         # unsaved sessions when it does not save them itself.

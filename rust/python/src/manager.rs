@@ -20,6 +20,7 @@ use crate::errors::to_py;
 use crate::model::PyModel;
 use crate::native::{native, DetachedMutex};
 use crate::params::PyContextParams;
+use crate::prefix_cache::PyPrefixCache;
 use crate::progress::StreamProgress;
 use crate::session::metadata_from_py;
 
@@ -45,6 +46,12 @@ use crate::session::metadata_from_py;
 /// With ``secret_key`` (bytes, at least 16) every session and checkpoint is signed as it is written, and
 /// one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
 /// loaded (see docs/reliability.md).
+///
+/// With ``prefix_cache`` (a PrefixCache; default None: none), every session context the manager creates
+/// or loads shares that cache: a chat turn restores the longest chain of full chunks that any session (or
+/// any Context given the same cache) computed for the same tokens, and decodes only the rest, so sessions
+/// that start with the same long system prompt and first messages compute them once (see
+/// docs/prefix-cache.md).
 #[pyclass(
     name = "SessionManager",
     module = "llama_sessions._native",
@@ -55,6 +62,7 @@ pub struct PySessionManager {
     inner: Arc<SessionManager>,
     model: Py<PyModel>,
     session_dir: PathBuf,
+    prefix_cache: Option<Py<PyPrefixCache>>,
 }
 
 impl PySessionManager {
@@ -191,8 +199,8 @@ impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None),
-        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None)"
+        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -210,7 +218,9 @@ impl PySessionManager {
         type_v: Option<String>,
         flash_attn: Option<Bound<'_, PyAny>>,
         secret_key: Option<PyBackedBytes>,
+        prefix_cache: Option<Py<PyPrefixCache>>,
     ) -> PyResult<Self> {
+        let cache = prefix_cache.as_ref().map(|c| c.get().inner.clone());
         let key = crate::session::session_key(secret_key)?;
         let base = PyContextParams {
             inner: params.map(|p| p.inner.clone()).unwrap_or_default(),
@@ -228,6 +238,10 @@ impl PySessionManager {
             let manager = SessionManager::new(&core_model, params, store, max_live)?
                 .with_autosave(autosave)
                 .with_overflow(overflow);
+            let manager = match cache {
+                Some(cache) => manager.with_prefix_cache(cache),
+                None => manager,
+            };
             Ok(match key {
                 Some(key) => manager.with_secret_key(key),
                 None => manager,
@@ -237,6 +251,7 @@ impl PySessionManager {
             inner: Arc::new(manager),
             model,
             session_dir,
+            prefix_cache,
         })
     }
 
@@ -258,6 +273,12 @@ impl PySessionManager {
         PyContextParams {
             inner: self.inner.params().clone(),
         }
+    }
+
+    /// The PrefixCache every session's context shares (None: none).
+    #[getter]
+    fn prefix_cache(&self, py: Python<'_>) -> Option<Py<PyPrefixCache>> {
+        self.prefix_cache.as_ref().map(|c| c.clone_ref(py))
     }
 
     /// Most sessions kept loaded in memory.

@@ -3,7 +3,10 @@
 //! A [`SessionManager`] keeps each session as one session file in a [`SessionStore`] (the context's state, the
 //! chat history and a version number in its metadata), up to `max_live` sessions loaded in memory (least
 //! recently used first out, saved before they go if they changed), and one encoded copy of each system
-//! prompt, so that the second to Nth session starting from it decodes nothing.
+//! prompt, so that the second to Nth session starting from it decodes nothing. With a [`PrefixCache`]
+//! ([`SessionManager::with_prefix_cache`]) every session context it creates or loads shares that cache, so
+//! sessions whose conversations start alike (a long system prompt and the same first messages) restore each
+//! other's full KV chunks instead of decoding them.
 //!
 //! Concurrency rules:
 //! - Every live copy of a session remembers the stored version it derives from. A save takes the key's lock
@@ -30,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::chunks::PrefixCache;
 use crate::context::{Context, GenerateOptions, Generation, Interrupt};
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
@@ -78,6 +82,8 @@ pub struct SessionManager {
     stats: Mutex<ManagerStats>,
     /// Signs every session and checkpoint written, and is required of every one read.
     key: Option<SessionKey>,
+    /// Shared by every session context this manager creates or loads.
+    prefix_cache: Option<PrefixCache>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -122,6 +128,7 @@ impl SessionManager {
             prefixes: Mutex::new(HashMap::new()),
             stats: Mutex::new(ManagerStats::default()),
             key: None,
+            prefix_cache: None,
         })
     }
 
@@ -144,6 +151,27 @@ impl SessionManager {
     pub fn with_secret_key(mut self, key: SessionKey) -> SessionManager {
         self.key = Some(key);
         self
+    }
+
+    /// Gives every session context this manager creates or loads from now on `cache` (none by default): a
+    /// chat turn then restores the longest chain of full chunks any session (or any context sharing the
+    /// cache) computed for the same tokens, and decodes only the rest. The whole-system-prompt copy the
+    /// manager keeps is still used first; the cache adds what follows it.
+    pub fn with_prefix_cache(mut self, cache: PrefixCache) -> SessionManager {
+        self.prefix_cache = Some(cache);
+        self
+    }
+
+    /// The prefix cache the sessions' contexts share, if any.
+    pub fn prefix_cache(&self) -> Option<&PrefixCache> {
+        self.prefix_cache.as_ref()
+    }
+
+    /// A fresh context for a session: the manager's parameters and prefix cache.
+    fn new_context(&self) -> Result<Context> {
+        let mut context = Context::new(&self.model, self.params.clone())?;
+        context.set_prefix_cache(self.prefix_cache.clone());
+        Ok(context)
     }
 
     /// The key sessions are signed and checked with, if any.
@@ -269,7 +297,7 @@ impl SessionManager {
     }
 
     fn context_with_system_prompt(&self, system_prompt: Option<&str>) -> Result<Context> {
-        let mut context = Context::new(&self.model, self.params.clone())?;
+        let mut context = self.new_context()?;
         let Some(system_prompt) = system_prompt else {
             return Ok(context);
         };
@@ -295,6 +323,8 @@ impl SessionManager {
                 lock(&self.stats).prefill_tokens += tokens.len() as u64;
                 let bytes = context.snapshot(None, &Metadata::new(), None)?;
                 lock(&self.prefixes).insert(key, Arc::new(bytes));
+                // Its full chunks serve contexts that share the cache but not this manager.
+                context.offer_to_prefix_cache(0);
             }
         }
         Ok(context)
@@ -314,7 +344,7 @@ impl SessionManager {
             .store
             .get(id)?
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
-        let mut context = Context::new(&self.model, self.params.clone())?;
+        let mut context = self.new_context()?;
         let info = context
             .restore_named(&bytes, None, &origin, self.key.as_ref())
             .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?;
