@@ -32,6 +32,7 @@ MODULES = (
     "manager_sessions",
     "breakdown",
     "signed_load",
+    "prefix_cache_ttft",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
@@ -485,6 +486,35 @@ def render_signed(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def render_prefix_cache(r: dict[str, Any]) -> list[str]:
+    c, t, decoded = r["config"], r["times"], r["prompt_tokens_decoded"]
+    out = [
+        "## 9. Prefix cache: the first token of a prompt that shares most of its tokens",
+        "",
+        f"A {c['total_tokens']}-token prompt whose first {c['shared_tokens']} tokens an earlier prompt "
+        f"computed (f16, n_ctx {c['n_ctx']}), to its first new token in a fresh Context. Median of "
+        f"{c['runs']} runs after a warm-up, the three alternating (`{r['command']}`). The prefix cache "
+        f"is on disk, {c['chunk_tokens']}-token chunks: it restores the shared chunks and decodes the "
+        f"rest. The session "
+        f"file holds the {c['shared_tokens']} shared tokens.",
+        "",
+    ]
+    names = {
+        "prefix_cache": "prefix cache (`Context(..., prefix_cache=PrefixCache(dir))`)",
+        "session_file": f"`load_session` of the {c['shared_tokens']}-token session, then the rest",
+        "prefill": "prefill of the whole prompt",
+    }
+    rows = [[label, str(decoded[name]), ms(t[name]["median"])] for name, label in names.items()]
+    out += table(["way to the first token", "prompt tokens decoded", "ms"], rows)
+    out += [
+        "",
+        f"Target: within {r['target_ratio']}x of the session file: {r['ratio_to_session_file']:.2f}x, "
+        f"{verdict(r['meets_target'])}. A full prefill takes {r['prefill_over_cache']:.1f}x as long.",
+        "",
+    ]
+    return out
+
+
 def render_breakdown(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     out = [
@@ -609,6 +639,10 @@ def render(results: dict[str, Any]) -> str:
         lines += render_signed(results["signed_load"])
     else:
         lines += ["## 8. Signed sessions", "", "Not run yet: `python bench/signed_load.py`.", ""]
+    if "prefix_cache_ttft" in results:
+        lines += render_prefix_cache(results["prefix_cache_ttft"])
+    else:
+        lines += ["## 9. Prefix cache", "", "Not run yet: `python bench/prefix_cache_ttft.py`.", ""]
     if FINDINGS.exists():
         lines += [FINDINGS.read_text().rstrip(), ""]
     if "breakdown" in results:
