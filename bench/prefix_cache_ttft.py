@@ -43,13 +43,17 @@ def main() -> None:
     # checked to tokenize back to the same ids.
     bos = len(model.tokenize(""))  # 1 when the model adds a BOS token
     shared_text = model.detokenize(text[: SHARED - bos])
-    tail_b = model.detokenize(text[SHARED - bos : TOTAL - bos])
     tail_a = model.detokenize(text[5000 : 5000 + TOTAL - SHARED])
-    prompt_b = shared_text + tail_b
-    tokens_b = model.tokenize(prompt_b)
+    # A new B each run (another continuation of the shared part): a run's B offers its own full chunks to the
+    # cache, which the next run must not find.
+    tails_b = [
+        model.detokenize(text[7000 + 400 * i : 7000 + 400 * i + TOTAL - SHARED]) for i in range(1 + args.runs)
+    ]
     shared_tokens = model.tokenize(shared_text)
-    assert len(shared_tokens) == SHARED and tokens_b[:SHARED] == shared_tokens, "the prompts must share"
-    assert len(tokens_b) == TOTAL, len(tokens_b)
+    assert len(shared_tokens) == SHARED
+    for tail in tails_b:
+        tokens_b = model.tokenize(shared_text + tail)
+        assert tokens_b[:SHARED] == shared_tokens, "the prompts must share"
 
     directory = work_dir()
     cache_dir = directory / "prefix-cache"
@@ -66,7 +70,7 @@ def main() -> None:
 
     def from_cache() -> None:
         ctx = contexts.pop("prefix_cache")
-        ctx.generate(prompt_b, max_tokens=1, temperature=0)
+        ctx.generate(shared_text + tails_b[run], max_tokens=1, temperature=0)
         stats = ctx.last_stats
         assert stats is not None
         prompt_tokens["prefix_cache"] = stats.prompt_tokens
@@ -74,21 +78,21 @@ def main() -> None:
     def from_file() -> None:
         ctx = contexts.pop("session_file")
         ctx.load_session(session_path)
-        ctx.generate(tail_b, max_tokens=1, temperature=0)
+        ctx.generate(tails_b[run], max_tokens=1, temperature=0)
         stats = ctx.last_stats
         assert stats is not None
         prompt_tokens["session_file"] = stats.prompt_tokens
 
     def prefill() -> None:
         ctx = contexts.pop("prefill")
-        ctx.generate(prompt_b, max_tokens=1, temperature=0)
+        ctx.generate(shared_text + tails_b[run], max_tokens=1, temperature=0)
         stats = ctx.last_stats
         assert stats is not None
         prompt_tokens["prefill"] = stats.prompt_tokens
 
     fns = {"prefix_cache": from_cache, "session_file": from_file, "prefill": prefill}
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(1 + args.runs):
+    for run in range(1 + args.runs):
         for name, fn in fns.items():
             # A fresh context for each way, created before the clock starts.
             contexts = {
@@ -100,7 +104,7 @@ def main() -> None:
                 )
             }
             elapsed = guarded_time(fn, name)
-            if i > 0:
+            if run > 0:
                 times[name].append(elapsed)
     results: dict[str, Any] = {name: summary(values) for name, values in times.items()}
     ratio = results["prefix_cache"]["median"] / results["session_file"]["median"]
