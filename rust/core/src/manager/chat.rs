@@ -182,15 +182,8 @@ impl<'m> SessionTurn<'m> {
             messages_in_turns(&starts, record.manager.history.len(), dropped_turns);
         record.manager.history.drain(..dropped_messages);
         record.mark_changed();
-        if self.manager.autosave {
-            let context = lock(&session.context);
-            let stored = self
-                .manager
-                .store_record(&session.id, &mut record, &context);
-            drop(context);
-            drop(record);
-            self.manager.forget_if_conflict(&session, stored)?;
-        }
+        let context = lock(&session.context);
+        self.manager.autosave_changed(&session, record, context)?;
         Ok(dropped_turns)
     }
 
@@ -226,15 +219,7 @@ impl<'m> SessionTurn<'m> {
         record.manager.system_prompt = manager.system_prompt;
         record.user_metadata = user_metadata;
         record.mark_changed();
-        if self.manager.autosave {
-            let stored = self
-                .manager
-                .store_record(&session.id, &mut record, &context);
-            drop(context);
-            drop(record);
-            self.manager.forget_if_conflict(&session, stored)?;
-        }
-        Ok(())
+        self.manager.autosave_changed(&session, record, context)
     }
 }
 
@@ -428,14 +413,7 @@ impl ChatTurn {
         record.mark_changed();
         let mut context = lock(&session.context);
         context.set_last_stats(Some((generation.stats, generation.stop_reason)));
-        let stored = if manager.autosave {
-            manager.store_record(&session.id, &mut record, &context)
-        } else {
-            Ok(())
-        };
-        drop(context);
-        drop(record);
-        let stored = manager.forget_if_conflict(&session, stored);
+        let stored = manager.autosave_changed(&session, record, context);
         drop(permit);
         manager.live.touch(&session);
         manager.evict_over_capacity();

@@ -30,7 +30,7 @@ mod records;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::chunks::PrefixCache;
@@ -430,6 +430,24 @@ impl SessionManager {
         record.store(self.store.as_ref(), id, context, self.key.as_ref())?;
         lock(&self.stats).store_saves += 1;
         Ok(())
+    }
+
+    /// Saves a session whose turn just changed it, when the manager autosaves. The guards are the turn's,
+    /// taken record first, then context (the order of every path); both are released before a conflict
+    /// retires the live copy.
+    fn autosave_changed(
+        &self,
+        session: &Arc<ManagedSession>,
+        mut record: MutexGuard<'_, Record>,
+        context: MutexGuard<'_, Context>,
+    ) -> Result<()> {
+        if !self.autosave {
+            return Ok(());
+        }
+        let stored = self.store_record(&session.id, &mut record, &context);
+        drop(context);
+        drop(record);
+        self.forget_if_conflict(session, stored)
     }
 
     /// After a conflict the live copy is stale: it leaves the live set, so that the next `load` reads the

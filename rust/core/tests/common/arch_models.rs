@@ -39,15 +39,20 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LLAMA_SESSIONS_ARCH_MODELS") {
         return PathBuf::from(dir);
     }
-    let cache = std::env::var_os("LLAMA_SESSIONS_CACHE")
+    user_cache_dir().join("models/arch")
+}
+
+/// The user cache of llama-sessions: `$LLAMA_SESSIONS_CACHE`, `$XDG_CACHE_HOME/llama-sessions` or
+/// `~/.cache/llama-sessions` (where `python -m llama_sessions fetch-model` puts the default model).
+pub fn user_cache_dir() -> PathBuf {
+    std::env::var_os("LLAMA_SESSIONS_CACHE")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions"))
         })
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions")
-        });
-    cache.join("models/arch")
+        })
 }
 
 /// The path of test model `name` in `out_dir`, built first (with the tokenizer of `tokenizer`) if absent.

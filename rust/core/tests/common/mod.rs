@@ -11,15 +11,7 @@ pub fn model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("LLAMA_SESSIONS_MODEL") {
         return PathBuf::from(path);
     }
-    let cache = std::env::var_os("LLAMA_SESSIONS_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("llama-sessions"))
-        })
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llama-sessions")
-        });
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = arch_models::user_cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
         "test model missing at {}: run `python -m llama_sessions fetch-model` or set LLAMA_SESSIONS_MODEL",
