@@ -82,6 +82,25 @@ def build_prompt(model: Any, n_tokens: int) -> str:
     raise RuntimeError(f"could not build a prompt of exactly {n_tokens} tokens")
 
 
+def shared_prefix_prompts(model: Any, shared: int, total: int, others: int) -> tuple[str, str, list[str]]:
+    """Texts of prompts of ``total`` tokens that share their first ``shared`` (BOS included if the model adds
+    one), from :func:`long_text`: the shared text, the tail of a prompt A, and ``others`` tails of prompts B,
+    each different from A's and from each other's (a prompt offers its own full chunks to a prefix cache,
+    which the next must not find). Checked to tokenize back to the shared ids."""
+    text = model.tokenize(long_text(), add_bos=False)
+    bos = len(model.tokenize(""))  # 1 when the model adds a BOS token
+    shared_text: str = model.detokenize(text[: shared - bos])
+    tail = total - shared
+    tail_a: str = model.detokenize(text[5000 : 5000 + tail])
+    starts = [7000 + 400 * i for i in range(others)]
+    tails_b: list[str] = [model.detokenize(text[start : start + tail]) for start in starts]
+    shared_tokens = model.tokenize(shared_text)
+    assert len(shared_tokens) == shared
+    for other in (tail_a, *tails_b):
+        assert model.tokenize(shared_text + other)[:shared] == shared_tokens, "the prompts must share"
+    return shared_text, tail_a, tails_b
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

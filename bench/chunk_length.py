@@ -15,7 +15,7 @@ import argparse
 import shutil
 from typing import Any
 
-from _common import THREADS, environment, guarded_time, long_text, summary, work_dir, write_result
+from _common import THREADS, environment, guarded_time, shared_prefix_prompts, summary, work_dir, write_result
 from llama_sessions import Context, Model, PrefixCache, default_model_path
 
 LENGTHS = (64, 128, 256, 512)
@@ -34,18 +34,9 @@ def main() -> None:
 
     env = environment()
     model = Model.load(default_model_path())
-    text = model.tokenize(long_text(), add_bos=False)
-    bos = len(model.tokenize(""))
-    shared_text = model.detokenize(text[: SHARED - bos])
-    prompt_a = shared_text + model.detokenize(text[5000 : 5000 + TOTAL - SHARED])
-    # A new B each run (another continuation of the shared part): each run's B offers its own chunks to the
-    # cache, which the next run must not find.
-    prompts_b = [
-        shared_text + model.detokenize(text[7000 + 400 * i : 7000 + 400 * i + TOTAL - SHARED])
-        for i in range(1 + args.runs)
-    ]
-    for prompt_b in prompts_b:
-        assert model.tokenize(prompt_b)[:SHARED] == model.tokenize(prompt_a)[:SHARED]
+    shared_text, tail_a, tails_b = shared_prefix_prompts(model, SHARED, TOTAL, 1 + args.runs)
+    prompt_a = shared_text + tail_a
+    prompts_b = [shared_text + tail for tail in tails_b]
 
     directory = work_dir()
 

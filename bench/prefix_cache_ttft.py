@@ -17,7 +17,7 @@ import argparse
 import shutil
 from typing import Any
 
-from _common import THREADS, environment, guarded_time, long_text, summary, work_dir, write_result
+from _common import THREADS, environment, guarded_time, shared_prefix_prompts, summary, work_dir, write_result
 from llama_sessions import Context, Model, PrefixCache, default_model_path
 
 SHARED = 1792
@@ -37,23 +37,7 @@ def main() -> None:
 
     env = environment()
     model = Model.load(default_model_path())
-    text = model.tokenize(long_text(), add_bos=False)
-    # Token-exact prompts: the shared part, then two different continuations (B's is the text's next tokens,
-    # A's is taken from far later in the text). Each is given to the context as the text of its tokens,
-    # checked to tokenize back to the same ids.
-    bos = len(model.tokenize(""))  # 1 when the model adds a BOS token
-    shared_text = model.detokenize(text[: SHARED - bos])
-    tail_a = model.detokenize(text[5000 : 5000 + TOTAL - SHARED])
-    # A new B each run (another continuation of the shared part): a run's B offers its own full chunks to the
-    # cache, which the next run must not find.
-    tails_b = [
-        model.detokenize(text[7000 + 400 * i : 7000 + 400 * i + TOTAL - SHARED]) for i in range(1 + args.runs)
-    ]
-    shared_tokens = model.tokenize(shared_text)
-    assert len(shared_tokens) == SHARED
-    for tail in tails_b:
-        tokens_b = model.tokenize(shared_text + tail)
-        assert tokens_b[:SHARED] == shared_tokens, "the prompts must share"
+    shared_text, tail_a, tails_b = shared_prefix_prompts(model, SHARED, TOTAL, 1 + args.runs)
 
     directory = work_dir()
     cache_dir = directory / "prefix-cache"
