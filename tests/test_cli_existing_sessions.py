@@ -188,6 +188,7 @@ def test_delete_removes_the_session_its_checkpoints_and_their_lock_files(
         "ada@start.session",
         "bob.session",
         "bob@start.session",
+        "chunks",
     ]
     deleted = run_cli("sessions", "delete", "ada", "--dir", str(tmp_path), model_path=model_path)
     assert deleted.returncode == 0, deleted.stderr
@@ -196,16 +197,19 @@ def test_delete_removes_the_session_its_checkpoints_and_their_lock_files(
         ".bob@start.lock",
         "bob.session",
         "bob@start.session",
+        "chunks",
     ]
     manager.delete("bob")
-    assert os.listdir(tmp_path) == []
+    # What is left is the manager's chunk directory (these short sessions named no chunk).
+    assert os.listdir(tmp_path) == ["chunks"]
+    assert os.listdir(tmp_path / "chunks") == []
     # A delete of nothing leaves nothing behind either (its lock was taken, then removed).
     with pytest.raises(SessionNotFoundError):
         delete_session(tmp_path, "ada")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["chunks"]
     # The manager works on as before: a new session takes a fresh lock file.
     manager.create_session("cid", TERSE)
-    assert sorted(os.listdir(tmp_path)) == [".cid.lock", "cid.session"]
+    assert sorted(os.listdir(tmp_path)) == [".cid.lock", "chunks", "cid.session"]
 
 
 def test_inspect_json_prints_the_header_as_stored(

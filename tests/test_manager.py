@@ -322,7 +322,7 @@ def test_processes_and_threads_saving_one_session_lose_no_turn(
     assert len(set(saved)) == len(saved) == 5 * turns
 
     # Only the session and its lock: no temporary or torn file left behind.
-    assert sorted(os.listdir(session_dir)) == [".shared.lock", "shared.session"]
+    assert sorted(os.listdir(session_dir)) == [".shared.lock", "chunks", "shared.session"]
     info = inspect_session(session_dir / "shared.session")
     listed = stored(open_manager(model, str(session_dir)))["shared"]
     assert listed.error is None
@@ -608,6 +608,7 @@ def test_load_or_create_creates_then_loads(model: Model, tmp_path: pathlib.Path)
         "store_loads": 1,
         "store_saves": 0,
         "evictions": 0,
+        "recomputed_tokens": 0,
     }
     assert fresh.history("lc") == m.history("lc")
 

@@ -91,8 +91,10 @@ def test_manager_sessions_reuse_each_others_chunks(model: Model, tmp_path: pathl
     assert restorable > len(system_tokens)
 
     cache = PrefixCache(chunk_tokens=C)
-    cached = SessionManager(model, tmp_path / "cached", **SMALL, prefix_cache=cache)
-    plain = SessionManager(model, tmp_path / "plain", **SMALL)
+    # Sessions stored as files: the cache in memory serves prompts only (chunked storage is tested in
+    # test_chunked_sessions.py).
+    cached = SessionManager(model, tmp_path / "cached", **SMALL, prefix_cache=cache, storage="files")
+    plain = SessionManager(model, tmp_path / "plain", **SMALL, storage="files")
     assert cached.prefix_cache is cache and plain.prefix_cache is None
 
     cached.create_session("a", system)

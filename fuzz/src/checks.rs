@@ -826,6 +826,7 @@ pub fn header_for(layout: &StateLayout, sequences: Vec<SequenceRecord>) -> Sessi
         sequences,
         metadata: serde_json::Map::new(),
         signature: None,
+        chunks: None,
     }
 }
 

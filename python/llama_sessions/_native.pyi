@@ -21,6 +21,7 @@ SAMPLING_DEFAULTS: dict[str, Any]
 KvType = Literal["f16", "q8_0", "q4_0"]
 StopReason = Literal["eog", "stop", "length", "context_full"]
 OverflowPolicy = Literal["drop_oldest", "error"]
+SessionStorage = Literal["chunks", "files"]
 SessionFileFormat = Literal["llama-sessions", "llama.cpp"]
 MemoryKind = Literal["attention", "sliding_window", "hybrid", "recurrent"]
 
@@ -265,8 +266,16 @@ class PrefixCache:
         """Re-reads the directory, removes chunks whose bytes fail their checks and evicts down to
         ``max_bytes``: returns ``removed_corrupt``, ``evicted``, ``kept`` and ``bytes``.
         """
+    def pin_sessions(self, session_dir: str | PathLike[str]) -> int:
+        """Never evict (here or in gc()) the chunks that the sessions stored in ``session_dir`` name: what a
+        SessionManager with ``storage="chunks"`` does for its own cache, for a tool that collects that cache
+        by itself (``llama-sessions cache gc``). Holds for this PrefixCache object. Returns how many chunks
+        the sessions name.
+        """
     def clear(self) -> int:
-        """Removes every chunk; returns how many."""
+        """Removes every chunk; returns how many. Sessions whose manifests named them decode those tokens
+        again when they are loaded.
+        """
     def __repr__(self) -> str: ...
 
 @final
@@ -544,6 +553,11 @@ class SessionInfo:
     def format_version(self) -> int:
         """Version of that format."""
     @property
+    def chunks(self) -> int | None:
+        """For a chunk manifest (how a SessionManager stores a session by default), how many KV chunks it
+        names in the manager's chunk store; None for a session in one file.
+        """
+    @property
     def library_version(self) -> str | None:
         """Version of llama-sessions that wrote it (None for a llama.cpp file)."""
     @property
@@ -678,11 +692,16 @@ class SessionManager:
     one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
     loaded (see docs/reliability.md).
 
-    With ``prefix_cache`` (a PrefixCache; default None: none), every session context the manager creates
-    or loads shares that cache: a chat turn restores the longest chain of full chunks that any session (or
-    any Context given the same cache) computed for the same tokens, and decodes only the rest, so sessions
-    that start with the same long system prompt and first messages compute them once (see
-    docs/prefix-cache.md).
+    ``storage``: how sessions are stored. "chunks" (default): each session is a manifest naming its KV
+    chunks in a PrefixCache on disk, so that what sessions share (a system prompt, a document) is stored
+    once and computed once: every session context shares that cache, and a chat turn restores the longest
+    chain of full chunks any session computed for the same tokens and decodes only the rest. The cache is
+    ``prefix_cache`` if given (it must be on disk: PrefixCache(path)), else ``PrefixCache(session_dir /
+    "chunks")``; the chunks stored sessions name are never evicted. Sessions stored as one file are read
+    and written as manifests at their next save; export() writes a session as one file. "files": one
+    session file per session, as Context.save_session() writes them; ``prefix_cache`` (in memory or on
+    disk) is then only shared for prompts. Models whose memory is not one plain KV cache always use files.
+    See docs/prefix-cache.md.
     """
 
     def __new__(
@@ -702,6 +721,7 @@ class SessionManager:
         flash_attn: bool | None = None,
         secret_key: bytes | None = None,
         prefix_cache: PrefixCache | None = None,
+        storage: SessionStorage = "chunks",
     ) -> SessionManager: ...
     @property
     def model(self) -> Model:
@@ -712,6 +732,16 @@ class SessionManager:
     @property
     def params(self) -> ContextParams:
         """The parameters of every session's context."""
+    @property
+    def storage(self) -> SessionStorage:
+        """How sessions are stored: "chunks" (manifests naming chunks in prefix_cache) or "files"."""
+    def export(self, session_id: str, path: str | PathLike[str]) -> SessionInfo:
+        """Write session ``session_id`` (its live copy, unsaved changes included, or what is stored) as one
+        session file at ``path``, atomically: the single-file format of Context.save_session(), which any
+        Context of the manager's parameters loads without the chunk store (signed with the manager's
+        secret_key, if it has one). Returns the file's SessionInfo. What the shell's ``llama-sessions export
+        ID FILE`` does.
+        """
     @property
     def prefix_cache(self) -> PrefixCache | None:
         """The PrefixCache every session's context shares (None: none)."""
@@ -732,7 +762,8 @@ class SessionManager:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
-        encoded system prompt instead), store_loads, store_saves, evictions.
+        encoded system prompt instead), store_loads, store_saves, evictions, recomputed_tokens (tokens
+        decoded again while loading, because a chunk a manifest names was missing or damaged).
         """
     def create_session(
         self, session_id: str, system_prompt: str | None = None, *, metadata: Mapping[str, Any] | None = None

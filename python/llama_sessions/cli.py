@@ -351,6 +351,23 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Write a stored session as one file (the single-file format), opened with its saved parameters."""
+    validate_session_id(args.session_id)
+    stored_path = Path(args.dir) / f"{args.session_id}.session"
+    if not stored_path.is_file():
+        raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
+    key = _secret_key(args)
+    stored = inspect_session(stored_path, secret_key=key)
+    model = Model.load(_model_path(args.model))
+    manager = SessionManager(model, args.dir, stored.params, autosave=False, secret_key=key)
+    info = manager.export(args.session_id, args.file)
+    print(
+        f"exported  {args.session_id}: {info.token_count} tokens, {info.total_bytes:,} bytes to {args.file}"
+    )
+    return 0
+
+
 # `cache stats` and `cache clear` must not evict: the cache is opened with no bound unless gc is given one.
 _UNBOUNDED = 2**63 - 1
 
@@ -368,6 +385,10 @@ def cache(args: argparse.Namespace) -> int:
         return 1
     max_bytes = args.max_bytes if args.action == "gc" and args.max_bytes is not None else _UNBOUNDED
     prefix_cache = PrefixCache(directory, max_bytes=max_bytes)
+    # A SessionManager's chunks live in SESSION_DIR/chunks: the chunks its stored sessions name stay.
+    sessions_dir = Path(args.sessions) if args.sessions else directory.parent
+    named = prefix_cache.pin_sessions(sessions_dir) if sessions_dir.is_dir() else 0
+    pinned = f"; {named} chunks named by stored sessions, never evicted" if named else ""
     if args.action == "stats":
         stats = prefix_cache.stats()
         print(f"{directory}: {stats['entries']} chunks, {stats['bytes']:,} bytes")
@@ -375,7 +396,7 @@ def cache(args: argparse.Namespace) -> int:
         report = prefix_cache.gc()
         print(
             f"{directory}: removed {report['removed_corrupt']} corrupt chunks, evicted {report['evicted']}, "
-            f"kept {report['kept']} ({report['bytes']:,} bytes)"
+            f"kept {report['kept']} ({report['bytes']:,} bytes{pinned})"
         )
     else:
         print(f"{directory}: removed {prefix_cache.clear()} chunks")
@@ -541,8 +562,31 @@ def build_parser() -> argparse.ArgumentParser:
     cache_parser.add_argument(
         "--dir", help="prefix cache directory (default: the user cache's prefix-cache directory)"
     )
-    cache_parser.add_argument("--max-bytes", type=_positive_int, help="gc: evict down to this many bytes")
+    cache_parser.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        help="gc: evict down to this many bytes (never a chunk a stored session names)",
+    )
+    cache_parser.add_argument(
+        "--sessions",
+        help="session directory whose sessions' chunks gc never evicts (default: the parent of --dir, "
+        "as a SessionManager keeps its chunks in SESSION_DIR/chunks)",
+    )
     cache_parser.set_defaults(run=cache)
+    export_parser = commands.add_parser(
+        "export",
+        help="write a stored session as one self-contained session file",
+        description="Write session ID of the session directory as FILE in the single-file format, which "
+        "Context.load_session() reads without the directory's chunk store (a SessionManager stores sessions "
+        "as manifests of shared chunks by default). The session is opened with the parameters it was saved "
+        "with.",
+    )
+    export_parser.add_argument("session_id", help="the session's id")
+    export_parser.add_argument("file", help="the session file to write (replaced atomically)")
+    export_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
+    export_parser.add_argument("--model", help="GGUF file (default: the default model)")
+    export_parser.add_argument("--key-file", help=key_help)
+    export_parser.set_defaults(run=export)
     fetch_parser = commands.add_parser("fetch-model", help="cache the default model and print its path")
     fetch_parser.set_defaults(run=fetch_model)
     return parser

@@ -23,7 +23,7 @@ from ._native import SessionManager as _NativeSessionManager
 from .errors import UnsavedSessionsWarning
 
 if TYPE_CHECKING:  # aliases that exist only in the stub
-    from ._native import KvType, OverflowPolicy
+    from ._native import KvType, OverflowPolicy, SessionInfo, SessionStorage
 
 __all__ = ["SessionManager"]
 
@@ -41,9 +41,12 @@ def _warn_about_unsaved_sessions_at_exit() -> None:
 class SessionManager(_NativeSessionManager):
     """Many named, persistent sessions on one model (see docs/manager.md).
 
-    Each session is a file ``<session_id>.session`` in ``session_dir`` holding the context's state, the chat
-    history and a version number. Up to ``max_live`` sessions stay loaded (least recently used first out,
-    saved before they go); a system prompt is encoded once per manager however many sessions start from it.
+    Each session is a file ``<session_id>.session`` in ``session_dir`` holding the chat history, a version
+    number and the context's state: by default (``storage="chunks"``) as a manifest naming the KV chunks it
+    shares with other sessions in ``session_dir/chunks``, so that a shared system prompt or document is stored
+    and computed once (export() writes one self-contained file). Up to ``max_live`` sessions stay loaded
+    (least recently used first out, saved before they go); a system prompt is encoded once per manager
+    however many sessions start from it.
     Saves are atomic and version-checked: a save over a version it did not load raises SessionConflictError
     instead of silently dropping someone else's turn. A turn (``chat``, a ``stream_chat`` stream until it
     ends, ``generate_reusing_prefix``, ``revert``) holds its session: another turn waits for it (``timeout``
@@ -71,6 +74,7 @@ class SessionManager(_NativeSessionManager):
         flash_attn: bool | None = None,
         secret_key: bytes | None = None,
         prefix_cache: PrefixCache | None = None,
+        storage: SessionStorage = "chunks",
     ) -> None:
         # The native __new__ built the manager from these arguments; here it only joins the watch for
         # unsaved sessions when it does not save them itself.
@@ -117,6 +121,10 @@ class SessionManager(_NativeSessionManager):
     async def asave(self, session_id: str, context: Context | None = None) -> None:
         """save() without blocking the event loop."""
         await asyncio.to_thread(self.save, session_id, context)
+
+    async def aexport(self, session_id: str, path: str | PathLike[str]) -> SessionInfo:
+        """export() without blocking the event loop."""
+        return await asyncio.to_thread(self.export, session_id, path)
 
     async def adelete(self, session_id: str) -> None:
         """delete() without blocking the event loop."""

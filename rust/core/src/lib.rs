@@ -38,8 +38,8 @@ mod text;
 pub use chunks::PrefixCache;
 pub use context::generation::Generator;
 pub use context::{
-    Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
-    StopReason, MAX_CHECKPOINTS,
+    Context, GenerateOptions, Generation, GenerationStats, Interrupt, ManifestSnapshot,
+    NeverInterrupt, SeqId, SequenceCopy, StopReason, MAX_CHECKPOINTS,
 };
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;

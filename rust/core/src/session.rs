@@ -71,6 +71,9 @@ pub struct SessionInfo {
     pub total_bytes: usize,
     /// Whether it is signed (loading it needs the key it was signed with).
     pub signed: bool,
+    /// Tokens a restore decoded again instead of restoring their KV rows: a chunk manifest's chunks that
+    /// were missing or not the ones it names (0 for everything else).
+    pub recomputed_tokens: usize,
 }
 
 impl SessionInfo {
@@ -83,6 +86,7 @@ impl SessionInfo {
             total_bytes: opened.total_len,
             signed: opened.signed,
             header: opened.header,
+            recomputed_tokens: 0,
         }
     }
 
@@ -119,11 +123,13 @@ impl SessionInfo {
                 }],
                 metadata: Metadata::new(),
                 signature: None,
+                chunks: None,
             },
             signed: false,
             header_bytes: header.state_offset,
             state_bytes: total_bytes - header.state_offset,
             total_bytes,
+            recomputed_tokens: 0,
         }
     }
 
@@ -176,6 +182,7 @@ impl SessionPlan {
             state_bytes,
             total_bytes: self.total_len,
             signed: self.header.signature.is_some(),
+            recomputed_tokens: 0,
         }
     }
 }

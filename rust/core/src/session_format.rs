@@ -75,6 +75,33 @@ pub struct SessionHeader {
     /// The signature scheme of a signed session ([`SCHEME`]); absent when unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// Present in a chunk manifest (how a [`crate::SessionManager`] stores sessions): its one sequence's
+    /// state is the full chunks named here, kept in a chunk store, followed by the partial tail chunk that
+    /// the state bytes of this session hold. Absent in a single-file session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<ChunkManifest>,
+}
+
+/// The chunks a session manifest is made of (see [`SessionHeader::chunks`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkManifest {
+    /// Tokens per chunk.
+    pub chunk_tokens: u32,
+    /// The namespace the keys were derived in.
+    pub namespace: String,
+    /// The full chunks, in order: each one's key (64 hex digits: which tokens, under which parameters) and
+    /// the BLAKE3 digest of its bytes (64 hex digits: which exact KV rows, so that a signed manifest binds
+    /// them too).
+    pub chunks: Vec<ManifestChunk>,
+}
+
+/// One chunk of a [`ChunkManifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestChunk {
+    /// The chunk's key ([`crate::chunks::ChunkKey::to_hex`]).
+    pub key: String,
+    /// BLAKE3 of the chunk's bytes, as its last 32 bytes record ([`crate::chunks::codec::chunk_digest`]).
+    pub digest: String,
 }
 
 /// The memory geometry a session's states were written with, for models whose memory is not one KV cache.
@@ -635,6 +662,7 @@ mod tests {
             ],
             metadata: serde_json::Map::new(),
             signature: None,
+            chunks: None,
         }
     }
 

@@ -22,7 +22,7 @@ use crate::native::{native, DetachedMutex};
 use crate::params::PyContextParams;
 use crate::prefix_cache::PyPrefixCache;
 use crate::progress::StreamProgress;
-use crate::session::metadata_from_py;
+use crate::session::{metadata_from_py, PySessionInfo};
 
 /// Many named, persistent sessions for many users on one model. Use ``llama_sessions.SessionManager``
 /// (this class plus asyncio variants).
@@ -47,11 +47,16 @@ use crate::session::metadata_from_py;
 /// one that is unsigned, modified or signed with another key raises SessionSignatureError when it is
 /// loaded (see docs/reliability.md).
 ///
-/// With ``prefix_cache`` (a PrefixCache; default None: none), every session context the manager creates
-/// or loads shares that cache: a chat turn restores the longest chain of full chunks that any session (or
-/// any Context given the same cache) computed for the same tokens, and decodes only the rest, so sessions
-/// that start with the same long system prompt and first messages compute them once (see
-/// docs/prefix-cache.md).
+/// ``storage``: how sessions are stored. "chunks" (default): each session is a manifest naming its KV
+/// chunks in a PrefixCache on disk, so that what sessions share (a system prompt, a document) is stored
+/// once and computed once: every session context shares that cache, and a chat turn restores the longest
+/// chain of full chunks any session computed for the same tokens and decodes only the rest. The cache is
+/// ``prefix_cache`` if given (it must be on disk: PrefixCache(path)), else ``PrefixCache(session_dir /
+/// "chunks")``; the chunks stored sessions name are never evicted. Sessions stored as one file are read
+/// and written as manifests at their next save; export() writes a session as one file. "files": one
+/// session file per session, as Context.save_session() writes them; ``prefix_cache`` (in memory or on
+/// disk) is then only shared for prompts. Models whose memory is not one plain KV cache always use files.
+/// See docs/prefix-cache.md.
 #[pyclass(
     name = "SessionManager",
     module = "llama_sessions._native",
@@ -199,8 +204,8 @@ impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None),
-        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None)"
+        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks"),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None, storage='chunks')"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -219,7 +224,27 @@ impl PySessionManager {
         flash_attn: Option<Bound<'_, PyAny>>,
         secret_key: Option<PyBackedBytes>,
         prefix_cache: Option<Py<PyPrefixCache>>,
+        storage: &str,
     ) -> PyResult<Self> {
+        let chunked = match storage {
+            "chunks" => true,
+            "files" => false,
+            other => {
+                return Err(to_py(Error::invalid(
+                    "storage",
+                    "\"chunks\" or \"files\"",
+                    format!("{other:?}"),
+                )))
+            }
+        };
+        let prefix_cache = match prefix_cache {
+            Some(cache) => Some(cache),
+            None if chunked => Some(Py::new(
+                py,
+                PyPrefixCache::in_dir(py, session_dir.join("chunks"))?,
+            )?),
+            None => None,
+        };
         let cache = prefix_cache.as_ref().map(|c| c.get().inner.clone());
         let key = crate::session::session_key(secret_key)?;
         let base = PyContextParams {
@@ -239,6 +264,7 @@ impl PySessionManager {
                 .with_autosave(autosave)
                 .with_overflow(overflow);
             let manager = match cache {
+                Some(cache) if chunked => manager.with_chunked_storage(cache)?,
                 Some(cache) => manager.with_prefix_cache(cache),
                 None => manager,
             };
@@ -273,6 +299,26 @@ impl PySessionManager {
         PyContextParams {
             inner: self.inner.params().clone(),
         }
+    }
+
+    /// How sessions are stored: "chunks" (manifests naming chunks in prefix_cache) or "files".
+    #[getter]
+    fn storage(&self) -> &'static str {
+        if self.inner.chunked_storage() {
+            "chunks"
+        } else {
+            "files"
+        }
+    }
+
+    /// Write session ``session_id`` (its live copy, unsaved changes included, or what is stored) as one
+    /// session file at ``path``, atomically: the single-file format of Context.save_session(), which any
+    /// Context of the manager's parameters loads without the chunk store (signed with the manager's
+    /// secret_key, if it has one). Returns the file's SessionInfo. What the shell's ``llama-sessions export
+    /// ID FILE`` does.
+    fn export(&self, py: Python<'_>, session_id: &str, path: PathBuf) -> PyResult<PySessionInfo> {
+        let info = native(py, |_| self.inner.export(session_id, &path))?;
+        Ok(PySessionInfo { info })
     }
 
     /// The PrefixCache every session's context shares (None: none).
@@ -617,7 +663,8 @@ impl PySessionManager {
     }
 
     /// Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
-    /// encoded system prompt instead), store_loads, store_saves, evictions.
+    /// encoded system prompt instead), store_loads, store_saves, evictions, recomputed_tokens (tokens
+    /// decoded again while loading, because a chunk a manifest names was missing or damaged).
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = native(py, |_| Ok(self.inner.stats()))?;
@@ -627,6 +674,7 @@ impl PySessionManager {
         dict.set_item("store_loads", stats.store_loads)?;
         dict.set_item("store_saves", stats.store_saves)?;
         dict.set_item("evictions", stats.evictions)?;
+        dict.set_item("recomputed_tokens", stats.recomputed_tokens)?;
         Ok(dict)
     }
 

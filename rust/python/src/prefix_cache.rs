@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use llama_sessions::chunks::{CacheStats, GcReport, DEFAULT_CHUNK_TOKENS};
-use llama_sessions::{Error, PrefixCache};
+use llama_sessions::manager::pin_stored_chunks;
+use llama_sessions::{DirectoryStore, Error, PrefixCache};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -52,6 +53,16 @@ fn gc_dict<'py>(py: Python<'py>, r: GcReport) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("kept", r.kept)?;
     d.set_item("bytes", r.bytes)?;
     Ok(d)
+}
+
+impl PyPrefixCache {
+    /// The default cache of a SessionManager's chunked storage: `dir`, default bound and chunk length.
+    pub(crate) fn in_dir(py: Python<'_>, dir: PathBuf) -> PyResult<Self> {
+        let inner = native(py, |_| {
+            PrefixCache::on_disk(dir, DEFAULT_MAX_BYTES, DEFAULT_CHUNK_TOKENS, "")
+        })?;
+        Ok(PyPrefixCache { inner })
+    }
 }
 
 #[pymethods]
@@ -129,7 +140,20 @@ impl PyPrefixCache {
         gc_dict(py, report)
     }
 
-    /// Removes every chunk; returns how many.
+    /// Never evict (here or in gc()) the chunks that the sessions stored in ``session_dir`` name: what a
+    /// SessionManager with ``storage="chunks"`` does for its own cache, for a tool that collects that cache
+    /// by itself (``llama-sessions cache gc``). Holds for this PrefixCache object. Returns how many chunks
+    /// the sessions name.
+    fn pin_sessions(&self, py: Python<'_>, session_dir: PathBuf) -> PyResult<usize> {
+        let cache = self.inner.clone();
+        native(py, move |_| {
+            let store = DirectoryStore::open(session_dir)?;
+            pin_stored_chunks(&cache, &store)
+        })
+    }
+
+    /// Removes every chunk; returns how many. Sessions whose manifests named them decode those tokens
+    /// again when they are loaded.
     fn clear(&self, py: Python<'_>) -> PyResult<u64> {
         let cache = self.inner.clone();
         native(py, move |_| cache.clear())

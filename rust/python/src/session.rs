@@ -33,6 +33,13 @@ impl PySessionInfo {
         self.info.format_version
     }
 
+    /// For a chunk manifest (how a SessionManager stores a session by default), how many KV chunks it
+    /// names in the manager's chunk store; None for a session in one file.
+    #[getter]
+    fn chunks(&self) -> Option<usize> {
+        self.info.header.chunks.as_ref().map(|m| m.chunks.len())
+    }
+
     /// Version of llama-sessions that wrote it (None for a llama.cpp file).
     #[getter]
     fn library_version(&self) -> Option<&str> {

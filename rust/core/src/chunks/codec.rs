@@ -100,6 +100,29 @@ pub fn encode_chunk(
     index: usize,
     key: &ChunkKey,
 ) -> Result<Vec<u8>, String> {
+    encode_cells(
+        state,
+        layout,
+        saved_seq,
+        token_count,
+        index * chunk_tokens,
+        chunk_tokens,
+        key,
+    )
+}
+
+/// Slices cells `first..first + cells` (at least one) out of `state`, llama.cpp's state of sequence
+/// `saved_seq` holding `token_count` tokens, and encodes them under `key`: a full chunk, or the partial tail
+/// a session manifest carries. The state is checked against `layout` first.
+pub fn encode_cells(
+    state: &[u8],
+    layout: &StateLayout,
+    saved_seq: u32,
+    token_count: usize,
+    first: usize,
+    cells: usize,
+    key: &ChunkKey,
+) -> Result<Vec<u8>, String> {
     check_sequence_state(
         state,
         layout,
@@ -108,14 +131,14 @@ pub fn encode_chunk(
             token_count,
         },
     )?;
-    let first = index * chunk_tokens;
-    if chunk_tokens == 0 || first + chunk_tokens > token_count {
+    if cells == 0 || first + cells > token_count {
         return Err(format!(
-            "chunk {index} of {chunk_tokens} tokens is not within the {token_count} tokens held"
+            "cells {first}..{} are not within the {token_count} tokens held",
+            first + cells
         ));
     }
     let n = token_count;
-    let c = chunk_tokens;
+    let c = cells;
     let s = sections(layout, home_stream(layout, saved_seq), n);
     let payload = payload_len(layout, c).ok_or("the chunk's size cannot be addressed")?;
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload + CHUNK_CHECKSUM_LEN);
@@ -153,6 +176,15 @@ pub fn encode_chunk(
     let checksum = blake3::hash(&out);
     out.extend_from_slice(checksum.as_bytes());
     Ok(out)
+}
+
+/// The BLAKE3 hash of a chunk's bytes that its last 32 bytes record: what a session manifest names a
+/// chunk's exact contents by (the key names only its tokens). None if `bytes` is too short to be a chunk.
+pub fn chunk_digest(bytes: &[u8]) -> Option<[u8; 32]> {
+    if bytes.len() < CHUNK_HEADER_LEN + CHUNK_CHECKSUM_LEN {
+        return None;
+    }
+    bytes[bytes.len() - CHUNK_CHECKSUM_LEN..].try_into().ok()
 }
 
 /// A chunk that passed [`parse_chunk`]: its payload, checked against the layout.

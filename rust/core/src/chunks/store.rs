@@ -71,6 +71,13 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
     fn gc(&self) -> Result<GcReport>;
     /// Removes every chunk; returns how many.
     fn clear(&self) -> Result<u64>;
+    /// Marks chunks a stored session needs (counted: each pin needs its unpin): eviction and `gc` never
+    /// remove them, even beyond the byte bound. Keys need not be held yet.
+    fn pin(&self, keys: &[ChunkKey]);
+    /// Takes back one [`ChunkStore::pin`] of each key.
+    fn unpin(&self, keys: &[ChunkKey]);
+    /// Whether chunks outlive this process (a store that sessions' manifests may name).
+    fn is_persistent(&self) -> bool;
 }
 
 /// Least-recently-used order and sizes.
@@ -80,6 +87,8 @@ struct Lru {
     order: BTreeMap<u64, ChunkKey>,
     bytes: u64,
     tick: u64,
+    /// How many times each key is pinned (see [`ChunkStore::pin`]); pinned keys are never over budget.
+    pins: HashMap<ChunkKey, u64>,
 }
 
 impl Lru {
@@ -113,7 +122,8 @@ impl Lru {
         }
     }
 
-    /// The least recently used keys to drop to get within `max_bytes`.
+    /// The least recently used unpinned keys to drop to get within `max_bytes` (or as near as the pinned
+    /// chunks allow).
     fn over_budget(&self, max_bytes: u64) -> Vec<ChunkKey> {
         let mut bytes = self.bytes;
         let mut out = Vec::new();
@@ -121,10 +131,38 @@ impl Lru {
             if bytes <= max_bytes {
                 break;
             }
+            if self.pins.contains_key(key) {
+                continue;
+            }
             bytes -= self.entries[key].1;
             out.push(*key);
         }
         out
+    }
+
+    fn pin(&mut self, keys: &[ChunkKey]) {
+        for key in keys {
+            *self.pins.entry(*key).or_insert(0) += 1;
+        }
+    }
+
+    fn unpin(&mut self, keys: &[ChunkKey]) {
+        for key in keys {
+            if let Some(count) = self.pins.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.pins.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Forgets what is held but keeps the pins (they describe sessions, not the index).
+    fn emptied(&mut self) -> Lru {
+        Lru {
+            pins: std::mem::take(&mut self.pins),
+            ..Lru::default()
+        }
     }
 }
 
@@ -253,8 +291,21 @@ impl ChunkStore for MemoryChunkStore {
     fn clear(&self) -> Result<u64> {
         let mut inner = self.lock();
         let n = inner.1.len() as u64;
-        *inner = (Lru::default(), HashMap::new());
+        let lru = inner.0.emptied();
+        *inner = (lru, HashMap::new());
         Ok(n)
+    }
+
+    fn pin(&self, keys: &[ChunkKey]) {
+        self.lock().0.pin(keys);
+    }
+
+    fn unpin(&self, keys: &[ChunkKey]) {
+        self.lock().0.unpin(keys);
+    }
+
+    fn is_persistent(&self) -> bool {
+        false
     }
 }
 
@@ -309,11 +360,12 @@ impl StoreChunkStore {
             .filter_map(|e| ChunkKey::from_hex(&e.key).map(|k| (e.modified, k, e.size)))
             .collect();
         listed.sort();
-        let mut lru = Lru::default();
+        let mut index = self.lock();
+        let mut lru = index.emptied();
         for (_, key, size) in listed {
             lru.insert(key, size);
         }
-        *self.lock() = lru;
+        *index = lru;
         Ok(())
     }
 
@@ -404,8 +456,22 @@ impl ChunkStore for StoreChunkStore {
         for key in &keys {
             self.store.delete(&key.to_hex())?;
         }
-        *self.lock() = Lru::default();
+        let mut index = self.lock();
+        let lru = index.emptied();
+        *index = lru;
         Ok(keys.len() as u64)
+    }
+
+    fn pin(&self, keys: &[ChunkKey]) {
+        self.lock().pin(keys);
+    }
+
+    fn unpin(&self, keys: &[ChunkKey]) {
+        self.lock().unpin(keys);
+    }
+
+    fn is_persistent(&self) -> bool {
+        true
     }
 }
 

@@ -15,6 +15,7 @@
 mod checkpoints;
 pub(crate) mod generation;
 mod layout;
+mod manifest;
 mod prefix;
 mod state;
 
@@ -34,6 +35,8 @@ use crate::sampling::SamplingParams;
 use checkpoints::Checkpoint;
 pub use checkpoints::MAX_CHECKPOINTS;
 use generation::Generator;
+pub use manifest::ManifestSnapshot;
+pub use prefix::SequenceCopy;
 
 type BorrowedContext<'model> = LlamaContext<'model>;
 
@@ -129,6 +132,10 @@ pub struct Context {
         crate::chunks::PrefixCache,
         Option<crate::chunks::ChunkScope>,
     )>,
+    /// Per sequence, the digests of its first full chunks as the prefix cache holds them byte for byte
+    /// (restored from it, or written to it from this sequence): what a session manifest may name instead of
+    /// carrying the rows. Cut back whenever the sequence is (`remove_from`), emptied when it is replaced.
+    chunk_digests: Vec<Vec<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -194,6 +201,7 @@ impl Context {
             checkpoints: vec![Vec::new(); n_seq],
             last_stats: None,
             prefix_cache: None,
+            chunk_digests: vec![Vec::new(); n_seq],
         };
         ctx.layout = match plan {
             layout::LayoutPlan::Ready(layout) => layout,
@@ -453,6 +461,7 @@ impl Context {
         self.last_logits = None;
         self.sequences[seq as usize].clear();
         self.checkpoints[seq as usize].clear();
+        self.chunk_digests[seq as usize].clear();
         let removed = self
             .cell
             .with_dependent_mut(|_, ctx| ctx.kv_cache_seq_rm(seq as i32, None, None));
@@ -480,6 +489,8 @@ impl Context {
         }
         self.sequences[seq as usize].truncate(keep);
         self.drop_checkpoints_above(seq, keep);
+        let whole_chunks = keep / self.prefix_chunk_tokens().unwrap_or(1);
+        self.chunk_digests[seq as usize].truncate(whole_chunks);
         if keep == 0 {
             self.exact_floor[seq as usize] = 0;
         }
@@ -552,6 +563,9 @@ impl Context {
         }
         for checkpoints in &mut self.checkpoints {
             checkpoints.clear();
+        }
+        for digests in &mut self.chunk_digests {
+            digests.clear();
         }
         self.exact_floor.fill(0);
     }
@@ -672,6 +686,7 @@ impl Context {
         self.last_logits = None;
         if scope == StateScope::Whole {
             self.last_stats = None; // they described what is replaced (a manager's revert, say)
+            self.chunk_digests[seq as usize].clear(); // the caller sets them when it knows them
         }
         clear_recent_log();
         // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell

@@ -6,7 +6,7 @@
 use llama_cpp_2::token::LlamaToken;
 
 use super::{Context, SeqId};
-use crate::chunks::codec::{assemble, encode_chunk, parse_chunk};
+use crate::chunks::codec::{assemble, chunk_digest, encode_chunk, parse_chunk};
 use crate::chunks::{ChunkScope, PrefixCache};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -30,6 +30,10 @@ impl Context {
     /// Uses `cache` (None: no cache) from the next prompt on. A context whose memory is not one plain KV
     /// cache keeps the cache but never consults it.
     pub fn set_prefix_cache(&mut self, cache: Option<PrefixCache>) {
+        // What the old cache held says nothing about the new one.
+        for digests in &mut self.chunk_digests {
+            digests.clear();
+        }
         self.prefix_cache = cache.map(|cache| {
             let scope = self.state_layout().ok().map(|layout| {
                 ChunkScope::new(
@@ -47,6 +51,22 @@ impl Context {
     /// The prefix cache this context uses.
     pub fn prefix_cache(&self) -> Option<&PrefixCache> {
         self.prefix_cache.as_ref().map(|(cache, _)| cache)
+    }
+
+    /// Tokens per chunk of the prefix cache this context consults (None: it consults none).
+    pub(super) fn prefix_chunk_tokens(&self) -> Option<usize> {
+        match &self.prefix_cache {
+            Some((_, Some(scope))) => Some(scope.chunk_tokens()),
+            _ => None,
+        }
+    }
+
+    /// The cache and key scope of this context, when it consults a cache.
+    pub(super) fn prefix_scope(&self) -> Option<(&PrefixCache, &ChunkScope)> {
+        match &self.prefix_cache {
+            Some((cache, Some(scope))) => Some((cache, scope)),
+            _ => None,
+        }
     }
 
     /// llama.cpp's state of sequence `seq`, as `llama_state_seq_get_data_ext` writes it.
@@ -90,6 +110,7 @@ impl Context {
         let keys = scope.chain(&all[..usable * c]);
         let store = cache.store();
         let mut found = Vec::new();
+        let mut digests = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let Some(bytes) = store.get(key)? else { break };
             if parse_chunk(&bytes, key, i * c, c, layout).is_err() {
@@ -97,6 +118,7 @@ impl Context {
                 break;
             }
             store.record_hit();
+            digests.push(chunk_digest(&bytes).expect("a parsed chunk has a digest"));
             found.push(bytes);
         }
         let k = found.len();
@@ -114,7 +136,10 @@ impl Context {
         let state = assemble(&views, layout, seq);
         drop(views);
         match self.replace_sequence(seq, &state, all[..k * c].to_vec(), seq, ORIGIN) {
-            Ok(()) => Ok(k * c - held),
+            Ok(()) => {
+                self.chunk_digests[seq as usize] = digests;
+                Ok(k * c - held)
+            }
             // Refused before anything changed: decode instead.
             Err(Error::SessionCorrupt { .. } | Error::SessionVersion { .. }) => Ok(0),
             Err(e) => Err(e),
@@ -142,11 +167,55 @@ impl Context {
         let Ok(state) = self.sequence_state(seq) else {
             return;
         };
+        let mut written = Vec::new();
         for i in missing {
             let c = scope.chunk_tokens();
             if let Ok(bytes) = encode_chunk(&state, layout, seq, tokens.len(), c, i, &keys[i]) {
-                let _ = store.put(&keys[i], &bytes);
+                if store.put(&keys[i], &bytes).is_ok() {
+                    written.push((
+                        i,
+                        chunk_digest(&bytes).expect("an encoded chunk has a digest"),
+                    ));
+                }
             }
         }
+        // A digest is known only when every chunk before it is (a manifest names a chain).
+        let known = &mut self.chunk_digests[seq as usize];
+        for (i, digest) in written {
+            if known.len() == i {
+                known.push(digest);
+            }
+        }
+    }
+}
+
+/// A copy of a context's sequence 0 together with what its prefix cache knows of its chunks: what a
+/// [`crate::SessionManager`] keeps of each encoded system prompt, to start other sessions from. Made only by
+/// [`Context::copy_sequence_0`], so that the chunk digests it carries are those of its bytes.
+#[derive(Debug, Clone)]
+pub struct SequenceCopy {
+    bytes: Vec<u8>,
+    digests: Vec<[u8; 32]>,
+    scope: Option<ChunkScope>,
+}
+
+impl Context {
+    /// Sequence 0 (state, tokens, and the digests of the chunks the prefix cache holds of it identically).
+    pub fn copy_sequence_0(&self) -> Result<SequenceCopy> {
+        Ok(SequenceCopy {
+            bytes: self.snapshot(Some(0), &crate::session::Metadata::new(), None)?,
+            digests: self.chunk_digests[0].clone(),
+            scope: self.prefix_scope().map(|(_, scope)| *scope),
+        })
+    }
+
+    /// Replaces sequence 0 by `copy` (made by a context of the same model and parameters). The chunk digests
+    /// carry over when this context uses a cache of the same scope (they describe that cache).
+    pub fn restore_sequence_copy(&mut self, copy: &SequenceCopy) -> Result<()> {
+        self.restore(&copy.bytes, Some(0), None)?;
+        if copy.scope.is_some() && self.prefix_scope().map(|(_, scope)| *scope) == copy.scope {
+            self.chunk_digests[0] = copy.digests.clone();
+        }
+        Ok(())
     }
 }

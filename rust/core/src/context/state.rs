@@ -46,14 +46,13 @@ impl Context {
             .state_seq_get_size_ext(seq as i32, LlamaStateSeqFlags::empty())
     }
 
-    /// Builds the header of a session of sequence `seq` (`None`: all sequences) and sizes it; `signed`: room
-    /// for a signature (the key is given to [`Context::write_session`]).
-    pub fn plan_session(
+    /// The header of a session of this context holding `records`, with `metadata` (bounded here).
+    pub(super) fn session_header(
         &self,
-        seq: Option<SeqId>,
+        records: Vec<SequenceRecord>,
         metadata: &Metadata,
         signed: bool,
-    ) -> Result<SessionPlan> {
+    ) -> Result<SessionHeader> {
         let metadata_len = serde_json::to_vec(metadata).map_or(usize::MAX, |m| m.len());
         if metadata_len > format::MAX_METADATA_LEN {
             return Err(Error::invalid(
@@ -65,6 +64,28 @@ impl Context {
                 format!("{metadata_len} bytes"),
             ));
         }
+        Ok(SessionHeader {
+            library_version: crate::VERSION.to_owned(),
+            llama_cpp_build: format::LLAMA_CPP_BUILD.to_owned(),
+            created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            model: model_record(&self.model),
+            params: params_record(&self.params),
+            memory: self.memory_record(),
+            sequences: records,
+            metadata: metadata.clone(),
+            signature: signed.then(|| crate::signing::SCHEME.to_owned()),
+            chunks: None,
+        })
+    }
+
+    /// Builds the header of a session of sequence `seq` (`None`: all sequences) and sizes it; `signed`: room
+    /// for a signature (the key is given to [`Context::write_session`]).
+    pub fn plan_session(
+        &self,
+        seq: Option<SeqId>,
+        metadata: &Metadata,
+        signed: bool,
+    ) -> Result<SessionPlan> {
         let mut sequences = Vec::new();
         let mut records = Vec::new();
         for s in self.sequences_in_scope(seq)? {
@@ -76,17 +97,7 @@ impl Context {
                 state_bytes: len as u64,
             });
         }
-        let header = SessionHeader {
-            library_version: crate::VERSION.to_owned(),
-            llama_cpp_build: format::LLAMA_CPP_BUILD.to_owned(),
-            created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            model: model_record(&self.model),
-            params: params_record(&self.params),
-            memory: self.memory_record(),
-            sequences: records,
-            metadata: metadata.clone(),
-            signature: signed.then(|| crate::signing::SCHEME.to_owned()),
-        };
+        let header = self.session_header(records, metadata, signed)?;
         let header_json = format::encode_header(&header)?;
         let state_len = sequences.iter().map(|&(_, len)| len).sum();
         Ok(SessionPlan {
@@ -242,6 +253,9 @@ impl Context {
             });
         }
         self.check_compatible(&opened.header, origin)?;
+        if opened.header.chunks.is_some() {
+            return self.restore_manifest(bytes, opened, seq, origin);
+        }
         let header = &opened.header;
         if let Some(dest) = seq {
             if header.sequences.len() != 1 {

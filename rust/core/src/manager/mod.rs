@@ -27,18 +27,20 @@ mod chat;
 mod ids;
 mod live;
 mod records;
+mod writer;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::chunks::PrefixCache;
-use crate::context::{Context, GenerateOptions, Generation, Interrupt};
+use crate::context::generation::Generator;
+use crate::context::{Context, GenerateOptions, Generation, Interrupt, SequenceCopy};
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
 use crate::params::ContextParams;
-use crate::session::Metadata;
+use crate::session::{Metadata, SessionInfo};
 use crate::signing::SessionKey;
 use crate::store::SessionStore;
 
@@ -49,10 +51,12 @@ pub use records::{
     delete_stored_session, list_stored_sessions, ListedSession, ManagerRecord, StoredMessage,
     MANAGER_METADATA_KEY,
 };
+pub use writer::{pin_stored_chunks, stored_manifest_chunks};
 
 use ids::{checkpoint_key, validate_label};
 use live::{lock, LiveSet, TurnPermit};
 use records::{is_stored, now, split_metadata, stored_record_or_new, Record};
+use writer::{ChunkPins, SessionWriter};
 
 /// Counters of the work a manager did (for tests and capacity planning).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +71,9 @@ pub struct ManagerStats {
     pub store_saves: u64,
     /// Live sessions evicted to stay within `max_live`.
     pub evictions: u64,
+    /// Tokens decoded again while loading chunk manifests, because a chunk they name was missing or
+    /// damaged (0 while the chunk store keeps what the manifests need).
+    pub recomputed_tokens: u64,
 }
 
 /// Many named, persistent sessions on one model. `Sync`: share it between threads.
@@ -77,13 +84,15 @@ pub struct SessionManager {
     autosave: bool,
     overflow: OverflowPolicy,
     live: LiveSet,
-    /// Encoded system prompts, by their token ids: the session bytes of a context holding only them.
-    prefixes: Mutex<HashMap<Vec<i32>, Arc<Vec<u8>>>>,
+    /// Encoded system prompts, by their token ids: a copy of a context holding only them.
+    prefixes: Mutex<HashMap<Vec<i32>, Arc<SequenceCopy>>>,
     stats: Mutex<ManagerStats>,
     /// Signs every session and checkpoint written, and is required of every one read.
     key: Option<SessionKey>,
     /// Shared by every session context this manager creates or loads.
     prefix_cache: Option<PrefixCache>,
+    /// With chunked storage: what the stored manifests name, pinned in the prefix cache's store.
+    pins: Option<ChunkPins>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -129,6 +138,7 @@ impl SessionManager {
             stats: Mutex::new(ManagerStats::default()),
             key: None,
             prefix_cache: None,
+            pins: None,
         })
     }
 
@@ -160,6 +170,39 @@ impl SessionManager {
     pub fn with_prefix_cache(mut self, cache: PrefixCache) -> SessionManager {
         self.prefix_cache = Some(cache);
         self
+    }
+
+    /// Stores sessions and checkpoints as chunk manifests in `cache`, which also becomes the prefix cache
+    /// ([`SessionManager::with_prefix_cache`]): what sessions share (a system prompt, a document) is stored
+    /// once, and a session stores its own chunks and the partial last one. Sessions stored as one file stay
+    /// readable, and are written as manifests at their next save. The cache's store must outlive the process
+    /// (on disk: [`PrefixCache::on_disk`]); the chunks the stored manifests name are pinned in it, so that
+    /// its eviction never removes them (see docs/prefix-cache.md). Models whose memory is not one plain KV
+    /// cache keep one file per session.
+    pub fn with_chunked_storage(mut self, cache: PrefixCache) -> Result<SessionManager> {
+        if !cache.store().is_persistent() {
+            return Err(Error::invalid(
+                "prefix_cache",
+                "a cache whose chunks outlive the process (on disk) to store sessions in",
+                "a cache in memory",
+            ));
+        }
+        self.pins = Some(ChunkPins::scan(cache.store().clone(), self.store.as_ref())?);
+        self.prefix_cache = Some(cache);
+        Ok(self)
+    }
+
+    /// Whether sessions are stored as chunk manifests ([`SessionManager::with_chunked_storage`]).
+    pub fn chunked_storage(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    /// How this manager writes sessions and checkpoints.
+    fn writer(&self) -> SessionWriter<'_> {
+        SessionWriter {
+            key: self.key.as_ref(),
+            pins: self.pins.as_ref(),
+        }
     }
 
     /// The prefix cache the sessions' contexts share, if any.
@@ -314,17 +357,27 @@ impl SessionManager {
         let key: Vec<i32> = tokens.iter().map(|t| t.0).collect();
         let cached = lock(&self.prefixes).get(&key).cloned();
         match cached {
-            Some(bytes) => {
-                context.restore(&bytes, None, None)?;
+            Some(copy) => {
+                context.restore_sequence_copy(&copy)?;
                 lock(&self.stats).prefix_reuses += 1;
             }
             None => {
-                context.append(0, &tokens, false, &mut crate::NeverInterrupt)?;
-                lock(&self.stats).prefill_tokens += tokens.len() as u64;
-                let bytes = context.snapshot(None, &Metadata::new(), None)?;
-                lock(&self.prefixes).insert(key, Arc::new(bytes));
-                // Its full chunks serve contexts that share the cache but not this manager.
-                context.offer_to_prefix_cache(0);
+                // Through the prefix cache, if any: its chunks are restored (another process may have
+                // computed them) and the ones it lacks are offered to it.
+                let encode_only = GenerateOptions {
+                    max_tokens: 0,
+                    ..GenerateOptions::default()
+                };
+                let encoded = Generator::start_tokens(
+                    &mut context,
+                    0,
+                    &tokens,
+                    encode_only,
+                    &mut crate::NeverInterrupt,
+                )?;
+                lock(&self.stats).prefill_tokens += encoded.stats().prompt_tokens as u64;
+                let copy = context.copy_sequence_0()?;
+                lock(&self.prefixes).insert(key, Arc::new(copy));
             }
         }
         Ok(context)
@@ -348,7 +401,11 @@ impl SessionManager {
         let info = context
             .restore_named(&bytes, None, &origin, self.key.as_ref())
             .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?;
-        lock(&self.stats).store_loads += 1;
+        {
+            let mut stats = lock(&self.stats);
+            stats.store_loads += 1;
+            stats.recomputed_tokens += info.recomputed_tokens as u64;
+        }
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         let record = Record::read(manager, user_metadata, &context);
         // Another thread may have loaded it meanwhile: then its copy is the one kept.
@@ -427,7 +484,7 @@ impl SessionManager {
 
     /// Stores `record` and `context` (both held by the caller) as session `id` with the version check.
     fn store_record(&self, id: &str, record: &mut Record, context: &Context) -> Result<()> {
-        record.store(self.store.as_ref(), id, context, self.key.as_ref())?;
+        record.store(self.store.as_ref(), id, context, self.writer())?;
         lock(&self.stats).store_saves += 1;
         Ok(())
     }
@@ -491,7 +548,7 @@ impl SessionManager {
         };
         {
             let context = lock(context);
-            record.replace(self.store.as_ref(), id, &context, self.key.as_ref())?;
+            record.replace(self.store.as_ref(), id, &context, self.writer())?;
             lock(&self.stats).store_saves += 1;
         }
         // The live copy is now stale: it goes, so that the next load reads what was just stored.
@@ -506,7 +563,11 @@ impl SessionManager {
     pub fn delete(&self, id: &str) -> Result<()> {
         validate_session_id(id)?;
         let was_live = self.live.retire_id(id);
-        match delete_stored_session(self.store.as_ref(), id) {
+        let deleted = delete_stored_session(self.store.as_ref(), id);
+        if let Some(pins) = &self.pins {
+            pins.release_session(id);
+        }
+        match deleted {
             Err(Error::SessionNotFound { .. }) if was_live => Ok(()),
             other => other,
         }
@@ -605,8 +666,18 @@ impl SessionManager {
         let context = lock(&session.context);
         let key = checkpoint_key(id, label);
         let _key = self.store.lock(&key)?;
-        let bytes = record.checkpoint_bytes(&context, self.key.as_ref())?;
-        self.store.put(&key, &bytes)
+        record.write_checkpoint(self.store.as_ref(), &key, &context, self.writer())
+    }
+
+    /// Writes session `id` (its live copy, or what is stored) as one session file at `path`, atomically: the
+    /// single-file format of [`Context::save_session`], which any context of the manager's parameters loads
+    /// without the chunk store (signed with the manager's key, if it has one). Unsaved changes of the live
+    /// copy are included (and stay unsaved in the store).
+    pub fn export(&self, id: &str, path: &Path) -> Result<SessionInfo> {
+        let session = self.load(id)?;
+        let record = lock(&session.record);
+        let context = lock(&session.context);
+        context.save_session(path, None, &record.stored_metadata(), self.key.as_ref())
     }
 
     /// Labels of the checkpoints of session `id`, sorted.

@@ -5,12 +5,12 @@
 use serde::{Deserialize, Serialize};
 
 use super::ids::{checkpoint_key, checkpoint_prefix, validate_session_id, CHECKPOINT_SEPARATOR};
+use super::writer::SessionWriter;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::model::ChatMessage;
 use crate::session::Metadata;
 use crate::session_format::{self as format, SessionHeader};
-use crate::signing::SessionKey;
 use crate::store::SessionStore;
 
 /// Metadata key under which the manager keeps its record in a session file.
@@ -131,13 +131,22 @@ impl Record {
         metadata
     }
 
-    /// The bytes of checkpoint: `context` with this record, at the current version.
-    pub(super) fn checkpoint_bytes(
+    /// Writes `context` with this record, at the current version, as checkpoint value `checkpoint_key`
+    /// (whose lock the caller holds).
+    pub(super) fn write_checkpoint(
         &self,
+        store: &dyn SessionStore,
+        checkpoint_key: &str,
         context: &Context,
-        key: Option<&SessionKey>,
-    ) -> Result<Vec<u8>> {
-        context.snapshot(None, &self.metadata(self.manager.version, now()), key)
+        writer: SessionWriter<'_>,
+    ) -> Result<()> {
+        let metadata = self.metadata(self.manager.version, now());
+        writer.put(store, checkpoint_key, context, &metadata)
+    }
+
+    /// The metadata stored with this copy: the user's and the manager's record.
+    pub(super) fn stored_metadata(&self) -> Metadata {
+        self.metadata(self.manager.version, self.manager.updated_at.clone())
     }
 
     /// Stores this record and `context` as session `id` if the store still holds the version this copy
@@ -148,7 +157,7 @@ impl Record {
         store: &dyn SessionStore,
         id: &str,
         context: &Context,
-        key: Option<&SessionKey>,
+        writer: SessionWriter<'_>,
     ) -> Result<()> {
         let _key = store.lock(id)?;
         let found = stored_version(store, id)?.unwrap_or(0);
@@ -159,7 +168,7 @@ impl Record {
                 found,
             });
         }
-        self.write_locked(store, id, context, key)
+        self.write_locked(store, id, context, writer)
     }
 
     /// Stores this record and `context` as session `id` whatever version the store holds (replacing it).
@@ -169,11 +178,11 @@ impl Record {
         store: &dyn SessionStore,
         id: &str,
         context: &Context,
-        key: Option<&SessionKey>,
+        writer: SessionWriter<'_>,
     ) -> Result<()> {
         let _key = store.lock(id)?;
         self.stored_version = stored_version(store, id)?.unwrap_or(0);
-        self.write_locked(store, id, context, key)
+        self.write_locked(store, id, context, writer)
     }
 
     fn write_locked(
@@ -181,12 +190,16 @@ impl Record {
         store: &dyn SessionStore,
         id: &str,
         context: &Context,
-        key: Option<&SessionKey>,
+        writer: SessionWriter<'_>,
     ) -> Result<()> {
         let version = self.stored_version + 1;
         let updated_at = now();
-        let bytes = context.snapshot(None, &self.metadata(version, updated_at.clone()), key)?;
-        store.put(id, &bytes)?;
+        writer.put(
+            store,
+            id,
+            context,
+            &self.metadata(version, updated_at.clone()),
+        )?;
         self.stored_version = version;
         self.manager.version = version;
         self.manager.updated_at = updated_at;
