@@ -27,6 +27,18 @@ pub const CHUNK_HEADER_LEN: usize = 8 + 4 + 32 + 4 + 4 + 8;
 /// Bytes of the trailing checksum.
 pub const CHUNK_CHECKSUM_LEN: usize = 32;
 
+/// BLAKE3 of a chunk's bytes before its checksum: on every core for a chunk of megabytes (a 256-token
+/// chunk of a small model is several), which BLAKE3's tree mode hashes to the same digest.
+fn checksum_of(bytes: &[u8]) -> blake3::Hash {
+    const PARALLEL_FROM: usize = 1 << 20;
+    if bytes.len() < PARALLEL_FROM {
+        return blake3::hash(bytes);
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_rayon(bytes);
+    hasher.finalize()
+}
+
 /// Bytes of one cell record in a state of `layout`: position, sequence-id count, extension, one id.
 fn record_len(layout: &StateLayout) -> usize {
     12 + layout.cell_ext_bytes
@@ -173,7 +185,7 @@ pub fn encode_cells(
         }
     }
     debug_assert_eq!(out.len(), CHUNK_HEADER_LEN + payload);
-    let checksum = blake3::hash(&out);
+    let checksum = checksum_of(&out);
     out.extend_from_slice(checksum.as_bytes());
     Ok(out)
 }
@@ -248,7 +260,7 @@ pub fn parse_chunk<'a>(
         ));
     }
     let body = &bytes[..CHUNK_HEADER_LEN + want];
-    if blake3::hash(body).as_bytes()[..] != bytes[CHUNK_HEADER_LEN + want..] {
+    if checksum_of(body).as_bytes()[..] != bytes[CHUNK_HEADER_LEN + want..] {
         return Err("the chunk's checksum does not match its bytes".to_owned());
     }
     let payload = &bytes[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + want];
@@ -288,42 +300,98 @@ pub fn check_integrity(bytes: &[u8], key: &ChunkKey) -> Result<(), String> {
         ));
     }
     let body = bytes.len() - CHUNK_CHECKSUM_LEN;
-    if blake3::hash(&bytes[..body]).as_bytes()[..] != bytes[body..] {
+    if checksum_of(&bytes[..body]).as_bytes()[..] != bytes[body..] {
         return Err("the chunk's checksum does not match its bytes".to_owned());
     }
     Ok(())
 }
 
+/// Where an assembled state goes: a growing `Vec`, or ([`SliceSink`]) memory of exactly its length.
+pub trait StateSink {
+    /// Appends `bytes`.
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl StateSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Fills a buffer of exactly [`assembled_len`] bytes, front to back.
+pub struct SliceSink<'a> {
+    buffer: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> SliceSink<'a> {
+    /// Writes into `buffer` from its start.
+    pub fn new(buffer: &'a mut [u8]) -> SliceSink<'a> {
+        SliceSink { buffer, at: 0 }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> usize {
+        self.at
+    }
+}
+
+impl StateSink for SliceSink<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.buffer[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+        self.at += bytes.len();
+    }
+}
+
+/// The length of the state [`assemble`] writes for `chunks` and `layout`.
+pub fn assembled_len(chunks: &[ChunkView<'_>], layout: &StateLayout) -> usize {
+    let n: usize = chunks.iter().map(|c| c.cells).sum();
+    let streams = 12 + 4 * layout.n_stream as usize;
+    if n == 0 {
+        return streams;
+    }
+    streams + payload_len(layout, n).unwrap_or(0) + 16 + 24 * layout.layers.len()
+}
+
 /// The state llama.cpp writes for sequence `seq` of a context of `layout` holding the cells of `chunks`
 /// (parsed for consecutive positions from 0, so their cells are too) and nothing else.
 pub fn assemble(chunks: &[ChunkView<'_>], layout: &StateLayout, seq: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(assembled_len(chunks, layout));
+    assemble_into(chunks, layout, seq, &mut out);
+    out
+}
+
+/// [`assemble`] into `out`.
+pub fn assemble_into(
+    chunks: &[ChunkView<'_>],
+    layout: &StateLayout,
+    seq: u32,
+    out: &mut dyn StateSink,
+) {
     let n: usize = chunks.iter().map(|c| c.cells).sum();
     let home = home_stream(layout, seq);
     let rec = record_len(layout);
-    let mut out = Vec::new();
-    let push32 = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_le_bytes());
-    push32(&mut out, IO_MAGIC);
-    push32(&mut out, seq);
-    push32(&mut out, layout.n_stream);
+    let push32 = |out: &mut dyn StateSink, v: u32| out.put(&v.to_le_bytes());
+    push32(out, IO_MAGIC);
+    push32(out, seq);
+    push32(out, layout.n_stream);
     for stream in 0..layout.n_stream as usize {
         if stream != home || n == 0 {
-            push32(&mut out, 0);
+            push32(out, 0);
             continue;
         }
-        push32(&mut out, n as u32);
-        let total = payload_len(layout, n).unwrap_or(0) + 16 + 16 * layout.layers.len();
-        out.reserve(total);
+        push32(out, n as u32);
         for chunk in chunks {
             for i in 0..chunk.cells {
                 let r = &chunk.payload[i * rec..(i + 1) * rec];
-                out.extend_from_slice(&r[..rec - 4]);
-                out.extend_from_slice(&seq.to_le_bytes());
+                out.put(&r[..rec - 4]);
+                out.put(&seq.to_le_bytes());
             }
         }
-        push32(&mut out, u32::from(layout.v_trans));
-        push32(&mut out, layout.layers.len() as u32);
-        push32(&mut out, layout.n_rot_k);
-        push32(&mut out, layout.n_rot_v);
+        push32(out, u32::from(layout.v_trans));
+        push32(out, layout.layers.len() as u32);
+        push32(out, layout.n_rot_k);
+        push32(out, layout.n_rot_v);
         // Within a chunk's payload: records, then each layer's K rows, then each layer's V data.
         let k_start = |chunk: &ChunkView<'_>, layer: usize| -> usize {
             chunk.cells * rec
@@ -339,39 +407,34 @@ pub fn assemble(chunks: &[ChunkView<'_>], layout: &StateLayout, seq: u32) -> Vec
                     .sum::<usize>()
         };
         for (il, l) in layout.layers.iter().enumerate() {
-            out.extend_from_slice(&l.k_type.to_le_bytes());
-            out.extend_from_slice(&l.k_row_bytes.to_le_bytes());
+            out.put(&l.k_type.to_le_bytes());
+            out.put(&l.k_row_bytes.to_le_bytes());
             for chunk in chunks {
                 let at = k_start(chunk, il);
-                out.extend_from_slice(
-                    &chunk.payload[at..at + chunk.cells * l.k_row_bytes as usize],
-                );
+                out.put(&chunk.payload[at..at + chunk.cells * l.k_row_bytes as usize]);
             }
         }
         for (il, l) in layout.layers.iter().enumerate() {
-            out.extend_from_slice(&l.v_type.to_le_bytes());
+            out.put(&l.v_type.to_le_bytes());
             if layout.v_trans {
-                push32(&mut out, l.v_element_bytes);
-                push32(&mut out, l.v_width);
+                push32(out, l.v_element_bytes);
+                push32(out, l.v_width);
                 let elem = l.v_element_bytes as usize;
                 for j in 0..l.v_width as usize {
                     for chunk in chunks {
                         let at = v_start(chunk, il) + j * chunk.cells * elem;
-                        out.extend_from_slice(&chunk.payload[at..at + chunk.cells * elem]);
+                        out.put(&chunk.payload[at..at + chunk.cells * elem]);
                     }
                 }
             } else {
-                out.extend_from_slice(&l.v_row_bytes.to_le_bytes());
+                out.put(&l.v_row_bytes.to_le_bytes());
                 for chunk in chunks {
                     let at = v_start(chunk, il);
-                    out.extend_from_slice(
-                        &chunk.payload[at..at + chunk.cells * l.v_row_bytes as usize],
-                    );
+                    out.put(&chunk.payload[at..at + chunk.cells * l.v_row_bytes as usize]);
                 }
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -453,6 +516,12 @@ mod tests {
                                 want,
                                 "{v_trans} {n_stream} {ext} {k}"
                             );
+                            // Into memory of the announced length: the same bytes, filling it exactly.
+                            let mut exact = vec![0xAA; assembled_len(&views, &l)];
+                            let mut sink = SliceSink::new(&mut exact);
+                            assemble_into(&views, &l, target, &mut sink);
+                            assert_eq!(sink.written(), want.len());
+                            assert_eq!(exact, want);
                         }
                     }
                 }

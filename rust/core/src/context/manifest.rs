@@ -14,8 +14,9 @@
 
 use llama_cpp_2::token::LlamaToken;
 
+use super::prefix::assembled_state;
 use super::{Context, NeverInterrupt, SeqId};
-use crate::chunks::codec::{assemble, chunk_digest, encode_cells, parse_chunk, ChunkView};
+use crate::chunks::codec::{chunk_digest, encode_cells, parse_chunk, ChunkView};
 use crate::chunks::{ChunkKey, ChunkScope};
 use crate::error::{Error, Result};
 use crate::session::{to_tokens, Metadata, SessionInfo};
@@ -263,32 +264,38 @@ impl Context {
         } else {
             None
         };
-        // The chunks, in order, up to the first that is missing or not the one named.
+        // The chunks, in order, up to the first that is missing; then each is checked (once: the views
+        // borrow the bytes) up to the first that is not the one named.
         let mut fetched: Vec<Vec<u8>> = Vec::with_capacity(k);
-        for (i, key) in keys.iter().enumerate() {
+        for key in &keys {
             let Some(found) = store.get(key)? else { break };
-            if chunk_digest(&found) != Some(digests[i]) {
-                if crate::chunks::codec::check_integrity(&found, key).is_err() {
-                    store.remove_corrupt(key)?;
-                }
-                break; // another computation of these tokens, or damaged: not this session's rows
-            }
-            if parse_chunk(&found, key, i * c, c, &layout).is_err() {
-                store.remove_corrupt(key)?;
-                break;
-            }
-            store.record_hit();
             fetched.push(found);
         }
-        let sound = fetched.len();
-        let mut views: Vec<ChunkView<'_>> = fetched
-            .iter()
-            .enumerate()
-            .map(|(i, found)| parse_chunk(found, &keys[i], i * c, c, &layout))
-            .collect::<std::result::Result<_, String>>()
-            .map_err(|reason| {
-                Error::Internal(format!("a chunk changed after its check: {reason}"))
-            })?;
+        let mut views: Vec<ChunkView<'_>> = Vec::with_capacity(k + 1);
+        let mut unsound = None;
+        for (i, found) in fetched.iter().enumerate() {
+            if chunk_digest(found) != Some(digests[i]) {
+                // Another computation of these tokens (not this session's rows), or damaged.
+                if crate::chunks::codec::check_integrity(found, &keys[i]).is_err() {
+                    unsound = Some(i);
+                }
+                break;
+            }
+            match parse_chunk(found, &keys[i], i * c, c, &layout) {
+                Ok(view) => views.push(view),
+                Err(_) => {
+                    unsound = Some(i);
+                    break;
+                }
+            }
+        }
+        let sound = views.len();
+        for _ in 0..sound {
+            store.record_hit();
+        }
+        if let Some(i) = unsound {
+            store.remove_corrupt(&keys[i])?;
+        }
         let whole = sound == k;
         if whole {
             views.extend(tail_view);
@@ -300,7 +307,7 @@ impl Context {
         if restored_tokens == 0 {
             self.remove_from(dest, 0)?;
         } else {
-            let state = assemble(&views, &layout, dest);
+            let state = assembled_state(&views, &layout, dest)?;
             drop(views);
             if let Err(e) = self.replace_sequence(
                 dest,

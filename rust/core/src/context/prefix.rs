@@ -6,9 +6,12 @@
 use llama_cpp_2::token::LlamaToken;
 
 use super::{Context, SeqId};
-use crate::chunks::codec::{assemble, chunk_digest, encode_chunk, parse_chunk};
+use crate::chunks::codec::{
+    assemble_into, assembled_len, chunk_digest, encode_chunk, parse_chunk, ChunkView, SliceSink,
+};
 use crate::chunks::{ChunkScope, PrefixCache};
 use crate::error::{Error, Result};
+use crate::llama_state::StateLayout;
 use crate::model::Model;
 use crate::params::ContextParams;
 
@@ -110,30 +113,32 @@ impl Context {
         let keys = scope.chain(&all[..usable * c]);
         let store = cache.store();
         let mut found = Vec::new();
-        let mut digests = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
+        for key in &keys {
             let Some(bytes) = store.get(key)? else { break };
-            if parse_chunk(&bytes, key, i * c, c, layout).is_err() {
-                store.remove_corrupt(key)?;
-                break;
-            }
-            store.record_hit();
-            digests.push(chunk_digest(&bytes).expect("a parsed chunk has a digest"));
             found.push(bytes);
         }
-        let k = found.len();
+        // Each chunk checked once, in order (the views borrow the bytes); the first unsound one is removed
+        // and ends the chain.
+        let mut views = Vec::with_capacity(found.len());
+        let mut digests = Vec::with_capacity(found.len());
+        for (i, bytes) in found.iter().enumerate() {
+            match parse_chunk(bytes, &keys[i], i * c, c, layout) {
+                Ok(view) => {
+                    store.record_hit();
+                    digests.push(chunk_digest(bytes).expect("a parsed chunk has a digest"));
+                    views.push(view);
+                }
+                Err(_) => {
+                    store.remove_corrupt(&keys[i])?;
+                    break;
+                }
+            }
+        }
+        let k = views.len();
         if k * c <= held {
             return Ok(0);
         }
-        let views = found
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| parse_chunk(bytes, &keys[i], i * c, c, layout))
-            .collect::<std::result::Result<Vec<_>, String>>()
-            .map_err(|reason| {
-                Error::Internal(format!("a chunk changed after its check: {reason}"))
-            })?;
-        let state = assemble(&views, layout, seq);
+        let state = assembled_state(&views, layout, seq)?;
         drop(views);
         match self.replace_sequence(seq, &state, all[..k * c].to_vec(), seq, ORIGIN) {
             Ok(()) => {
@@ -218,4 +223,28 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// The state of `views` assembled for sequence `seq`, in memory that costs a few page faults rather than one
+/// per 4 KiB (the state of a few thousand tokens is tens of MB: see `durable::zeroed`).
+pub(super) fn assembled_state(
+    views: &[ChunkView<'_>],
+    layout: &StateLayout,
+    seq: SeqId,
+) -> Result<crate::durable::FileBytes> {
+    let len = assembled_len(views, layout);
+    let mut state = crate::durable::zeroed(len).map_err(|source| Error::Io {
+        op: "allocate memory for",
+        path: std::path::PathBuf::from("an assembled KV state"),
+        source,
+    })?;
+    let mut sink = SliceSink::new(&mut state);
+    assemble_into(views, layout, seq, &mut sink);
+    if sink.written() != len {
+        return Err(Error::Internal(format!(
+            "assembled {} bytes of state, expected {len}",
+            sink.written()
+        )));
+    }
+    Ok(state)
 }
