@@ -1,6 +1,6 @@
 """Sessions stored as chunks (issue 11): three measurements side by side in one run.
 
-1. Bytes on disk of ``--sessions`` (100) sessions that share a 1,536-token system prompt, each with about 200
+1. Bytes on disk of ``--sessions`` (100) sessions that share a 1,536-token system prompt, each with about 230
    tokens of its own (a different user message and a 16-token answer): a SessionManager with the default
    chunked storage against one with ``storage="files"``, and against the ideal, one copy of the prompt's KV
    plus each session's own tokens' KV. Target: chunked within 1.1x of the ideal.
@@ -56,9 +56,10 @@ def system_prompt_of(model: Model, n_tokens: int, offset: int) -> str:
 
 
 def user_message(i: int) -> str:
+    """About 190 tokens, each message its own (overlapping windows of the text, shifted by 40 words)."""
     words = long_text().split()
-    start = 20000 + 150 * i
-    return "Summarize this in one sentence: " + " ".join(words[start : start + 130])
+    start = 1200 + (40 * i) % (len(words) - 1400)
+    return "Summarize this in one sentence: " + " ".join(words[start : start + 140])
 
 
 def dir_bytes(directory: Path, suffix: str) -> int:
@@ -139,9 +140,9 @@ def save_and_load(model: Model, root: Path, runs: int) -> dict[str, Any]:
 
 def replay(model: Model, root: Path, chats: int) -> dict[str, Any]:
     words = long_text().split()
-    # About 700, 1000 and 1300 tokens (the exact counts do not matter here).
-    systems = [" ".join(words[3000 + 2000 * k : 3000 + 2000 * k + n]) for k, n in enumerate((480, 690, 900))]
-    documents = [" ".join(words[12000 + 600 * d : 12000 + 600 * d + 380]) for d in range(4)]
+    # About 1,000 to 1,700 tokens (the exact counts do not matter here; they are recorded).
+    systems = [" ".join(words[start : start + n]) for start, n in ((1200, 480), (1800, 690), (2600, 900))]
+    documents = [" ".join(words[3600 + 500 * d : 3600 + 500 * d + 380]) for d in range(4)]
     directory = root / "replay"
     manager = SessionManager(model, directory, n_ctx=N_CTX, n_threads=THREADS, max_live=4)
     cache = manager.prefix_cache
@@ -170,7 +171,9 @@ def replay(model: Model, root: Path, chats: int) -> dict[str, Any]:
     return {
         "chats": chats,
         "system_prompts": 3,
+        "system_prompt_tokens": [system_tokens(model, system) for system in systems],
         "documents": 4,
+        "document_tokens": [len(model.tokenize(document, add_bos=False)) for document in documents],
         "seconds": seconds,
         "chunk_hits": cache_stats["hits"],
         "chunk_misses": cache_stats["misses"],

@@ -34,6 +34,7 @@ MODULES = (
     "signed_load",
     "prefix_cache_ttft",
     "chunk_length",
+    "chunked_sessions",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
@@ -563,6 +564,80 @@ def render_chunk_length(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def render_chunked_sessions(r: dict[str, Any]) -> list[str]:
+    d, sl, rp = r["bytes_on_disk"], r["save_load"], r["replay"]
+    t = sl["times"]
+    out = [
+        "### Sessions stored as chunks",
+        "",
+        f"`{r['command']}`, three measurements in one run (f16, n_ctx {r['config']['n_ctx']}, "
+        f"{r['config']['chunk_tokens']}-token chunks, a SessionManager's default storage against "
+        '`storage="files"`).',
+        "",
+        f"**Bytes on disk.** {d['sessions']} sessions share a {d['system_tokens']}-token system prompt; each "
+        f"then holds {d['own_tokens_min']}-{d['own_tokens_max']} tokens of its own (mean "
+        f"{d['own_tokens_mean']:.0f}: a user message and a {r['config']['answer_tokens']}-token answer). The "
+        f"ideal is one copy of the prompt's KV plus every session's own tokens' KV "
+        f"({d['kv_bytes_per_token']:,.0f} bytes per token).",
+        "",
+    ]
+    out += table(
+        ["storage", "bytes on disk", "x the ideal"],
+        [
+            ["ideal", f"{d['ideal_bytes']:,.0f}", "1.00"],
+            [
+                f"chunks ({d['chunk_files']} chunk files + {d['sessions']} manifests)",
+                f"{d['chunked_bytes']:,}",
+                f"{d['chunked_over_ideal']:.3f}",
+            ],
+            ["one file per session", f"{d['files_bytes']:,}", f"{d['files_over_ideal']:.2f}"],
+        ],
+    )
+    out += [
+        "",
+        f"**Save and load** of one of those sessions ({sl['tokens']} tokens), median of "
+        f"{r['config']['runs']} runs after a warm-up, the two alternating: a save of the live session "
+        "(through chunks: the manifest and its tail, the shared chunks already stored) and a load into a "
+        "fresh manager (through chunks: the manifest, its chunks, their checks and assembly).",
+        "",
+    ]
+    out += table(
+        ["", "chunks ms", "one file ms", "ratio"],
+        [
+            [
+                "save",
+                ms(t["save_chunks"]["median"]),
+                ms(t["save_files"]["median"]),
+                f"{sl['save_ratio']:.2f}x",
+            ],
+            [
+                "load",
+                ms(t["load_chunks"]["median"]),
+                ms(t["load_files"]["median"]),
+                f"{sl['load_ratio']:.2f}x",
+            ],
+        ],
+    )
+    lookups = rp["chunk_hits"] + rp["chunk_misses"]
+    out += [
+        "",
+        f"**Replay** of {rp['chats']} one-turn chats: {rp['system_prompts']} system prompts ("
+        f"{', '.join(f'{n:,}' for n in rp['system_prompt_tokens'])} tokens), {rp['documents']} documents ("
+        f"{', '.join(str(n) for n in rp['document_tokens'])} tokens) pasted into every other "
+        f"first message, a question of its own each, {rp['seconds']:.0f} s. Chunk lookups that found a "
+        f"sound chunk: {rp['chunk_hits']:,} of {lookups:,} ({rp['hit_rate']:.1%}; a lookup of a prompt "
+        "stops at its first miss). Prompt tokens held after the chats' messages: "
+        f"{rp['prompt_tokens_held']:,}, of which {rp['prompt_tokens_decoded']:,} were decoded and "
+        f"{rp['prompt_tokens_not_decoded']:,} restored (system prompts from the manager's copy, documents "
+        f"from chunks). On disk: {rp['bytes_on_disk']:,} bytes against {rp['bytes_one_file_each']:,} in "
+        f"one file per session ({rp['bytes_on_disk'] / rp['bytes_one_file_each']:.2f}x).",
+        "",
+        busy_note(r),
+        "",
+    ]
+    return out
+
+
 def render_breakdown(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     out = [
@@ -693,6 +768,8 @@ def render(results: dict[str, Any]) -> str:
         lines += ["## 9. Prefix cache", "", "Not run yet: `python bench/prefix_cache_ttft.py`.", ""]
     if "chunk_length" in results:
         lines += render_chunk_length(results["chunk_length"])
+    if "chunked_sessions" in results:
+        lines += render_chunked_sessions(results["chunked_sessions"])
     if FINDINGS.exists():
         lines += [FINDINGS.read_text().rstrip(), ""]
     if "breakdown" in results:

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from doc_examples import ROOT, DocumentRun
-from llama_sessions import SessionManager
+from llama_sessions import SessionManager, inspect_session
 
 
 def test_the_multi_user_backend_example_runs(
@@ -49,8 +49,8 @@ def test_the_multi_user_backend_example_runs(
     assert small.history("kim")[0]["content"] == "And then?"
     assert [m["content"] for m in strict.history("lee") if m["role"] == "user"] == ["And then?"]
     capsys.readouterr()
-    run.run_rest()  # the command line: create, resume, list, show, delete "bob"
-    created, resumed, listed, shown, deleted = run.commands
+    run.run_rest()  # the command line: create, resume, list, show, export, collect, delete "bob"
+    created, resumed, listed, shown, exported, collected, deleted = run.commands
     assert "created   bob" in created.stderr and "resumed   bob: " in resumed.stderr
     assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == [
         "ada",
@@ -61,5 +61,8 @@ def test_the_multi_user_backend_example_runs(
         "linus",
     ]
     assert "system        You are terse." in shown.stdout
+    assert exported.stdout.startswith("exported  bob: ")
+    assert inspect_session(tmp_path / "bob.session").chunks is None  # one self-contained file
+    assert collected.stdout.startswith(f"{pathlib.Path('sessions') / 'chunks'}: removed 0 corrupt chunks")
     assert deleted.stdout == "deleted   bob\n"
     assert not (tmp_path / "sessions" / "bob.session").exists()
