@@ -22,6 +22,7 @@ mod backend;
 pub mod chunks;
 mod context;
 mod durable;
+mod engine;
 mod error;
 pub mod gguf;
 pub mod llama_state;
@@ -39,8 +40,9 @@ pub use chunks::PrefixCache;
 pub use context::generation::Generator;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
-    StopReason, MAX_CHECKPOINTS,
+    SequenceTokens, StopReason, MAX_CHECKPOINTS,
 };
+pub use engine::{Engine, TurnStream};
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{
