@@ -172,3 +172,68 @@ impl Context {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::test_support::test_model;
+    use crate::context::NeverInterrupt;
+    use crate::{ContextParams, SamplingParams};
+
+    fn params() -> ContextParams {
+        ContextParams {
+            n_ctx: 1024,
+            n_batch: 64,
+            n_seq_max: 4,
+            ..ContextParams::default()
+        }
+    }
+
+    /// `sample` hands llama.cpp a batch index whose logits it does not check: each sequence must get the
+    /// index of its own last token, and none once anything else was decoded.
+    #[test]
+    fn each_sequence_samples_from_its_own_logits_until_the_next_decode() {
+        let model = test_model();
+        let prompts = ["The capital of France is", "One, two, three, four,"];
+        let tokens: Vec<Vec<LlamaToken>> = prompts
+            .iter()
+            .map(|p| model.tokenize(p, true, true).unwrap())
+            .collect();
+        let greedy = |ctx: &mut Context, seq| {
+            let mut sampler = SamplingParams::greedy().build(model.n_vocab() as i32, &[]);
+            ctx.sample(&mut sampler, seq)
+        };
+        // Each prompt alone: its next token.
+        let mut alone = Context::new(&model, params()).unwrap();
+        let mut expected = Vec::new();
+        for (seq, t) in tokens.iter().enumerate() {
+            alone
+                .append(seq as SeqId, t, true, &mut NeverInterrupt)
+                .unwrap();
+            expected.push(greedy(&mut alone, seq as SeqId).unwrap());
+        }
+        assert_ne!(expected[0], expected[1]);
+
+        // Together, listed in the other order (the batch sorts them), and a third sequence without logits.
+        let mut ctx = Context::new(&model, params()).unwrap();
+        let part = |seq, tokens, want_logits| SequenceTokens {
+            want_logits,
+            ..SequenceTokens::sampled(seq, tokens)
+        };
+        ctx.decode_batch(&[
+            part(3, &tokens[0], false),
+            part(1, &tokens[1], true),
+            part(0, &tokens[0], true),
+        ])
+        .unwrap();
+        assert_eq!(greedy(&mut ctx, 0).unwrap(), expected[0]);
+        assert_eq!(greedy(&mut ctx, 1).unwrap(), expected[1]);
+        assert!(matches!(greedy(&mut ctx, 3), Err(Error::StreamInvalidated)));
+        assert!(matches!(greedy(&mut ctx, 2), Err(Error::StreamInvalidated)));
+        // A decode of another sequence overwrites llama.cpp's logits: none are handed out any more.
+        ctx.append(2, &tokens[1], false, &mut NeverInterrupt)
+            .unwrap();
+        assert!(matches!(greedy(&mut ctx, 0), Err(Error::StreamInvalidated)));
+        assert!(matches!(greedy(&mut ctx, 1), Err(Error::StreamInvalidated)));
+    }
+}
