@@ -1,7 +1,7 @@
 //! Aggregate generation speed of 1, 2, 4 and 8 concurrent greedy turns (a 300-token prompt each, 64 tokens
 //! to generate) through one Engine, against one Context per turn run one after the other.
 //!
-//! cargo run --release --example engine_throughput -- path/to/model.gguf [n_threads]
+//! cargo run --release --example engine_throughput -- path/to/model.gguf [n_threads] [1,2,4,8]
 
 use std::time::Instant;
 
@@ -55,10 +55,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .ok_or("usage: engine_throughput MODEL.gguf [n_threads]")?;
+        .ok_or("usage: engine_throughput MODEL.gguf [n_threads] [turn counts, e.g. 1,2,4,8]")?;
     let threads: u32 = args
         .next()
         .map_or(Ok(llama_sessions::default_threads()), |n| n.parse())?;
+    let counts: Vec<usize> = match args.next() {
+        Some(list) => list.split(',').map(str::parse).collect::<Result<_, _>>()?,
+        None => vec![1, 2, 4, 8],
+    };
     let model = Model::load(&path, &ModelParams::default())?;
     let greedy = GenerateOptions {
         max_tokens: MAX_TOKENS,
@@ -71,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "turns  engine: generated  seconds  tokens/s   one context per turn: generated  seconds  tokens/s"
     );
-    for n in [1usize, 2, 4, 8] {
+    for n in counts {
         let params = ContextParams {
             n_ctx: 512 * n as u32,
             n_batch: 512,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{greedy, model};
+use common::{arch_model, greedy, model};
 use llama_sessions::{
     Context, ContextParams, Engine, Error, LlamaToken, NeverInterrupt, SequenceTokens, StopReason,
 };
@@ -319,4 +319,65 @@ fn decode_batch_checks_every_part_before_decoding() {
     ctx.decode_batch(&[part(1, &b), part(0, &a)]).unwrap();
     assert_eq!(ctx.tokens(0).unwrap(), a.as_slice());
     assert_eq!(ctx.tokens(1).unwrap(), b.as_slice());
+}
+
+/// The other memories llama.cpp runs (sliding window, hybrid, recurrent: the recurrent ones take state
+/// checkpoints at the prompt's edges) through the engine: one turn is exactly a plain Context's, and turns
+/// decoded together hold what their streams returned.
+#[test]
+fn every_memory_kind_batches_exactly() {
+    for name in ["tiny-gemma3", "tiny-lfm2", "tiny-mamba2"] {
+        let model = arch_model(name);
+        let params = ContextParams {
+            n_ctx: 1024,
+            n_batch: 32,
+            // The models are tiny; one thread keeps llama.cpp's threads from waiting on each other.
+            n_threads: 1,
+            ..ContextParams::default()
+        };
+        let engine = Engine::new(model, params, 4).unwrap();
+        let prompts = [long_prompt(40), long_prompt(70)];
+        let alone = engine
+            .submit(0, &prompts[0], greedy(8))
+            .unwrap()
+            .finish()
+            .unwrap();
+        let mut ctx = Context::new(model, engine.params().clone()).unwrap();
+        let expected = ctx
+            .generate(0, &prompts[0], greedy(8), &mut NeverInterrupt)
+            .unwrap();
+        assert!(!expected.tokens.is_empty(), "{name}");
+        assert_eq!(alone.tokens, expected.tokens, "{name}");
+        assert_eq!(
+            engine.sequence_state(0).unwrap(),
+            ctx.sequence_state(0).unwrap(),
+            "{name}"
+        );
+
+        let turns: Vec<_> = [1, 2]
+            .into_iter()
+            .zip(&prompts)
+            .map(|(seq, prompt)| engine.submit(seq, prompt, greedy(8)).unwrap())
+            .collect();
+        for (seq, turn) in [1, 2].into_iter().zip(turns) {
+            let generation = turn.finish().unwrap();
+            assert!(!generation.tokens.is_empty(), "{name}");
+            let prompt = model
+                .tokenize(&prompts[seq as usize - 1], true, true)
+                .unwrap();
+            assert_eq!(
+                engine.tokens(seq).unwrap(),
+                [prompt, generation.tokens].concat(),
+                "{name}"
+            );
+        }
+        // A state saved under batching loads into a plain Context.
+        let snapshot = engine.snapshot(2, Default::default(), None).unwrap();
+        ctx.restore(&snapshot, Some(2), None).unwrap();
+        assert_eq!(
+            ctx.sequence_state(2).unwrap(),
+            engine.sequence_state(2).unwrap(),
+            "{name}"
+        );
+    }
 }
