@@ -29,6 +29,9 @@ const QUESTIONS: [&str; 16] = [
     "What makes a good cup of coffee?",
 ];
 
+/// The sampling of the chat on sequence `seq`.
+type SamplingFor = fn(u32) -> SamplingParams;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args
@@ -42,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n_batch: 512,
         ..ContextParams::default()
     };
-    let modes: [(&str, fn(u32) -> SamplingParams); 2] = [
+    let modes: [(&str, SamplingFor); 2] = [
         ("greedy", |_| SamplingParams::greedy()),
         ("seeded (temperature 0.8)", |seed| SamplingParams {
             seed: Some(seed),
