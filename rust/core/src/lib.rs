@@ -40,8 +40,9 @@ pub use chunks::PrefixCache;
 pub use context::generation::Generator;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
-    SequenceTokens, StopReason, MAX_CHECKPOINTS,
+    StopReason, MAX_CHECKPOINTS,
 };
+pub use context::SequenceTokens;
 pub use engine::{Engine, TurnStream};
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
