@@ -38,11 +38,11 @@ mod text;
 
 pub use chunks::PrefixCache;
 pub use context::generation::Generator;
+pub use context::SequenceTokens;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, NeverInterrupt, SeqId,
     StopReason, MAX_CHECKPOINTS,
 };
-pub use context::SequenceTokens;
 pub use engine::{Engine, TurnStream};
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
