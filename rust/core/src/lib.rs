@@ -22,6 +22,7 @@ mod backend;
 pub mod chunks;
 mod context;
 mod durable;
+mod engine;
 mod error;
 pub mod gguf;
 pub mod llama_state;
@@ -37,10 +38,12 @@ mod text;
 
 pub use chunks::PrefixCache;
 pub use context::generation::Generator;
+pub use context::SequenceTokens;
 pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, ManifestSnapshot,
     NeverInterrupt, SeqId, SequenceCopy, StopReason, MAX_CHECKPOINTS,
 };
+pub use engine::{Engine, TurnStream};
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{

@@ -76,18 +76,7 @@ impl Generator {
         options: GenerateOptions,
         interrupt: &mut dyn Interrupt,
     ) -> Result<Generator> {
-        options.sampling.validate()?;
-        // llama.cpp sizes the penalty's ring buffer by repeat_last_n: bound it by what a sequence can hold.
-        if options.sampling.repeat_last_n as usize > ctx.capacity() {
-            return Err(Error::invalid(
-                "repeat_last_n",
-                format!(
-                    "0 <= repeat_last_n <= {} (the tokens a sequence holds)",
-                    ctx.capacity()
-                ),
-                options.sampling.repeat_last_n,
-            ));
-        }
+        Generator::check_options(ctx, &options)?;
         let started = Instant::now();
         let want_logits = options.max_tokens > 0;
         // A prefix cache may already hold the first chunks of what the sequence will hold.
@@ -109,6 +98,34 @@ impl Generator {
             prompt_seconds: started.elapsed().as_secs_f64(),
             ..GenerationStats::default()
         };
+        Generator::after_prompt(ctx, seq, options, stats)
+    }
+
+    /// Checks `options` for a generation on `ctx`, naming the first offending parameter.
+    pub(crate) fn check_options(ctx: &Context, options: &GenerateOptions) -> Result<()> {
+        options.sampling.validate()?;
+        // llama.cpp sizes the penalty's ring buffer by repeat_last_n: bound it by what a sequence can hold.
+        if options.sampling.repeat_last_n as usize > ctx.capacity() {
+            return Err(Error::invalid(
+                "repeat_last_n",
+                format!(
+                    "0 <= repeat_last_n <= {} (the tokens a sequence holds)",
+                    ctx.capacity()
+                ),
+                options.sampling.repeat_last_n,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The generator of sequence `seq`, whose prompt is decoded already (with the logits of its last token
+    /// kept where `options.max_tokens > 0`); its sampler sees what the sequence holds.
+    pub(crate) fn after_prompt(
+        ctx: &Context,
+        seq: SeqId,
+        options: GenerateOptions,
+        stats: GenerationStats,
+    ) -> Result<Generator> {
         let n_vocab = i32::try_from(ctx.model().n_vocab()).unwrap_or(i32::MAX);
         let sampler = options.sampling.build(n_vocab, ctx.tokens(seq)?);
         Ok(Generator {
@@ -134,14 +151,9 @@ impl Generator {
     ) -> Result<Option<String>> {
         loop {
             if self.finished.is_some() {
-                return Ok(self.tail.take().filter(|t| !t.is_empty()));
+                return Ok(self.take_tail());
             }
-            if self.generated.len() >= self.max_tokens {
-                self.finish(StopReason::MaxTokens);
-                continue;
-            }
-            if ctx.token_count(self.seq)? >= ctx.capacity() {
-                self.finish(StopReason::ContextFull);
+            if self.reached_end(ctx)? {
                 continue;
             }
             if ctx.epoch() != self.epoch {
@@ -160,22 +172,64 @@ impl Generator {
                 return Err(e);
             }
             self.epoch = ctx.epoch();
-            self.generated.push(token);
-            self.stats.generated_tokens += 1;
-            if ctx.model().is_end_of_generation(token) {
-                self.finish(StopReason::EndOfGeneration);
-                continue;
-            }
-            let text = self.utf8.push(&ctx.model().token_bytes(token, false)?);
-            match self.stops.push(&text) {
-                StopScan::Continue(piece) if piece.is_empty() => {}
-                StopScan::Continue(piece) => return Ok(Some(piece)),
-                StopScan::Stopped(before) => {
-                    self.finished = Some(StopReason::StopString);
-                    self.tail = Some(before);
-                }
+            if let Some(piece) = self.accept(ctx, token)? {
+                return Ok(Some(piece));
             }
         }
+    }
+
+    /// Ends the generation where it has generated `max_tokens` or its sequence is full; true if it has ended.
+    fn reached_end(&mut self, ctx: &Context) -> Result<bool> {
+        if self.finished.is_some() {
+            return Ok(true);
+        }
+        if self.generated.len() >= self.max_tokens {
+            self.finish(StopReason::MaxTokens);
+        } else if ctx.token_count(self.seq)? >= ctx.capacity() {
+            self.finish(StopReason::ContextFull);
+        }
+        Ok(self.finished.is_some())
+    }
+
+    /// The next token, sampled from the logits of the sequence's last token, for a caller that decodes it
+    /// itself (a batch of several sequences) and then hands it to [`Generator::accept`]; `None` once the
+    /// generation has ended (its last text is then in [`Generator::take_tail`]).
+    pub(crate) fn sample_next(&mut self, ctx: &mut Context) -> Result<Option<LlamaToken>> {
+        if self.reached_end(ctx)? {
+            return Ok(None);
+        }
+        ctx.sample(&mut self.sampler, self.seq).map(Some)
+    }
+
+    /// Takes `token`, which the context has just decoded at the end of the sequence: returns the text it
+    /// completes, if any (an end-of-generation token or a stop string ends the generation instead).
+    pub(crate) fn accept(&mut self, ctx: &Context, token: LlamaToken) -> Result<Option<String>> {
+        self.generated.push(token);
+        self.stats.generated_tokens += 1;
+        if ctx.model().is_end_of_generation(token) {
+            self.finish(StopReason::EndOfGeneration);
+            return Ok(None);
+        }
+        let text = self.utf8.push(&ctx.model().token_bytes(token, false)?);
+        match self.stops.push(&text) {
+            StopScan::Continue(piece) if piece.is_empty() => Ok(None),
+            StopScan::Continue(piece) => Ok(Some(piece)),
+            StopScan::Stopped(before) => {
+                self.finished = Some(StopReason::StopString);
+                self.tail = Some(before);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The text released when the generation ended, once (None if empty or not ended).
+    pub(crate) fn take_tail(&mut self) -> Option<String> {
+        self.tail.take().filter(|t| !t.is_empty())
+    }
+
+    /// Adds `seconds` to the time spent generating (a batch's decode, counted by its caller).
+    pub(crate) fn add_generation_seconds(&mut self, seconds: f64) {
+        self.stats.generation_seconds += seconds;
     }
 
     fn finish(&mut self, reason: StopReason) {

@@ -12,6 +12,7 @@
 //! memory's checkpoints, checked the same way) change the cache. `state` (sessions and snapshots),
 //! `checkpoints` and `generation` are child modules that go through those doors.
 
+mod batch;
 mod checkpoints;
 pub(crate) mod generation;
 mod layout;
@@ -32,6 +33,7 @@ use crate::llama_state::{self, Expected, MemoryLayout, StateLayout};
 use crate::model::{ChatMessage, MemoryKind, Model, ModelInner};
 use crate::params::ContextParams;
 use crate::sampling::SamplingParams;
+pub use batch::SequenceTokens;
 use checkpoints::Checkpoint;
 pub use checkpoints::MAX_CHECKPOINTS;
 use generation::Generator;
@@ -111,6 +113,9 @@ pub struct Context {
     chunk_len: usize,
     batch: LlamaBatch<'static>,
     last_logits: Option<LastLogits>,
+    /// Where the logits of each sequence that asked for them in the last [`Context::decode_batch`] are, valid
+    /// while the epoch is the one recorded with them (every decode and every change of the cache bumps it).
+    batch_logits: (u64, Vec<LastLogits>),
     /// Bumped by every change of the KV cache, so that a paused token stream can tell it was overtaken.
     epoch: u64,
     /// What llama.cpp's state of one sequence of this context looks like, or why it cannot be checked.
@@ -195,6 +200,7 @@ impl Context {
             sequences: vec![Vec::new(); n_seq],
             params,
             last_logits: None,
+            batch_logits: (0, Vec::new()),
             epoch: 0,
             layout: Err("the layout is being learnt".to_owned()),
             exact_floor: vec![0; n_seq],
@@ -430,20 +436,20 @@ impl Context {
             Err(e) => {
                 // llama.cpp may have kept part of a failed batch; drop it so that cache and bookkeeping agree.
                 self.remove_from(seq, held)?;
-                let (code, reason) = match e {
-                    llama_cpp_2::DecodeError::NoKvCacheSlot => {
-                        (1, "no free KV cache slot for the batch".to_owned())
-                    }
-                    llama_cpp_2::DecodeError::NTokensZero => {
-                        (-1, "llama.cpp rejected the batch as invalid".to_owned())
-                    }
-                    llama_cpp_2::DecodeError::Unknown(code) => {
-                        (code, "llama.cpp failed to compute the batch".to_owned())
-                    }
-                };
-                Err(Error::Decode { code, reason })
+                Err(decode_failure(e))
             }
         }
+    }
+
+    /// Where the logits of the last token of `seq` are, if the last decode kept them.
+    fn logits_index(&self, seq: SeqId) -> Option<i32> {
+        if let Some(last) = self.last_logits.filter(|l| l.seq == seq) {
+            return Some(last.batch_index);
+        }
+        let (epoch, kept) = &self.batch_logits;
+        kept.iter()
+            .find(|l| l.seq == seq && *epoch == self.epoch)
+            .map(|l| l.batch_index)
     }
 
     /// Checks the KV cache of `seq` against its bookkeeping; on disagreement empties that sequence (cells and
@@ -783,8 +789,8 @@ impl Context {
         seq: SeqId,
         interrupt: &mut dyn Interrupt,
     ) -> Result<i32> {
-        if let Some(last) = self.last_logits.filter(|l| l.seq == seq) {
-            return Ok(last.batch_index);
+        if let Some(batch_index) = self.logits_index(seq) {
+            return Ok(batch_index);
         }
         let held = self.token_count(seq)?;
         if let Some(&token) = self.sequences[seq as usize].last() {
@@ -814,13 +820,13 @@ impl Context {
         seq: SeqId,
     ) -> Result<LlamaToken> {
         // `llama_sampler_sample` reads the logits of `batch_index` without checking that they exist, so sample
-        // only where the last decode of this very sequence produced logits.
-        let Some(last) = self.last_logits.filter(|l| l.seq == seq) else {
+        // only where the last decode produced logits for this very sequence.
+        let Some(batch_index) = self.logits_index(seq) else {
             return Err(Error::StreamInvalidated);
         };
         Ok(self
             .cell
-            .with_dependent_mut(|_, ctx| sampler.sample(ctx, last.batch_index)))
+            .with_dependent_mut(|_, ctx| sampler.sample(ctx, batch_index)))
     }
 
     /// Starts generating after `prompt` on sequence `seq`: the prompt is tokenized (with BOS only when the
@@ -989,6 +995,22 @@ impl Context {
         let empty = self.token_count(seq)? == 0;
         self.model.tokenize(prompt, empty, true)
     }
+}
+
+/// The error of a failed `llama_decode`.
+fn decode_failure(e: llama_cpp_2::DecodeError) -> Error {
+    let (code, reason) = match e {
+        llama_cpp_2::DecodeError::NoKvCacheSlot => {
+            (1, "no free KV cache slot for the batch".to_owned())
+        }
+        llama_cpp_2::DecodeError::NTokensZero => {
+            (-1, "llama.cpp rejected the batch as invalid".to_owned())
+        }
+        llama_cpp_2::DecodeError::Unknown(code) => {
+            (code, "llama.cpp failed to compute the batch".to_owned())
+        }
+    };
+    Error::Decode { code, reason }
 }
 
 /// What [`Context::generate`] is asked to do.
