@@ -386,3 +386,31 @@ fn an_in_memory_cache_cannot_hold_sessions() {
     assert!(matches!(err, Error::InvalidParameter { .. }), "{err}");
     assert!(err.to_string().contains("in memory"), "{err}");
 }
+
+#[test]
+fn a_chunk_file_of_any_size_is_read_no_further_than_a_chunk() {
+    let dir = temp_dir("chunked-huge");
+    let m = chunked_manager(&dir, 1 << 30);
+    m.create_session("a", Some(&system_prompt()), Metadata::new())
+        .unwrap();
+    chat(&m, "a", "Name a color.");
+    let (tokens, state) = state_of(&m, "a");
+    drop(m);
+    let keys = manifest_keys(&dir, "a");
+    let path = chunk_file(&dir, &keys[0]);
+    let sound_len = std::fs::metadata(&path).unwrap().len();
+    // 64 GiB, sparse: reading it whole would need 64 GiB of memory (and abort the process).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let fresh = chunked_manager(&dir, 1 << 30);
+    let (tokens_after, state_after) = state_of(&fresh, "a");
+    assert_eq!(tokens_after, tokens);
+    assert_eq!(fresh.stats().recomputed_tokens as usize, tokens.len());
+    // Removed as corrupt, decoded again and offered again: a chunk of the sound length is back.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), sound_len);
+    assert_eq!(state_after.len(), state.len());
+}

@@ -178,7 +178,7 @@ fn chunks_of_other_kv_parameters_or_another_namespace_never_match() {
     let f16_layout = f16.state_layout().unwrap().clone();
     let f16_key =
         ChunkScope::new(model().fingerprint(), f16.params(), &f16_layout, C, "").chain(&tokens)[0];
-    let planted = store.get(&f16_key).unwrap().unwrap();
+    let planted = store.get(&f16_key, usize::MAX - 1).unwrap().unwrap();
     let q8 = Context::new(model(), params(KvType::Q8_0, true, 1)).unwrap();
     let q8_scope = ChunkScope::new(
         model().fingerprint(),
@@ -202,7 +202,7 @@ fn chunks_of_other_kv_parameters_or_another_namespace_never_match() {
         assert_eq!(run(&mut q8, 0, &tokens, 0), tokens.len());
         assert_eq!(cache.stats().corrupt, corrupt_before + 1);
         // Offered again after the decode: the sound chunk replaced the planted one.
-        let sound = store.get(&q8_key).unwrap().unwrap();
+        let sound = store.get(&q8_key, usize::MAX - 1).unwrap().unwrap();
         parse_chunk(&sound, &q8_key, 0, C, q8.state_layout().unwrap()).unwrap();
     }
 }

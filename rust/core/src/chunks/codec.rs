@@ -65,6 +65,12 @@ pub fn payload_len(layout: &StateLayout, cells: usize) -> Option<usize> {
     usize::try_from(per_cell.checked_mul(cells as u64)?).ok()
 }
 
+/// The length of a sound chunk of `cells` cells for `layout` (header, payload, checksum), or None if that
+/// cannot be addressed: how much a reader reads at most.
+pub fn chunk_len(layout: &StateLayout, cells: usize) -> Option<usize> {
+    payload_len(layout, cells)?.checked_add(CHUNK_HEADER_LEN + CHUNK_CHECKSUM_LEN)
+}
+
 /// Where the sections of a checked per-sequence state of `n` cells start: the cell records, then per layer
 /// the first byte of its K rows and of its V data.
 struct Sections {

@@ -14,6 +14,10 @@ use super::key::ChunkKey;
 use crate::error::Result;
 use crate::store::{DirectoryStore, SessionStore};
 
+/// Largest chunk `gc` reads to check it (a 256-token chunk of a 70B model in f16 is 80 MiB); a larger value
+/// is no chunk this crate wrote, and is removed as corrupt.
+pub const MAX_CHUNK_BYTES: usize = 1 << 30;
+
 /// Suffix of chunk files in a directory store.
 pub const CHUNK_SUFFIX: &str = ".kvchunk";
 
@@ -54,8 +58,11 @@ pub struct GcReport {
 
 /// Chunks by key. Implementations are shared between contexts and threads.
 pub trait ChunkStore: Send + Sync + std::fmt::Debug {
-    /// The bytes of `key` (unverified), or None; a hit makes the chunk the most recently used.
-    fn get(&self, key: &ChunkKey) -> Result<Option<Vec<u8>>>;
+    /// The bytes of `key` (unverified), or None; a hit makes the chunk the most recently used. At most
+    /// `max_len + 1` bytes are read (the reader knows the length a sound chunk has): a longer value comes back
+    /// cut, `max_len + 1` bytes, and fails the reader's length check, so that a hostile file of any size
+    /// costs no more memory than a sound chunk.
+    fn get(&self, key: &ChunkKey, max_len: usize) -> Result<Option<Vec<u8>>>;
     /// Whether `key` is held (as far as this process knows), without counting a lookup.
     fn contains(&self, key: &ChunkKey) -> bool;
     /// Stores `bytes` under `key`, then evicts least recently used chunks until within the bound.
@@ -219,11 +226,13 @@ impl MemoryChunkStore {
 }
 
 impl ChunkStore for MemoryChunkStore {
-    fn get(&self, key: &ChunkKey) -> Result<Option<Vec<u8>>> {
+    fn get(&self, key: &ChunkKey, max_len: usize) -> Result<Option<Vec<u8>>> {
         let mut inner = self.lock();
         let (lru, map) = &mut *inner;
         if lru.touch(key) {
-            Ok(map.get(key).map(|b| b.as_ref().clone()))
+            Ok(map
+                .get(key)
+                .map(|b| b[..b.len().min(max_len.saturating_add(1))].to_vec()))
         } else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             Ok(None)
@@ -381,8 +390,11 @@ impl StoreChunkStore {
 }
 
 impl ChunkStore for StoreChunkStore {
-    fn get(&self, key: &ChunkKey) -> Result<Option<Vec<u8>>> {
-        match self.store.get(&key.to_hex())? {
+    fn get(&self, key: &ChunkKey, max_len: usize) -> Result<Option<Vec<u8>>> {
+        match self
+            .store
+            .get_prefix(&key.to_hex(), max_len.saturating_add(1))?
+        {
             Some(bytes) => {
                 let mut lru = self.lock();
                 if !lru.touch(key) {
@@ -430,7 +442,7 @@ impl ChunkStore for StoreChunkStore {
         let mut report = GcReport::default();
         let keys: Vec<ChunkKey> = self.lock().entries.keys().copied().collect();
         for key in keys {
-            let sound = match self.store.get(&key.to_hex())? {
+            let sound = match self.store.get_prefix(&key.to_hex(), MAX_CHUNK_BYTES + 1)? {
                 Some(bytes) => check_integrity(&bytes, &key).is_ok(),
                 None => {
                     self.lock().remove(&key);
@@ -494,7 +506,9 @@ mod tests {
         store.put(&key(1), &[1; 10]).unwrap();
         store.put(&key(2), &[2; 10]).unwrap();
         store.put(&key(3), &[3; 10]).unwrap();
-        assert!(store.get(&key(1)).unwrap().is_some()); // 1 is now the most recent
+        assert!(store.get(&key(1), 10).unwrap().is_some()); // 1 is now the most recent
+                                                            // A read takes at most one byte more than the length asked for.
+        assert_eq!(store.get(&key(1), 4).unwrap().unwrap().len(), 5);
         store.put(&key(4), &[4; 10]).unwrap(); // evicts 2
         assert!(store.contains(&key(1)) && store.contains(&key(3)) && store.contains(&key(4)));
         assert!(!store.contains(&key(2)));

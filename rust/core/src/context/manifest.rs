@@ -16,7 +16,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::prefix::assembled_state;
 use super::{Context, NeverInterrupt, SeqId};
-use crate::chunks::codec::{chunk_digest, encode_cells, parse_chunk, ChunkView};
+use crate::chunks::codec::{chunk_digest, chunk_len, encode_cells, parse_chunk, ChunkView};
 use crate::chunks::{ChunkKey, ChunkScope};
 use crate::error::{Error, Result};
 use crate::session::{to_tokens, Metadata, SessionInfo};
@@ -104,7 +104,7 @@ impl Context {
                 let bytes = encode_cells(&state, layout, seq, n, i * c, c, chunk_key)
                     .map_err(Error::Internal)?;
                 let ours = chunk_digest(&bytes).expect("an encoded chunk has a digest");
-                match store.get(chunk_key)? {
+                match store.get(chunk_key, bytes.len())? {
                     // Someone else's computation of these tokens: named only if it is ours to the bit.
                     Some(held) => (held == bytes).then_some(ours),
                     None => store.put(chunk_key, &bytes).is_ok().then_some(ours),
@@ -266,9 +266,12 @@ impl Context {
         };
         // The chunks, in order, up to the first that is missing; then each is checked (once: the views
         // borrow the bytes) up to the first that is not the one named.
+        let max_len = chunk_len(&layout, c).unwrap_or(0);
         let mut fetched: Vec<Vec<u8>> = Vec::with_capacity(k);
         for key in &keys {
-            let Some(found) = store.get(key)? else { break };
+            let Some(found) = store.get(key, max_len)? else {
+                break;
+            };
             fetched.push(found);
         }
         let mut views: Vec<ChunkView<'_>> = Vec::with_capacity(k + 1);

@@ -7,7 +7,8 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::{Context, SeqId};
 use crate::chunks::codec::{
-    assemble_into, assembled_len, chunk_digest, encode_chunk, parse_chunk, ChunkView, SliceSink,
+    assemble_into, assembled_len, chunk_digest, chunk_len, encode_chunk, parse_chunk, ChunkView,
+    SliceSink,
 };
 use crate::chunks::{ChunkScope, PrefixCache};
 use crate::error::{Error, Result};
@@ -112,9 +113,12 @@ impl Context {
         }
         let keys = scope.chain(&all[..usable * c]);
         let store = cache.store();
+        let max_len = chunk_len(layout, c).unwrap_or(0);
         let mut found = Vec::new();
         for key in &keys {
-            let Some(bytes) = store.get(key)? else { break };
+            let Some(bytes) = store.get(key, max_len)? else {
+                break;
+            };
             found.push(bytes);
         }
         // Each chunk checked once, in order (the views borrow the bytes); the first unsound one is removed
