@@ -178,3 +178,7 @@ def test_storage_arguments_are_checked(model: Model, tmp_path: pathlib.Path) -> 
     assert default.prefix_cache is not None
     assert default.prefix_cache.path == tmp_path / "default" / "chunks"
     assert default.prefix_cache.chunk_tokens == 256
+    with pytest.raises(InvalidParameterError, match="an existing session directory"):
+        default.prefix_cache.pin_sessions(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    assert default.prefix_cache.pin_sessions(tmp_path / "default") == 0

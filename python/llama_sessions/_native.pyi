@@ -270,7 +270,7 @@ class PrefixCache:
         """Never evict (here or in gc()) the chunks that the sessions stored in ``session_dir`` name: what a
         SessionManager with ``storage="chunks"`` does for its own cache, for a tool that collects that cache
         by itself (``llama-sessions cache gc``). Holds for this PrefixCache object. Returns how many chunks
-        the sessions name.
+        the sessions name; InvalidParameterError if ``session_dir`` is not a directory.
         """
     def clear(self) -> int:
         """Removes every chunk; returns how many. Sessions whose manifests named them decode those tokens

@@ -143,10 +143,17 @@ impl PyPrefixCache {
     /// Never evict (here or in gc()) the chunks that the sessions stored in ``session_dir`` name: what a
     /// SessionManager with ``storage="chunks"`` does for its own cache, for a tool that collects that cache
     /// by itself (``llama-sessions cache gc``). Holds for this PrefixCache object. Returns how many chunks
-    /// the sessions name.
+    /// the sessions name; InvalidParameterError if ``session_dir`` is not a directory.
     fn pin_sessions(&self, py: Python<'_>, session_dir: PathBuf) -> PyResult<usize> {
         let cache = self.inner.clone();
         native(py, move |_| {
+            if !session_dir.is_dir() {
+                return Err(Error::invalid(
+                    "session_dir",
+                    "an existing session directory",
+                    session_dir.display(),
+                ));
+            }
             let store = DirectoryStore::open(session_dir)?;
             pin_stored_chunks(&cache, &store)
         })
