@@ -171,7 +171,9 @@ impl Context {
     /// Restores a verified manifest (`opened`, from `bytes`; compatibility already checked) into sequence
     /// `seq` (`None`: its own, the others emptied). Every check of what the manifest says runs before the
     /// context changes; chunks are then fetched, and the first one that is missing or not the one named ends
-    /// the restored chain: the tokens from there are decoded. The returned info counts those.
+    /// the restored chain: the tokens from there are decoded. The returned info counts those. A refusal
+    /// leaves the context as it was; a decode that fails while recomputing leaves the destination emptied
+    /// (with `seq` None: the whole context).
     pub(super) fn restore_manifest(
         &mut self,
         bytes: &[u8],
@@ -328,7 +330,18 @@ impl Context {
         }
         let recomputed = n - restored_tokens;
         if recomputed > 0 {
-            self.append(dest, &tokens[restored_tokens..], false, &mut NeverInterrupt)?;
+            if let Err(e) =
+                self.append(dest, &tokens[restored_tokens..], false, &mut NeverInterrupt)
+            {
+                // Not the session, and not what the context held before: emptied, as a refused restore
+                // of the whole context leaves it.
+                if seq.is_none() {
+                    self.reset();
+                } else {
+                    self.remove_from(dest, 0)?;
+                }
+                return Err(e);
+            }
             self.offer_to_prefix_cache(dest);
         }
         let mut info = SessionInfo::from_opened(opened);
