@@ -62,9 +62,12 @@ impl Context {
         };
         let store = cache.store();
         let keys = scope.chain(&self.sequences[0]);
+        // llama.cpp's state of the sequence, copied out once: chunks the cache lacks and the tail are cut
+        // from it.
+        let state = self.sequence_state(0)?;
         // Pinned before they are looked at, so that no eviction slips between the look and the manifest.
         store.pin(&keys);
-        let named = match self.name_held_chunks(&keys) {
+        let named = match self.name_held_chunks(&keys, &state) {
             Ok(named) => named,
             Err(e) => {
                 store.unpin(&keys);
@@ -73,7 +76,7 @@ impl Context {
         };
         let k = named.len();
         store.unpin(&keys[k..]);
-        let built = self.manifest_with(named, &keys, metadata, key);
+        let built = self.manifest_with(named, &keys, &state, metadata, key);
         if built.is_err() {
             store.unpin(&keys[..k]);
         }
@@ -84,8 +87,8 @@ impl Context {
     }
 
     /// The longest chain of sequence 0's full chunks (`keys`) the cache holds exactly as this context does,
-    /// writing the ones it lacks.
-    fn name_held_chunks(&self, keys: &[ChunkKey]) -> Result<Vec<ManifestChunk>> {
+    /// writing the ones it lacks (cut from `state`, sequence 0's state).
+    fn name_held_chunks(&self, keys: &[ChunkKey], state: &[u8]) -> Result<Vec<ManifestChunk>> {
         let (cache, scope) = self.prefix_scope().expect("checked by the caller");
         let layout = self
             .state_layout()
@@ -95,13 +98,12 @@ impl Context {
         let n = self.sequences[0].len();
         let c = scope.chunk_tokens();
         let known = &self.chunk_digests[0];
-        let state = self.sequence_state(seq)?;
         let mut named = Vec::new();
         for (i, chunk_key) in keys.iter().enumerate() {
             let digest = if i < known.len() && store.contains(chunk_key) {
                 Some(known[i])
             } else {
-                let bytes = encode_cells(&state, layout, seq, n, i * c, c, chunk_key)
+                let bytes = encode_cells(state, layout, seq, n, i * c, c, chunk_key)
                     .map_err(Error::Internal)?;
                 let ours = chunk_digest(&bytes).expect("an encoded chunk has a digest");
                 match store.get(chunk_key, bytes.len())? {
@@ -120,11 +122,12 @@ impl Context {
     }
 
     /// The manifest's bytes: sequence 0 as the `named` chunks (the first of `keys`) and the cells after
-    /// them.
+    /// them (cut from `state`, sequence 0's state).
     fn manifest_with(
         &self,
         named: Vec<ManifestChunk>,
         keys: &[ChunkKey],
+        state: &[u8],
         metadata: &Metadata,
         key: Option<&SessionKey>,
     ) -> Result<Vec<u8>> {
@@ -141,9 +144,8 @@ impl Context {
         let tail = if tail_tokens.is_empty() {
             Vec::new()
         } else {
-            let state = self.sequence_state(seq)?;
             let tail_key = scope.key(keys[..k].last(), tail_tokens);
-            encode_cells(&state, layout, seq, n, k * c, n - k * c, &tail_key)
+            encode_cells(state, layout, seq, n, k * c, n - k * c, &tail_key)
                 .map_err(Error::Internal)?
         };
         let mut header = self.session_header(
