@@ -94,9 +94,8 @@ impl Context {
         self.epoch += 1;
         self.last_logits = None;
         self.batch_logits = (self.epoch, Vec::new());
-        let decoded = self
-            .cell
-            .with_dependent_mut(|_, ctx| ctx.decode(&mut self.batch));
+        let batch = &mut self.batch;
+        let decoded = self.llama.with_mut(|ctx| ctx.decode(batch));
         if let Err(e) = decoded {
             let mut first_failure = None;
             for (part, &held) in order.iter().zip(&held) {
@@ -128,6 +127,13 @@ impl Context {
 
     /// Every check of [`Context::decode_batch`] that runs before anything changes.
     fn check_batch(&self, parts: &[SequenceTokens<'_>]) -> Result<()> {
+        if self.llama.pooled().is_some() {
+            return Err(Error::invalid(
+                "context",
+                "a context of its own (a pooled context is batched by its pool)",
+                "a pooled context",
+            ));
+        }
         if parts.is_empty() {
             return Err(Error::invalid(
                 "parts",

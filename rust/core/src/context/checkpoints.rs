@@ -87,15 +87,20 @@ impl Context {
             return Ok(());
         }
         let flags = LlamaStateSeqFlags::PARTIAL_ONLY;
-        let ctx = self.cell.borrow_dependent();
-        let len = ctx.state_seq_get_size_ext(seq as i32, flags);
-        let mut state = vec![0; len];
-        // SAFETY: llama-cpp-2 passes no bound to `llama_state_seq_get_data_ext`; `state` is exactly the size
-        // `llama_state_seq_get_size_ext` just computed with the same flags and serializer (a counting
-        // writer), and nothing changed the memory in between (`ctx` is borrowed from `&self`'s cell, taken
-        // under `&mut self`). (Tested by rust/core/tests/checkpoints.rs, which restores checkpoints through
-        // the layout check, and fuzz_corpus.rs, which checks a real checkpoint's bytes against it.)
-        let written = unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), seq as i32, flags) };
+        let llama_seq = self.llama.seq(seq);
+        let (len, state, written) = self.llama.with(|ctx| {
+            let len = ctx.state_seq_get_size_ext(llama_seq, flags);
+            let mut state = vec![0; len];
+            // SAFETY: llama-cpp-2 passes no bound to `llama_state_seq_get_data_ext`; `state` is exactly the
+            // size `llama_state_seq_get_size_ext` just computed with the same flags and serializer (a counting
+            // writer), and nothing changed the memory in between: both calls run in one `with`, which holds
+            // the context (a pooled one's lock; its other sequences' decodes do not touch this sequence's
+            // stream either). (Tested by rust/core/tests/checkpoints.rs, which restores checkpoints through
+            // the layout check, and fuzz_corpus.rs, which checks a real checkpoint's bytes against it.)
+            let written =
+                unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), llama_seq, flags) };
+            (len, state, written)
+        });
         if written != len {
             return Err(Error::Internal(format!(
                 "llama.cpp wrote {written} bytes of the partial state of sequence {seq}, {len} were expected"

@@ -15,6 +15,7 @@
 mod batch;
 mod checkpoints;
 pub(crate) mod generation;
+mod handle;
 mod layout;
 mod manifest;
 mod prefix;
@@ -37,6 +38,7 @@ pub use batch::SequenceTokens;
 use checkpoints::Checkpoint;
 pub use checkpoints::MAX_CHECKPOINTS;
 use generation::Generator;
+use handle::LlamaHandle;
 pub use manifest::ManifestSnapshot;
 pub use prefix::SequenceCopy;
 
@@ -100,7 +102,10 @@ impl<F: FnMut() -> bool> Interrupt for F {
 
 /// A llama.cpp context with its bookkeeping. `Send`, not `Sync`: share it between threads behind a lock.
 pub struct Context {
-    cell: ContextCell,
+    llama: LlamaHandle,
+    /// For a pooled context: the logits of the last decode that asked for them, copied out of the shared
+    /// context by the pool (valid while `last_logits` says so).
+    pooled_logits: Option<Vec<f32>>,
     model: Model,
     params: ContextParams,
     /// The tokens in the KV cache, per sequence, in position order: token `i` sits at position `i`.
@@ -161,24 +166,7 @@ impl Context {
     /// (`n_ctx=300` holds 512 cells), so that sessions record and compare what they really are.
     pub fn new(model: &Model, params: ContextParams) -> Result<Context> {
         params.validate(model)?;
-        let backend = backend()?;
-        clear_recent_log();
-        let llama_params = params.to_llama();
-        let creating = CONTEXT_CREATION
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cell = ContextCell::try_new(Arc::clone(&model.inner), |inner| {
-            inner
-                .llama
-                .new_context(backend, llama_params)
-                .map_err(|e| Error::ContextCreate {
-                    reason: take_recent_log(&format!(
-                        "llama.cpp returned no context ({e}); usually not enough memory for n_ctx={}",
-                        params.n_ctx
-                    )),
-                })
-        })?;
-        drop(creating);
+        let cell = create_cell(model, &params)?;
         let allocated = cell.borrow_dependent();
         // llama.cpp decodes at most n_ubatch tokens per step; it is n_batch here (both are set alike and
         // clamped alike), and the smaller is what a chunk may hold.
@@ -187,12 +175,28 @@ impl Context {
             n_batch: allocated.n_batch().min(allocated.n_ubatch()),
             ..params
         };
+        Context::assemble(LlamaHandle::Own(cell), model, params)
+    }
+
+    /// A context on one sequence of a [`crate::engine::ContextPool`], with the parameters the pool allocated
+    /// for each of its sequences (`n_seq_max` 1).
+    pub(crate) fn pooled(
+        model: &Model,
+        params: ContextParams,
+        pooled: crate::engine::PooledSequence,
+    ) -> Result<Context> {
+        Context::assemble(LlamaHandle::Pooled(pooled), model, params)
+    }
+
+    /// The bookkeeping around a llama.cpp context whose allocated sizes `params` holds.
+    fn assemble(llama: LlamaHandle, model: &Model, params: ContextParams) -> Result<Context> {
         let n_ctx = params.n_ctx as usize;
         let chunk_len = params.n_batch as usize;
         let n_seq = params.n_seq_max as usize;
         let plan = layout::plan(model, &params, n_ctx / n_seq);
         let mut ctx = Context {
-            cell,
+            llama,
+            pooled_logits: None,
             model: model.clone(),
             chunk_len,
             batch: LlamaBatch::new(chunk_len, 1),
@@ -321,7 +325,7 @@ impl Context {
         let heads = llama.n_head().max(1) as usize;
         let width = (llama.n_embd().max(0) as usize) * llama.n_head_kv() as usize / heads;
         let row = |t: crate::params::KvType| t.row_bytes(width);
-        let n_ctx = self.cell.borrow_dependent().n_ctx() as usize;
+        let n_ctx = self.capacity_per_sequence * self.sequences.len();
         n_ctx * llama.n_layer() as usize * (row(self.params.type_k) + row(self.params.type_v))
     }
 
@@ -419,9 +423,18 @@ impl Context {
         }
         self.epoch += 1;
         self.last_logits = None;
-        let decoded = self
-            .cell
-            .with_dependent_mut(|_, ctx| ctx.decode(&mut self.batch));
+        self.pooled_logits = None;
+        let decoded = match self.llama.pooled() {
+            Some(pooled) => pooled
+                .decode(chunk, held, logits_for_last)
+                .map(|logits| self.pooled_logits = logits),
+            None => {
+                let batch = &mut self.batch;
+                self.llama
+                    .with_mut(|ctx| ctx.decode(batch))
+                    .map_err(decode_failure)
+            }
+        };
         match decoded {
             Ok(()) => {
                 self.sequences[seq as usize].extend_from_slice(chunk);
@@ -436,7 +449,7 @@ impl Context {
             Err(e) => {
                 // llama.cpp may have kept part of a failed batch; drop it so that cache and bookkeeping agree.
                 self.remove_from(seq, held)?;
-                Err(decode_failure(e))
+                Err(e)
             }
         }
     }
@@ -455,10 +468,8 @@ impl Context {
     /// Checks the KV cache of `seq` against its bookkeeping; on disagreement empties that sequence (cells and
     /// bookkeeping; the other sequences are untouched) and reports a bug.
     fn verify(&mut self, seq: SeqId) -> Result<()> {
-        let pos_max = self
-            .cell
-            .borrow_dependent()
-            .kv_cache_seq_pos_max(seq as i32);
+        let llama_seq = self.llama.seq(seq);
+        let pos_max = self.llama.with(|ctx| ctx.kv_cache_seq_pos_max(llama_seq));
         let expected = self.sequences[seq as usize].len() as i64 - 1;
         if i64::from(pos_max) == expected {
             return Ok(());
@@ -469,8 +480,8 @@ impl Context {
         self.checkpoints[seq as usize].clear();
         self.chunk_digests[seq as usize].clear();
         let removed = self
-            .cell
-            .with_dependent_mut(|_, ctx| ctx.kv_cache_seq_rm(seq as i32, None, None));
+            .llama
+            .with_mut(|ctx| ctx.kv_cache_seq_rm(llama_seq, None, None));
         if removed.is_err() || self.llama_cell_count(seq).unwrap_or(1) != 0 {
             self.reset();
         }
@@ -485,9 +496,10 @@ impl Context {
         self.epoch += 1;
         self.last_logits = None;
         let keep_u32 = u32::try_from(keep).expect("positions fit in u32");
+        let llama_seq = self.llama.seq(seq);
         let removed = self
-            .cell
-            .with_dependent_mut(|_, ctx| ctx.kv_cache_seq_rm(seq as i32, Some(keep_u32), None));
+            .llama
+            .with_mut(|ctx| ctx.kv_cache_seq_rm(llama_seq, Some(keep_u32), None));
         if let Err(e) = removed {
             return Err(Error::Internal(format!(
                 "llama.cpp could not remove cells: {e}"
@@ -558,11 +570,23 @@ impl Context {
                                 // the whole KV buffer: 8 ms at n_ctx 4096 with a 135M model), but a range starts at position 0 at the
                                 // earliest, so a cell at a negative position would survive it. Clear the memory entirely whenever
                                 // anything is left.
-        let cleared = self
-            .cell
-            .with_dependent_mut(|_, ctx| ctx.clear_kv_cache_seq(None, None, None));
-        if !matches!(cleared, Ok(true)) || !self.memory_is_empty() {
-            self.cell.with_dependent_mut(|_, ctx| ctx.clear_kv_cache());
+        match self.llama.pooled().map(|pooled| pooled.seq()) {
+            // Only this context's sequence of the shared memory: a range removal, which leaves a cell at a
+            // negative position, but no such cell ever enters (states are checked before llama.cpp reads
+            // them).
+            Some(llama_seq) => {
+                let _ = self
+                    .llama
+                    .with_mut(|ctx| ctx.clear_kv_cache_seq(Some(llama_seq as u32), None, None));
+            }
+            None => {
+                let cleared = self
+                    .llama
+                    .with_mut(|ctx| ctx.clear_kv_cache_seq(None, None, None));
+                if !matches!(cleared, Ok(true)) || !self.memory_is_empty() {
+                    self.llama.with_mut(|ctx| ctx.clear_kv_cache());
+                }
+            }
         }
         for tokens in &mut self.sequences {
             tokens.clear();
@@ -584,12 +608,9 @@ impl Context {
             return (0..self.sequences.len() as SeqId)
                 .all(|seq| self.llama_cell_count(seq).is_ok_and(|n| n == 0));
         }
-        let ctx = self.cell.borrow_dependent();
         let n_stream = self.sequences.len();
         let empty_len = 12 + 4 * n_stream;
-        (0..n_stream).all(|seq| {
-            ctx.state_seq_get_size_ext(seq as i32, LlamaStateSeqFlags::empty()) == empty_len
-        })
+        (0..n_stream as SeqId).all(|seq| self.sequence_state_len(seq) == empty_len)
     }
 
     /// How many cells of sequence `seq` llama.cpp holds, whatever their positions (a test hook for the
@@ -704,9 +725,15 @@ impl Context {
         // and size this context's, nothing left over; and `seq < n_seq_max` (`check_seq`). (Tested by the
         // forged-state tests in tests/test_hardening.py and rust/core/tests/state_check.rs, which hand such
         // states to restore and expect SessionCorrupt with the cache unchanged, and by the checkpoint tests.)
-        let accepted = self.cell.with_dependent_mut(|_, ctx| unsafe {
-            ctx.state_seq_set_data_ext(state, seq as i32, flags)
-        });
+        let llama_seq = self.llama.seq(seq);
+        let pooled_state = match self.llama.pooled() {
+            Some(pooled) => Some(pooled.to_pool_streams(state)?),
+            None => None,
+        };
+        let state = pooled_state.as_deref().unwrap_or(state);
+        let accepted = self
+            .llama
+            .with_mut(|ctx| unsafe { ctx.state_seq_set_data_ext(state, llama_seq, flags) });
         if !accepted {
             self.sequences[seq as usize].clear();
             self.remove_from(seq, 0)?;
@@ -824,9 +851,13 @@ impl Context {
         let Some(batch_index) = self.logits_index(seq) else {
             return Err(Error::StreamInvalidated);
         };
-        Ok(self
-            .cell
-            .with_dependent_mut(|_, ctx| sampler.sample(ctx, batch_index)))
+        if self.llama.pooled().is_some() {
+            let logits = self.pooled_logits.as_deref().ok_or_else(|| {
+                Error::Internal("a pooled context lost the logits of its last decode".to_owned())
+            })?;
+            return sample_from_logits(sampler, logits);
+        }
+        Ok(self.llama.with_mut(|ctx| sampler.sample(ctx, batch_index)))
     }
 
     /// Starts generating after `prompt` on sequence `seq`: the prompt is tokenized (with BOS only when the
@@ -998,8 +1029,59 @@ impl Context {
 }
 
 /// The error of a failed `llama_decode`.
+/// What `llama_sampler_sample` does with logits in the context, done with a copy of them: every token with its
+/// logit, unsorted, through the sampler, which then accepts the token it selected.
+fn sample_from_logits(
+    sampler: &mut llama_cpp_2::sampling::LlamaSampler,
+    logits: &[f32],
+) -> Result<LlamaToken> {
+    let mut candidates = llama_cpp_2::token::data_array::LlamaTokenDataArray::from_iter(
+        logits.iter().enumerate().map(|(id, &logit)| {
+            llama_cpp_2::token::data::LlamaTokenData::new(
+                LlamaToken(i32::try_from(id).expect("vocabulary ids fit in i32")),
+                logit,
+                0.0,
+            )
+        }),
+        false,
+    );
+    sampler.apply(&mut candidates);
+    let token = candidates
+        .selected_token()
+        .ok_or_else(|| Error::Internal("the sampler selected no token".to_owned()))?;
+    sampler.accept(token);
+    Ok(token)
+}
+
+/// A llama.cpp context over `model` with `params` (validated by the caller).
+pub(crate) fn create_cell(model: &Model, params: &ContextParams) -> Result<ContextCell> {
+    let backend = backend()?;
+    clear_recent_log();
+    let llama_params = params.to_llama();
+    let _creating = CONTEXT_CREATION
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ContextCell::try_new(Arc::clone(&model.inner), |inner| {
+        inner
+            .llama
+            .new_context(backend, llama_params)
+            .map_err(|e| Error::ContextCreate {
+                reason: take_recent_log(&format!(
+                    "llama.cpp returned no context ({e}); usually not enough memory for n_ctx={}",
+                    params.n_ctx
+                )),
+            })
+    })
+}
+
 fn decode_failure(e: llama_cpp_2::DecodeError) -> Error {
-    let (code, reason) = match e {
+    let (code, reason) = decode_failure_parts(e);
+    Error::Decode { code, reason }
+}
+
+/// llama.cpp's code of a failed decode and what it means.
+pub(crate) fn decode_failure_parts(e: llama_cpp_2::DecodeError) -> (i32, String) {
+    match e {
         llama_cpp_2::DecodeError::NoKvCacheSlot => {
             (1, "no free KV cache slot for the batch".to_owned())
         }
@@ -1009,8 +1091,7 @@ fn decode_failure(e: llama_cpp_2::DecodeError) -> Error {
         llama_cpp_2::DecodeError::Unknown(code) => {
             (code, "llama.cpp failed to compute the batch".to_owned())
         }
-    };
-    Error::Decode { code, reason }
+    }
 }
 
 /// What [`Context::generate`] is asked to do.
@@ -1152,7 +1233,7 @@ mod tests {
         state[first_cell..first_cell + 4].copy_from_slice(&(-5i32).to_le_bytes());
         // SAFETY: the bytes are llama.cpp's own state of this very sequence with one position changed; the
         // layout is intact, so the reader stays within the slice (this is the planting the checks prevent).
-        let accepted = ctx.cell.with_dependent_mut(|_, c| unsafe {
+        let accepted = ctx.llama.with_mut(|c| unsafe {
             c.state_seq_set_data_ext(&state, seq as i32, LlamaStateSeqFlags::empty())
         });
         assert!(accepted);
@@ -1173,8 +1254,8 @@ mod tests {
         plant_negative_cell(&mut ctx, 0);
         assert_eq!(ctx.llama_cell_count(0).unwrap(), held);
         // Removing by range keeps the cell at -5: that is what a reset by ranges alone left behind.
-        ctx.cell
-            .with_dependent_mut(|_, c| c.clear_kv_cache_seq(None, None, None))
+        ctx.llama
+            .with_mut(|c| c.clear_kv_cache_seq(None, None, None))
             .unwrap();
         assert_eq!(ctx.llama_cell_count(0).unwrap(), 1);
         ctx.reset();

@@ -11,7 +11,7 @@ use std::path::Path;
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::token::LlamaToken;
 
-use super::{Context, SeqId};
+use super::{Context, LlamaHandle, SeqId};
 use crate::durable;
 use crate::error::{Error, Result, CONTEXT_MISMATCH_ADVICE};
 use crate::llama_state::{self, MemoryLayout};
@@ -41,9 +41,14 @@ impl Context {
     }
 
     pub(super) fn sequence_state_len(&self, seq: SeqId) -> usize {
-        self.cell
-            .borrow_dependent()
-            .state_seq_get_size_ext(seq as i32, LlamaStateSeqFlags::empty())
+        let llama_seq = self.llama.seq(seq);
+        let len = self
+            .llama
+            .with(|ctx| ctx.state_seq_get_size_ext(llama_seq, LlamaStateSeqFlags::empty()));
+        match self.llama.pooled() {
+            Some(pooled) => len - pooled.extra_stream_bytes(),
+            None => len,
+        }
     }
 
     /// The header of a session of this context holding `records`, with `metadata` (bounded here).
@@ -146,22 +151,37 @@ impl Context {
 
     /// Copies llama.cpp's state of `seq` into `out`, which is exactly the size llama.cpp reports for it.
     pub(super) fn write_sequence_state(&self, seq: SeqId, out: &mut [u8]) -> Result<()> {
-        let expected = self.sequence_state_len(seq);
-        if expected != out.len() {
-            return Err(Error::Internal(format!(
-                "llama.cpp's state of sequence {seq} is {expected} bytes, the buffer {}",
-                out.len()
-            )));
+        if let Some(pooled) = self.llama.pooled() {
+            // The pool's state of its sequence lists every stream; a context of its own has one.
+            let mut state = vec![0; out.len() + pooled.extra_stream_bytes()];
+            self.read_llama_state(seq, &mut state)?;
+            return pooled.to_own_streams(&state, out);
         }
-        let ctx = self.cell.borrow_dependent();
-        // SAFETY: llama-cpp-2 passes no bound to `llama_state_seq_get_data_ext`, so llama.cpp may write as many
-        // bytes as the state has. `out` is exactly the size `llama_state_seq_get_size_ext` just reported for
-        // this sequence, and that size is computed by running the same serializer with a counting writer;
-        // `&self` guarantees that nothing changed the cache in between. (Tested by the snapshot round trips of
-        // every size and KV type, and by `write_session` refusing a buffer of another size.)
-        let written = unsafe {
-            ctx.state_seq_get_data_ext(out.as_mut_ptr(), seq as i32, LlamaStateSeqFlags::empty())
-        };
+        self.read_llama_state(seq, out)
+    }
+
+    /// Copies llama.cpp's own state of `seq` into `out`, which is exactly the size llama.cpp reports for it.
+    fn read_llama_state(&self, seq: SeqId, out: &mut [u8]) -> Result<()> {
+        let llama_seq = self.llama.seq(seq);
+        let written = self.llama.with(|ctx| {
+            let expected = ctx.state_seq_get_size_ext(llama_seq, LlamaStateSeqFlags::empty());
+            if expected != out.len() {
+                return Err(Error::Internal(format!(
+                    "llama.cpp's state of sequence {seq} is {expected} bytes, the buffer {}",
+                    out.len()
+                )));
+            }
+            // SAFETY: llama-cpp-2 passes no bound to `llama_state_seq_get_data_ext`, so llama.cpp may write as
+            // many bytes as the state has. `out` is exactly the size `llama_state_seq_get_size_ext` just
+            // reported for this sequence, and that size is computed by running the same serializer with a
+            // counting writer; both calls run in one `with`, which holds the context (a pooled one's lock),
+            // so nothing changed the cache in between. (Tested by the snapshot round trips of every size and
+            // KV type, by `write_session` refusing a buffer of another size, and by the pooled contexts'
+            // tests, which save while other sequences decode.)
+            Ok(unsafe {
+                ctx.state_seq_get_data_ext(out.as_mut_ptr(), llama_seq, LlamaStateSeqFlags::empty())
+            })
+        })?;
         if written != out.len() {
             return Err(Error::Internal(format!(
                 "llama.cpp wrote {written} bytes of the state of sequence {seq}, {} were expected",
@@ -480,8 +500,19 @@ impl Context {
     /// and durably. Only for a context with `n_seq_max == 1`.
     pub fn save_llama_cpp_session(&self, path: &Path) -> Result<SessionInfo> {
         self.require_single_sequence("a llama.cpp session file")?;
+        if self.llama.pooled().is_some() {
+            return Err(Error::invalid(
+                "context",
+                "a context of its own for a llama.cpp session file (llama.cpp writes the whole context)",
+                "a SessionManager's pooled context: export the session (SessionManager.export), or restore \
+                 its snapshot() into a Context of its own first",
+            ));
+        }
         let tokens = &self.sequences[0];
-        let ctx = self.cell.borrow_dependent();
+        let LlamaHandle::Own(cell) = &self.llama else {
+            unreachable!("a pooled context was refused above")
+        };
+        let ctx = cell.borrow_dependent();
         let state_len = ctx.get_state_size();
         let mut state = vec![0u8; state_len];
         // SAFETY: `llama_copy_state_data` writes the whole-context state without a bound; `state` is exactly the
@@ -602,9 +633,8 @@ mod tests {
         let ours = dir.join("ours.bin");
         let theirs = dir.join("theirs.bin");
         ctx.save_llama_cpp_session(&ours).unwrap();
-        ctx.cell
-            .borrow_dependent()
-            .state_save_file(&theirs, &ctx.sequences[0])
+        ctx.llama
+            .with(|c| c.state_save_file(&theirs, &ctx.sequences[0]))
             .unwrap();
         assert_eq!(
             std::fs::read(&ours).unwrap(),

@@ -18,6 +18,7 @@
 //! accepts. With one stream per sequence the states are exactly those of a plain [`Context`] with the same
 //! parameters.
 
+mod pool;
 mod scheduler;
 mod stream;
 
@@ -34,6 +35,8 @@ use crate::model::Model;
 use crate::params::ContextParams;
 use crate::session::{Metadata, SessionInfo};
 use crate::signing::SessionKey;
+pub(crate) use pool::PooledSequence;
+pub use pool::{ContextPool, PoolStats};
 use scheduler::Scheduler;
 pub use stream::TurnStream;
 

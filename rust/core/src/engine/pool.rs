@@ -1,0 +1,574 @@
+//! A pool of Contexts that share one llama.cpp context, one sequence each, and a decoder thread that decodes
+//! what they ask for together: continuous batching under the unchanged [`Context`] API.
+//!
+//! A pooled Context keeps its own bookkeeping (tokens, positions, checkpoints, chunk digests) and sends each
+//! decode to the pool ([`PooledSequence::decode`]), which waits for the answer. The decoder thread gathers
+//! the requests of every thread that is decoding (it waits a moment, [`GATHER`], for the sequences that got
+//! logits in the last step and are sampling their next token), builds one batch: every single-token request
+//! whole, then the longer ones (prompts) split between them within `prompt_tokens_per_step` while anyone is
+//! generating (the whole batch otherwise), decodes it, and hands each finished request the logits of its
+//! last token, copied, so that the Context samples from them in its own thread with its own sampler. A
+//! request that did not fit stays queued and goes on in the next step; its Context waits until all its
+//! tokens are in.
+//!
+//! Memory: each sequence is its own KV stream of the session's `n_ctx` cells (llama.cpp's split cache), so a
+//! pooled Context's states are byte for byte those of a plain Context with the same parameters. llama.cpp
+//! puts sequences with consecutive ids in one micro-batch, so the pool hands out the lowest free id first.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::context::{decode_failure_parts, Context, ContextCell};
+use crate::error::{Error, Result};
+use crate::model::{MemoryKind, Model};
+use crate::params::ContextParams;
+
+/// How long a step waits for the sequences that got logits in the last step to ask for their next token
+/// (they are sampling it); a sequence that takes longer joins the step after.
+pub(crate) const GATHER: Duration = Duration::from_millis(3);
+
+/// Where llama.cpp's state of one sequence gives the sequence's id (after the io magic), and then the KV
+/// cache's stream count; a cell count per stream follows.
+const SEQ_AT: usize = 4;
+const STREAMS_AT: usize = 8;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent before anything that can panic.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a decode request gets back: the logits of its last token (when asked for), or why it failed.
+type Reply = Result<Option<Vec<f32>>>;
+
+/// One Context's decode: `tokens` after the `first_position` tokens its sequence holds.
+struct Request {
+    seq: i32,
+    tokens: Vec<LlamaToken>,
+    first_position: usize,
+    want_logits: bool,
+    /// Tokens already decoded by earlier steps.
+    done: usize,
+    reply: SyncSender<Reply>,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Request>,
+    /// The pool and every pooled Context are gone: the decoder thread stops.
+    closed: bool,
+    /// Why the decoder thread stopped (a panic), for the requests that come after.
+    stopped: Option<String>,
+}
+
+/// What the pool's threads share.
+pub(crate) struct PoolShared {
+    llama: Mutex<ContextCell>,
+    free: Mutex<BTreeSet<i32>>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    n_batch: usize,
+    prompt_tokens_per_step: usize,
+    steps: Mutex<PoolStats>,
+    sequences: u32,
+}
+
+/// Counters of a pool's decoder (for tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// llama.cpp decode calls.
+    pub steps: u64,
+    /// Tokens decoded.
+    pub tokens: u64,
+    /// Most sequences in one step.
+    pub max_sequences_in_step: usize,
+}
+
+/// Keeps the decoder thread running while the pool or any of its Contexts exists.
+struct PoolOwner {
+    shared: Arc<PoolShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for PoolOwner {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).closed = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = lock(&self.thread).take() {
+            // A panic there was already reported to every request; nothing is left to tell.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Contexts that share one llama.cpp context and are decoded together. `Send + Sync`; cloning shares it.
+#[derive(Clone)]
+pub struct ContextPool {
+    owner: Arc<PoolOwner>,
+    model: Model,
+    /// What each pooled Context reports: the session's `n_ctx` and `n_batch` as allocated, one sequence.
+    params: ContextParams,
+    sequences: u32,
+}
+
+impl std::fmt::Debug for ContextPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextPool")
+            .field("params", &self.params)
+            .field("sequences", &self.sequences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContextPool {
+    /// A pool of `sequences` Contexts, each as [`Context::new`] with `params` would make it (`params.n_seq_max`
+    /// must be 1): one llama.cpp context of `sequences` streams of `params.n_ctx` cells each, and at most
+    /// `prompt_tokens_per_step` prompt tokens per step while a sequence is generating (0: `n_batch`).
+    pub fn new(
+        model: &Model,
+        params: ContextParams,
+        sequences: u32,
+        prompt_tokens_per_step: usize,
+    ) -> Result<ContextPool> {
+        params.validate(model)?;
+        if model.memory_kind() != MemoryKind::Attention {
+            return Err(Error::invalid(
+                "model",
+                "a model whose memory is one plain KV cache (a pool converts its states to a single \
+                 context's)",
+                format!("{:?} memory", model.memory_kind().as_str()),
+            ));
+        }
+        if params.n_seq_max != 1 {
+            return Err(Error::invalid(
+                "n_seq_max",
+                "1 (each pooled context is one sequence of the pool)",
+                params.n_seq_max,
+            ));
+        }
+        let one = params.allocated();
+        let total = ContextParams {
+            n_ctx: one.n_ctx.checked_mul(sequences).ok_or_else(|| {
+                Error::invalid(
+                    "max_live",
+                    format!("max_live * n_ctx below 2^32 (n_ctx={})", one.n_ctx),
+                    sequences,
+                )
+            })?,
+            n_seq_max: sequences,
+            ..params.clone()
+        };
+        total.validate(model)?;
+        if (params.n_batch as usize) < sequences as usize {
+            return Err(Error::invalid(
+                "n_batch",
+                format!("n_batch >= max_live={sequences} (every sequence's next token fits in one step)"),
+                params.n_batch,
+            ));
+        }
+        let cell = crate::context::create_cell(model, &total)?;
+        let (n_ctx, n_batch) = {
+            let llama = cell.borrow_dependent();
+            (
+                llama.n_ctx(),
+                llama.n_batch().min(llama.n_ubatch()) as usize,
+            )
+        };
+        let params = ContextParams {
+            n_ctx: n_ctx / sequences,
+            n_batch: n_batch as u32,
+            ..params
+        };
+        let prompt_tokens_per_step = match prompt_tokens_per_step {
+            0 => n_batch,
+            n => n.min(n_batch),
+        };
+        let shared = Arc::new(PoolShared {
+            llama: Mutex::new(cell),
+            free: Mutex::new((0..sequences as i32).collect()),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            n_batch,
+            prompt_tokens_per_step,
+            steps: Mutex::new(PoolStats::default()),
+            sequences,
+        });
+        let decoder = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("llama-sessions-pool".to_owned())
+            .spawn(move || {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_decoder(&decoder)
+                }));
+                if let Err(panic) = caught {
+                    let reason = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned());
+                    let mut queue = lock(&decoder.queue);
+                    let message = format!("the context pool's decoder thread stopped: {reason}");
+                    for request in queue.pending.drain(..) {
+                        let _ = request.reply.send(Err(Error::Internal(message.clone())));
+                    }
+                    queue.stopped = Some(message);
+                }
+            })
+            .map_err(|e| Error::Internal(format!("could not start the pool's thread: {e}")))?;
+        Ok(ContextPool {
+            owner: Arc::new(PoolOwner {
+                shared,
+                thread: Mutex::new(Some(thread)),
+            }),
+            model: model.clone(),
+            params,
+            sequences,
+        })
+    }
+
+    /// The parameters each pooled Context has (`n_ctx` its own cells).
+    pub fn params(&self) -> &ContextParams {
+        &self.params
+    }
+
+    /// How many sequences the pool has.
+    pub fn sequences(&self) -> u32 {
+        self.sequences
+    }
+
+    /// How many are free.
+    pub fn free_sequences(&self) -> usize {
+        lock(&self.owner.shared.free).len()
+    }
+
+    /// Counters of the decoder so far.
+    pub fn stats(&self) -> PoolStats {
+        *lock(&self.owner.shared.steps)
+    }
+
+    /// An empty Context on the lowest free sequence, or None when every sequence is taken (a Context gives
+    /// its sequence back when it is dropped, emptied).
+    pub fn try_context(&self) -> Result<Option<Context>> {
+        let Some(seq) = lock(&self.owner.shared.free).pop_first() else {
+            return Ok(None);
+        };
+        let pooled = PooledSequence {
+            owner: Arc::clone(&self.owner),
+            seq,
+        };
+        Context::pooled(&self.model, self.params.clone(), pooled).map(Some)
+    }
+}
+
+/// One sequence of a pool, owned by one Context: emptied and given back when dropped.
+pub struct PooledSequence {
+    owner: Arc<PoolOwner>,
+    seq: i32,
+}
+
+impl PooledSequence {
+    /// llama.cpp's id of this sequence in the shared context.
+    pub(crate) fn seq(&self) -> i32 {
+        self.seq
+    }
+
+    /// How many bytes longer llama.cpp's state of this sequence is than a context of its own would write: the
+    /// cell counts of the pool's other (empty) streams.
+    pub(crate) fn extra_stream_bytes(&self) -> usize {
+        4 * (self.owner.shared.sequences as usize - 1)
+    }
+
+    /// `state`, llama.cpp's state of this sequence in the pool, as a context of its own writes it, into
+    /// `out`: sequence id 0, the stream count 1 and this stream's section, without the other streams' zero
+    /// cell counts.
+    pub(crate) fn to_own_streams(&self, state: &[u8], out: &mut [u8]) -> Result<()> {
+        let n = self.owner.shared.sequences as usize;
+        let k = self.seq as usize;
+        let before = STREAMS_AT + 4 + 4 * k;
+        let after = 4 * (n - k - 1);
+        let word = |at: usize| u32::from_le_bytes(state[at..at + 4].try_into().expect("4 bytes"));
+        let well_formed = state.len() >= before + 4 + after
+            && out.len() + self.extra_stream_bytes() == state.len()
+            && word(SEQ_AT) as usize == k
+            && word(STREAMS_AT) as usize == n
+            && (0..k).all(|s| word(STREAMS_AT + 4 + 4 * s) == 0)
+            && state[state.len() - after..].iter().all(|&b| b == 0);
+        if !well_formed {
+            return Err(Error::Internal(format!(
+                "llama.cpp's state of sequence {k} of the pool does not list {n} streams with only this one \
+                 holding cells"
+            )));
+        }
+        out[..SEQ_AT].copy_from_slice(&state[..SEQ_AT]);
+        out[SEQ_AT..STREAMS_AT].copy_from_slice(&0u32.to_le_bytes());
+        out[STREAMS_AT..STREAMS_AT + 4].copy_from_slice(&1u32.to_le_bytes());
+        out[STREAMS_AT + 4..].copy_from_slice(&state[before..state.len() - after]);
+        relabel_cells(&mut out[STREAMS_AT + 4..], self.seq, 0)
+    }
+
+    /// `state`, a context of its own's state of its sequence 0 (checked: one stream), as the pool's state of
+    /// this sequence: its id, and the other streams listed with no cells.
+    pub(crate) fn to_pool_streams(&self, state: &[u8]) -> Result<Vec<u8>> {
+        let n = self.owner.shared.sequences as usize;
+        let k = self.seq as usize;
+        if state.len() < STREAMS_AT + 4 || state[STREAMS_AT..STREAMS_AT + 4] != 1u32.to_le_bytes() {
+            return Err(Error::Internal(
+                "a checked state of one sequence does not have one stream".to_owned(),
+            ));
+        }
+        let mut pooled = Vec::with_capacity(state.len() + self.extra_stream_bytes());
+        pooled.extend_from_slice(&state[..SEQ_AT]);
+        pooled.extend_from_slice(&(k as u32).to_le_bytes());
+        pooled.extend_from_slice(&(n as u32).to_le_bytes());
+        pooled.extend(std::iter::repeat_n(0u8, 4 * k));
+        pooled.extend_from_slice(&state[STREAMS_AT + 4..]);
+        pooled.extend(std::iter::repeat_n(0u8, 4 * (n - k - 1)));
+        let section = STREAMS_AT + 4 + 4 * k;
+        relabel_cells(&mut pooled[section..], 0, self.seq)?;
+        Ok(pooled)
+    }
+
+    /// Runs `f` on the shared llama.cpp context, under its lock (no decode runs meanwhile).
+    pub(crate) fn with_llama<R>(&self, f: impl FnOnce(&mut ContextCell) -> R) -> R {
+        f(&mut lock(&self.owner.shared.llama))
+    }
+
+    /// Decodes `tokens` after the `first_position` tokens this sequence holds, in one or more steps of the
+    /// pool, and returns the logits of the last token if `want_logits`. On failure llama.cpp may have kept
+    /// some of the tokens: the caller cuts the sequence back.
+    pub(crate) fn decode(
+        &self,
+        tokens: &[LlamaToken],
+        first_position: usize,
+        want_logits: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        let shared = &self.owner.shared;
+        let (reply, answer): (SyncSender<Reply>, Receiver<Reply>) = mpsc::sync_channel(1);
+        {
+            let mut queue = lock(&shared.queue);
+            if let Some(reason) = &queue.stopped {
+                return Err(Error::Internal(reason.clone()));
+            }
+            queue.pending.push(Request {
+                seq: self.seq,
+                tokens: tokens.to_vec(),
+                first_position,
+                want_logits,
+                done: 0,
+                reply,
+            });
+        }
+        shared.wake.notify_all();
+        answer.recv().unwrap_or_else(|_| {
+            Err(Error::Internal(
+                "the context pool's decoder thread stopped".to_owned(),
+            ))
+        })
+    }
+}
+
+impl Drop for PooledSequence {
+    fn drop(&mut self) {
+        let shared = &self.owner.shared;
+        let emptied = self.with_llama(|cell| {
+            cell.with_dependent_mut(|_, ctx| {
+                ctx.clear_kv_cache_seq(Some(self.seq as u32), None, None)
+            })
+        });
+        // A sequence llama.cpp could not empty is never handed out again.
+        if matches!(emptied, Ok(true)) {
+            lock(&shared.free).insert(self.seq);
+        }
+    }
+}
+
+/// In a stream section (its cell count, then per cell the position, the sequence-id count and the ids),
+/// checks that every cell lists sequence `from` alone and makes it list `to`.
+fn relabel_cells(section: &mut [u8], from: i32, to: i32) -> Result<()> {
+    let refused = || {
+        Error::Internal(format!(
+            "a state's cells do not each list sequence {from} alone; its sequence id could not become {to}"
+        ))
+    };
+    let count = section
+        .get(..4)
+        .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(refused)?;
+    let cells = section.get_mut(4..4 + 12 * count).ok_or_else(refused)?;
+    for cell in cells.chunks_exact_mut(12) {
+        if cell[4..8] != 1u32.to_le_bytes() || cell[8..12] != from.to_le_bytes() {
+            return Err(refused());
+        }
+        cell[8..12].copy_from_slice(&to.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// One request's part of a step: tokens `from..to` of `requests[index]`.
+struct Part {
+    index: usize,
+    from: usize,
+    to: usize,
+}
+
+fn run_decoder(shared: &PoolShared) {
+    let mut batch = LlamaBatch::new(shared.n_batch, 1);
+    // The sequences that got logits in the last step: they are expected back with their next token.
+    let mut expected: Vec<i32> = Vec::new();
+    loop {
+        let mut requests = {
+            let mut queue = lock(&shared.queue);
+            while queue.pending.is_empty() && !queue.closed {
+                queue = shared
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if queue.pending.is_empty() {
+                return;
+            }
+            let deadline = Instant::now() + GATHER;
+            loop {
+                let missing = expected
+                    .iter()
+                    .any(|seq| !queue.pending.iter().any(|r| r.seq == *seq));
+                let now = Instant::now();
+                if !missing || now >= deadline || queue.closed {
+                    break;
+                }
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, deadline - now)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            std::mem::take(&mut queue.pending)
+        };
+        requests.sort_by_key(|r| r.seq);
+        let parts = plan(shared, &requests);
+        batch.clear();
+        let mut logits_at = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let request = &requests[part.index];
+            for i in part.from..part.to {
+                let last = i + 1 == request.tokens.len();
+                let position = i32::try_from(request.first_position + i)
+                    .expect("positions are below n_ctx, which fits in i32");
+                let logits = last && request.want_logits;
+                if logits {
+                    logits_at.push((part.index, batch.n_tokens()));
+                }
+                batch
+                    .add(request.tokens[i], position, &[request.seq], logits)
+                    .expect("a step holds at most n_batch tokens");
+            }
+        }
+        let mut llama = lock(&shared.llama);
+        let decoded = llama.with_dependent_mut(|_, ctx| ctx.decode(&mut batch));
+        let mut replies: Vec<(usize, Reply)> = Vec::new();
+        match decoded {
+            Ok(()) => {
+                for (index, at) in logits_at {
+                    let logits = llama.borrow_dependent().get_logits_ith(at).to_vec();
+                    replies.push((index, Ok(Some(logits))));
+                }
+                for part in &parts {
+                    let request = &requests[part.index];
+                    if part.to == request.tokens.len() && !request.want_logits {
+                        replies.push((part.index, Ok(None)));
+                    }
+                }
+            }
+            Err(e) => {
+                let (code, reason) = decode_failure_parts(e);
+                for part in &parts {
+                    let reason = reason.clone();
+                    replies.push((part.index, Err(Error::Decode { code, reason })));
+                }
+            }
+        }
+        drop(llama);
+        {
+            let mut stats = lock(&shared.steps);
+            stats.steps += 1;
+            stats.tokens += parts.iter().map(|p| (p.to - p.from) as u64).sum::<u64>();
+            stats.max_sequences_in_step = stats.max_sequences_in_step.max(parts.len());
+        }
+        expected.clear();
+        let answered: BTreeSet<usize> = replies.iter().map(|(i, _)| *i).collect();
+        for (index, reply) in replies {
+            let request = &requests[index];
+            if matches!(reply, Ok(Some(_))) {
+                expected.push(request.seq);
+            }
+            // A Context that stopped waiting (it cannot: `decode` blocks) would only drop the reply.
+            let _ = request.reply.send(reply);
+        }
+        // What is left of the others goes back to the queue, ahead of anything new.
+        for part in &parts {
+            if !answered.contains(&part.index) {
+                requests[part.index].done = part.to;
+            }
+        }
+        let unfinished: Vec<Request> = requests
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !answered.contains(i))
+            .map(|(_, r)| r)
+            .collect();
+        if !unfinished.is_empty() {
+            let mut queue = lock(&shared.queue);
+            let newer = std::mem::take(&mut queue.pending);
+            queue.pending = unfinished;
+            queue.pending.extend(newer);
+        }
+    }
+}
+
+/// This step's parts: every request with one token left, whole; then the others share what is left of the
+/// batch, at most `prompt_tokens_per_step` of it while a sequence is generating, split evenly (a request that
+/// needs less leaves the rest to the others). Requests are sorted by sequence, and so are the parts.
+fn plan(shared: &PoolShared, requests: &[Request]) -> Vec<Part> {
+    let left = |r: &Request| r.tokens.len() - r.done;
+    let singles = requests.iter().filter(|r| left(r) == 1).count();
+    let mut budget = if singles > 0 {
+        shared.prompt_tokens_per_step.min(shared.n_batch - singles)
+    } else {
+        shared.n_batch
+    };
+    let mut readers: Vec<(usize, usize)> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| left(r) > 1)
+        .map(|(i, r)| (left(r), i))
+        .collect();
+    readers.sort_unstable();
+    let mut takes = vec![0; requests.len()];
+    let mut remaining_readers = readers.len();
+    for (need, index) in readers {
+        let share = (budget / remaining_readers).max(usize::from(budget > 0));
+        let take = need.min(share);
+        takes[index] = take;
+        budget -= take;
+        remaining_readers -= 1;
+    }
+    requests
+        .iter()
+        .enumerate()
+        .filter_map(|(index, r)| {
+            let take = if left(r) == 1 { 1 } else { takes[index] };
+            (take > 0).then_some(Part {
+                index,
+                from: r.done,
+                to: r.done + take,
+            })
+        })
+        .collect()
+}
