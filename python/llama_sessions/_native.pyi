@@ -702,6 +702,13 @@ class SessionManager:
     session file per session, as Context.save_session() writes them; ``prefix_cache`` (in memory or on
     disk) is then only shared for prompts. Models whose memory is not one plain KV cache always use files.
     See docs/prefix-cache.md.
+
+    ``batching=True`` runs the live sessions as the ``max_live`` sequences of one llama.cpp context,
+    allocated at once (``max_live`` x ``n_ctx`` cells): the turns of sessions chatting at the same time, from
+    several threads or asyncio tasks, are decoded together, one batch per step, and a long prompt is read
+    at most 128 tokens per step while others generate. Each session's Context and its files stay exactly
+    what they are without batching. Models whose memory is not one plain KV cache keep a context per
+    session. See docs/manager.md.
     """
 
     def __new__(
@@ -722,6 +729,7 @@ class SessionManager:
         secret_key: bytes | None = None,
         prefix_cache: PrefixCache | None = None,
         storage: SessionStorage = "chunks",
+        batching: bool = False,
     ) -> SessionManager: ...
     @property
     def model(self) -> Model:
@@ -732,6 +740,11 @@ class SessionManager:
     @property
     def params(self) -> ContextParams:
         """The parameters of every session's context."""
+    @property
+    def batching(self) -> bool:
+        """Whether the live sessions run as sequences of one context, decoded together (``batching=True``, for
+        a model whose memory is one plain KV cache).
+        """
     @property
     def storage(self) -> SessionStorage:
         """How sessions are stored: "chunks" (manifests naming chunks in prefix_cache) or "files"."""
@@ -763,7 +776,8 @@ class SessionManager:
     def stats(self) -> dict[str, int]:
         """Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
         encoded system prompt instead), store_loads, store_saves, evictions, recomputed_tokens (tokens
-        decoded again while loading, because a chunk a manifest names was missing or damaged).
+        decoded again while loading, because a chunk a manifest names was missing or damaged); with
+        batching, batch_steps (decode steps of the shared context) and max_sessions_in_step (0 without).
         """
     def create_session(
         self, session_id: str, system_prompt: str | None = None, *, metadata: Mapping[str, Any] | None = None

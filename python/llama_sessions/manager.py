@@ -75,6 +75,7 @@ class SessionManager(_NativeSessionManager):
         secret_key: bytes | None = None,
         prefix_cache: PrefixCache | None = None,
         storage: SessionStorage = "chunks",
+        batching: bool = False,
     ) -> None:
         # The native __new__ built the manager from these arguments; here it only joins the watch for
         # unsaved sessions when it does not save them itself.

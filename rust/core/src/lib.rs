@@ -43,7 +43,7 @@ pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, ManifestSnapshot,
     NeverInterrupt, SeqId, SequenceCopy, StopReason, MAX_CHECKPOINTS,
 };
-pub use engine::{ContextPool, Engine, PoolStats, TurnStream};
+pub use engine::{ContextPool, Engine, PoolStats, TurnStream, DEFAULT_PROMPT_TOKENS_PER_STEP};
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{

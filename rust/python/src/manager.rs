@@ -57,6 +57,13 @@ use crate::session::{metadata_from_py, PySessionInfo};
 /// session file per session, as Context.save_session() writes them; ``prefix_cache`` (in memory or on
 /// disk) is then only shared for prompts. Models whose memory is not one plain KV cache always use files.
 /// See docs/prefix-cache.md.
+///
+/// ``batching=True`` runs the live sessions as the ``max_live`` sequences of one llama.cpp context,
+/// allocated at once (``max_live`` x ``n_ctx`` cells): the turns of sessions chatting at the same time, from
+/// several threads or asyncio tasks, are decoded together, one batch per step, and a long prompt is read
+/// at most 128 tokens per step while others generate. Each session's Context and its files stay exactly
+/// what they are without batching. Models whose memory is not one plain KV cache keep a context per
+/// session. See docs/manager.md.
 #[pyclass(
     name = "SessionManager",
     module = "llama_sessions._native",
@@ -204,8 +211,8 @@ impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks"),
-        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None, storage='chunks')"
+        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks", batching = false),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None, storage='chunks', batching=False)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -225,6 +232,7 @@ impl PySessionManager {
         secret_key: Option<PyBackedBytes>,
         prefix_cache: Option<Py<PyPrefixCache>>,
         storage: &str,
+        batching: bool,
     ) -> PyResult<Self> {
         let chunked = match storage {
             "chunks" => true,
@@ -268,10 +276,15 @@ impl PySessionManager {
                 Some(cache) => manager.with_prefix_cache(cache),
                 None => manager,
             };
-            Ok(match key {
+            let manager = match key {
                 Some(key) => manager.with_secret_key(key),
                 None => manager,
-            })
+            };
+            if batching {
+                manager.with_batching(llama_sessions::DEFAULT_PROMPT_TOKENS_PER_STEP)
+            } else {
+                Ok(manager)
+            }
         })?;
         Ok(PySessionManager {
             inner: Arc::new(manager),
@@ -299,6 +312,13 @@ impl PySessionManager {
         PyContextParams {
             inner: self.inner.params().clone(),
         }
+    }
+
+    /// Whether the live sessions run as sequences of one context, decoded together (``batching=True``, for
+    /// a model whose memory is one plain KV cache).
+    #[getter]
+    fn batching(&self) -> bool {
+        self.inner.pool().is_some()
     }
 
     /// How sessions are stored: "chunks" (manifests naming chunks in prefix_cache) or "files".
@@ -664,7 +684,8 @@ impl PySessionManager {
 
     /// Counters: prefill_tokens (system-prompt tokens decoded), prefix_reuses (sessions that restored an
     /// encoded system prompt instead), store_loads, store_saves, evictions, recomputed_tokens (tokens
-    /// decoded again while loading, because a chunk a manifest names was missing or damaged).
+    /// decoded again while loading, because a chunk a manifest names was missing or damaged); with
+    /// batching, batch_steps (decode steps of the shared context) and max_sessions_in_step (0 without).
     #[getter]
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = native(py, |_| Ok(self.inner.stats()))?;
@@ -675,6 +696,8 @@ impl PySessionManager {
         dict.set_item("store_saves", stats.store_saves)?;
         dict.set_item("evictions", stats.evictions)?;
         dict.set_item("recomputed_tokens", stats.recomputed_tokens)?;
+        dict.set_item("batch_steps", stats.batch_steps)?;
+        dict.set_item("max_sessions_in_step", stats.max_sessions_in_step)?;
         Ok(dict)
     }
 

@@ -298,16 +298,33 @@ impl LiveSet {
         self.choose_victims(&sessions)
     }
 
+    /// Picks the sessions to evict to make room for one more below `max_live` (a session about to be loaded
+    /// or created needs a sequence of the manager's pool); the most recently used may go too.
+    pub(super) fn victims_for_one_more(&self) -> Vec<Arc<ManagedSession>> {
+        let sessions = lock(&self.sessions);
+        let leaving = sessions.iter().filter(|s| s.is_being_evicted()).count();
+        let excess = (sessions.len() + 1).saturating_sub(self.max_live + leaving);
+        Self::mark_victims(&sessions, excess)
+    }
+
     /// Least recently used first, among idle sessions whose context is not in use (never the most recently
     /// used one): marked as being evicted, they stay in the set until they are saved
     /// ([`LiveSet::finish_eviction`]). Sessions in a turn or in use are skipped, so the set may exceed
     /// `max_live` until they are idle.
     fn choose_victims(&self, sessions: &[Arc<ManagedSession>]) -> Vec<Arc<ManagedSession>> {
         let leaving = sessions.iter().filter(|s| s.is_being_evicted()).count();
-        let mut excess = sessions.len().saturating_sub(self.max_live + leaving);
-        let mut victims = Vec::new();
+        let excess = sessions.len().saturating_sub(self.max_live + leaving);
         let all_but_the_most_recent = &sessions[..sessions.len().saturating_sub(1)];
-        for session in all_but_the_most_recent {
+        Self::mark_victims(all_but_the_most_recent, excess)
+    }
+
+    /// Marks up to `excess` idle sessions of `candidates` (least recently used first) as being evicted.
+    fn mark_victims(
+        candidates: &[Arc<ManagedSession>],
+        mut excess: usize,
+    ) -> Vec<Arc<ManagedSession>> {
+        let mut victims = Vec::new();
+        for session in candidates {
             if excess == 0 {
                 break;
             }

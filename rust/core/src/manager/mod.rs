@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use crate::chunks::PrefixCache;
 use crate::context::generation::Generator;
 use crate::context::{Context, GenerateOptions, Generation, Interrupt, SequenceCopy};
+use crate::engine::ContextPool;
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
 use crate::params::ContextParams;
@@ -74,6 +75,10 @@ pub struct ManagerStats {
     /// Tokens decoded again while loading chunk manifests, because a chunk they name was missing or
     /// damaged (0 while the chunk store keeps what the manifests need).
     pub recomputed_tokens: u64,
+    /// With batching: decode steps the pool ran (each one `llama_decode` for every session in it).
+    pub batch_steps: u64,
+    /// With batching: most sessions decoded in one step so far.
+    pub max_sessions_in_step: usize,
 }
 
 /// Many named, persistent sessions on one model. `Sync`: share it between threads.
@@ -93,6 +98,8 @@ pub struct SessionManager {
     prefix_cache: Option<PrefixCache>,
     /// With chunked storage: what the stored manifests name, pinned in the prefix cache's store.
     pins: Option<ChunkPins>,
+    /// With batching: one llama.cpp context whose sequences are the live sessions, decoded together.
+    pool: Option<ContextPool>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -139,6 +146,7 @@ impl SessionManager {
             key: None,
             prefix_cache: None,
             pins: None,
+            pool: None,
         })
     }
 
@@ -192,6 +200,39 @@ impl SessionManager {
         Ok(self)
     }
 
+    /// Runs the live sessions as sequences of one llama.cpp context ([`ContextPool`]) of `max_live` sequences
+    /// of `n_ctx` cells each, allocated now: the decodes of all sessions that generate at the same time go
+    /// into one batch per step, with at most `prompt_tokens_per_step` prompt tokens in a step while a session
+    /// is generating (0: `n_batch`). Every session keeps the [`Context`] API and its states are byte for
+    /// byte those of a context of its own. A session that finds every sequence held by a turn (or by a
+    /// [`ManagedSession::context`] handle kept after its eviction) gets a context of its own, as without
+    /// batching. Models whose memory is not one plain KV cache keep a context per session (this returns the
+    /// manager unchanged for them).
+    pub fn with_batching(mut self, prompt_tokens_per_step: usize) -> Result<SessionManager> {
+        if self.model.memory_kind() != crate::model::MemoryKind::Attention {
+            return Ok(self);
+        }
+        let sequences = u32::try_from(self.live.max_live()).map_err(|_| {
+            Error::invalid(
+                "max_live",
+                "at most 2^32 - 1 live sessions",
+                self.live.max_live(),
+            )
+        })?;
+        self.pool = Some(ContextPool::new(
+            &self.model,
+            self.params.clone(),
+            sequences,
+            prompt_tokens_per_step,
+        )?);
+        Ok(self)
+    }
+
+    /// The pool the live sessions run in, with batching ([`SessionManager::with_batching`]).
+    pub fn pool(&self) -> Option<&ContextPool> {
+        self.pool.as_ref()
+    }
+
     /// Whether sessions are stored as chunk manifests ([`SessionManager::with_chunked_storage`]).
     pub fn chunked_storage(&self) -> bool {
         self.pins.is_some()
@@ -212,7 +253,21 @@ impl SessionManager {
 
     /// A fresh context for a session: the manager's parameters and prefix cache.
     fn new_context(&self) -> Result<Context> {
-        let mut context = Context::new(&self.model, self.params.clone())?;
+        let mut context = match &self.pool {
+            Some(pool) => match pool.try_context()? {
+                Some(context) => context,
+                None => {
+                    // Every sequence is taken: idle sessions make room. Sessions in a turn, or whose context a
+                    // caller still holds, keep theirs; this session then gets a context of its own.
+                    self.evict(self.live.victims_for_one_more());
+                    match pool.try_context()? {
+                        Some(context) => context,
+                        None => Context::new(&self.model, self.params.clone())?,
+                    }
+                }
+            },
+            None => Context::new(&self.model, self.params.clone())?,
+        };
         context.set_prefix_cache(self.prefix_cache.clone());
         Ok(context)
     }
@@ -269,7 +324,13 @@ impl SessionManager {
 
     /// Counters so far.
     pub fn stats(&self) -> ManagerStats {
-        *lock(&self.stats)
+        let mut stats = *lock(&self.stats);
+        if let Some(pool) = &self.pool {
+            let steps = pool.stats();
+            stats.batch_steps = steps.steps;
+            stats.max_sessions_in_step = steps.max_sequences_in_step;
+        }
+        stats
     }
 
     /// Where session `id` is stored, if the store has paths.

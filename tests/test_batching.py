@@ -1,0 +1,104 @@
+"""SessionManager(batching=True): the live sessions are sequences of one context, decoded together."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from llama_sessions import InvalidParameterError, Model, SessionManager
+
+SYSTEM = "You are a helpful assistant who answers in full sentences."
+QUESTIONS = [
+    "Tell me about lighthouses.",
+    "What is bread made of?",
+    "Describe a busy market.",
+    "How does a steam engine work?",
+]
+
+
+def manager(model: Model, path: Path, **kwargs: object) -> SessionManager:
+    options: dict[str, object] = {"n_ctx": 1024, "n_batch": 128, "max_live": 4}
+    options.update(kwargs)
+    return SessionManager(model, path, **options)  # type: ignore[arg-type]
+
+
+def test_concurrent_chats_are_decoded_together_and_stored_as_without_batching(
+    model: Model, tmp_path: Path
+) -> None:
+    batched = manager(model, tmp_path, batching=True)
+    assert batched.batching
+    for i in range(4):
+        batched.create_session(f"user-{i}", SYSTEM)
+    answers: dict[int, str] = {}
+
+    def chat(i: int) -> None:
+        answers[i] = batched.chat(f"user-{i}", QUESTIONS[i], max_tokens=24, temperature=0.0)
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == [0, 1, 2, 3]
+    assert all(answers.values())
+    stats = batched.stats
+    assert stats["max_sessions_in_step"] >= 2, stats
+    assert stats["prefill_tokens"] > 0 and stats["prefix_reuses"] == 3
+
+    # What each session holds is its conversation: the stored history and the context's tokens agree.
+    for i in range(4):
+        history = batched.history(f"user-{i}")
+        assert history == [
+            {"role": "user", "content": QUESTIONS[i]},
+            {"role": "assistant", "content": answers[i]},
+        ]
+    # The files are those of a manager without batching: it loads them and continues exactly as the batching
+    # manager does for a turn alone (a solo turn in the pool is computed as in a context of its own).
+    tokens = [batched.load(f"user-{i}").tokens for i in range(4)]
+    batched.checkpoint("user-0", "before")
+    solo_batched = batched.chat("user-0", "And then?", max_tokens=16, temperature=0.0)
+    batched.revert("user-0", "before")
+    del batched
+    plain = manager(model, tmp_path)
+    assert not plain.batching
+    assert [plain.load(f"user-{i}").tokens for i in range(4)] == tokens
+    assert plain.chat("user-0", "And then?", max_tokens=16, temperature=0.0) == solo_batched != ""
+    assert plain.stats["batch_steps"] == 0 and plain.stats["max_sessions_in_step"] == 0
+
+
+def test_a_solo_turn_equals_a_manager_without_batching(model: Model, tmp_path: Path) -> None:
+    batched = manager(model, tmp_path / "a", batching=True)
+    plain = manager(model, tmp_path / "b")
+    for m in (batched, plain):
+        m.create_session("s", SYSTEM)
+    for question in QUESTIONS[:2]:
+        a = batched.chat("s", question, max_tokens=20, temperature=0.0)
+        b = plain.chat("s", question, max_tokens=20, temperature=0.0)
+        assert a and a == b
+    assert batched.load("s").tokens == plain.load("s").tokens
+
+
+def test_eviction_frees_sequences_and_a_held_context_keeps_working(model: Model, tmp_path: Path) -> None:
+    m = manager(model, tmp_path, max_live=2, batching=True)
+    held = m.create_session("a", SYSTEM)
+    m.create_session("b", SYSTEM)
+    m.chat("a", "Hello!", max_tokens=8, temperature=0.0)
+    # A third session: "b" is evicted (idle, least recently used); "a" is held by this test, so its sequence
+    # stays taken, and a context of its own serves "c" if no sequence is free.
+    m.create_session("c", SYSTEM)
+    m.chat("c", "Hi there!", max_tokens=8, temperature=0.0)
+    assert set(m.live_sessions()) <= {"a", "b", "c"}
+    assert len(m.live_sessions()) <= 2
+    before = held.tokens
+    assert len(before) > 0
+    # Every session still answers, loading from its file where it was evicted.
+    for sid in ("a", "b", "c"):
+        assert m.chat(sid, "One more thing.", max_tokens=6, temperature=0.0)
+    assert m.stats["evictions"] >= 2
+
+
+def test_batching_needs_a_batch_that_holds_every_session(model: Model, tmp_path: Path) -> None:
+    with pytest.raises(InvalidParameterError, match="n_batch >= max_live"):
+        manager(model, tmp_path, n_batch=2, max_live=4, batching=True)
