@@ -60,7 +60,6 @@ def test_concurrent_chats_are_decoded_together_and_stored_as_without_batching(
     batched.checkpoint("user-0", "before")
     solo_batched = batched.chat("user-0", "And then?", max_tokens=16, temperature=0.0)
     batched.revert("user-0", "before")
-    del batched
     plain = manager(model, tmp_path)
     assert not plain.batching
     assert [plain.load(f"user-{i}").tokens for i in range(4)] == tokens
