@@ -58,7 +58,7 @@ def system_prompt(model: Model) -> str:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_manager(model: Model, n: int, batching: bool, system: str, root: Path) -> dict[str, Any]:
@@ -235,7 +235,8 @@ def main() -> None:
 
 def print_table(rows: dict[str, list[dict[str, Any]]]) -> None:
     print(
-        "| chats | system | aggregate tok/s | per-chat tok/s | TTFT p50 s | TTFT p95 s | KV allocated / held |"
+        "| chats | system | aggregate tok/s | per-chat tok/s | TTFT p50 s | TTFT p95 s "
+        "| KV allocated / held |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, table in rows.items():

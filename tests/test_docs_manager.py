@@ -19,7 +19,7 @@ def test_the_multi_user_backend_example_runs(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     run = DocumentRun(ROOT / "docs" / "manager.md", model_path)
-    assert [b.language for b in run.blocks] == ["python"] * 5 + ["bash"]
+    assert [b.language for b in run.blocks] == ["python"] * 6 + ["bash"]
     run.run_through_python(1)
     assert sorted(p.name for p in (tmp_path / "sessions").glob("*.session")) == [
         "ada.session",
@@ -48,6 +48,11 @@ def test_the_multi_user_backend_example_runs(
     assert [m["role"] for m in small.history("kim")] == ["user", "assistant"]
     assert small.history("kim")[0]["content"] == "And then?"
     assert [m["content"] for m in strict.history("lee") if m["role"] == "user"] == ["And then?"]
+    run.run_through_python(6)  # batching
+    batched = run.namespace["batched"]
+    assert isinstance(batched, SessionManager) and batched.batching
+    assert sorted(run.namespace["answers"]) == ["ada", "bob"] and all(run.namespace["answers"].values())
+    assert batched.stats["batch_steps"] > 0
     capsys.readouterr()
     run.run_rest()  # the command line: create, resume, list, show, export, collect, delete "bob"
     created, resumed, listed, shown, exported, collected, deleted = run.commands

@@ -193,3 +193,26 @@ fn models_whose_memory_is_not_one_kv_cache_are_refused() {
         assert!(err.to_string().contains("memory"), "{err}");
     }
 }
+
+#[test]
+fn the_pool_may_hold_more_cells_than_the_model_was_trained_on() {
+    // Each sequence's n_ctx is bounded by the training context (8192 here), not their sum.
+    let params = ContextParams {
+        n_ctx: 4096,
+        n_batch: 64,
+        ..ContextParams::default()
+    };
+    let pool = ContextPool::new(model(), params, 4, 0).unwrap();
+    assert_eq!(pool.params().n_ctx, 4096);
+    let err = ContextPool::new(
+        model(),
+        ContextParams {
+            n_ctx: 16384,
+            ..ContextParams::default()
+        },
+        2,
+        0,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidParameter { .. }), "{err:?}");
+}

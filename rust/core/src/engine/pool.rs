@@ -170,7 +170,14 @@ impl ContextPool {
             n_seq_max: sequences,
             ..params.clone()
         };
-        total.validate(model)?;
+        // Each sequence's n_ctx was checked against the model above; the total is their sum.
+        if !(1..=crate::params::MAX_SEQUENCES).contains(&sequences) {
+            return Err(Error::invalid(
+                "max_live",
+                format!("1 <= max_live <= {}", crate::params::MAX_SEQUENCES),
+                sequences,
+            ));
+        }
         if (params.n_batch as usize) < sequences as usize {
             return Err(Error::invalid(
                 "n_batch",
