@@ -609,6 +609,8 @@ def test_load_or_create_creates_then_loads(model: Model, tmp_path: pathlib.Path)
         "store_saves": 0,
         "evictions": 0,
         "recomputed_tokens": 0,
+        "batch_steps": 0,
+        "max_sessions_in_step": 0,
     }
     assert fresh.history("lc") == m.history("lc")
 
