@@ -34,6 +34,7 @@ mod session;
 pub mod session_format;
 mod signing;
 pub mod store;
+mod sync;
 mod text;
 
 pub use chunks::PrefixCache;

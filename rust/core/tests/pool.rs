@@ -101,12 +101,13 @@ fn concurrent_contexts_are_decoded_together_and_each_holds_exactly_its_own() {
         stats.steps - steps_before < 4 * 33,
         "four contexts took as many steps as one after the other: {stats:?}"
     );
-    for ((generation, (session, state), tokens), solo) in results.iter().zip(&alone) {
+    for (((generation, (session, state), tokens), solo), prompt) in
+        results.iter().zip(&alone).zip(PROMPTS)
+    {
         assert_eq!(generation.tokens.len(), 32);
-        // Each sequence holds its prompt and exactly what its generation returned.
-        let prompt = model().tokenize(PROMPTS[0], true, true).unwrap().len();
-        assert!(tokens.len() > prompt / 2);
-        assert_eq!(&tokens[tokens.len() - 32..], &generation.tokens[..]);
+        // Each sequence holds exactly its own prompt and what its generation returned.
+        let prompt = model().tokenize(prompt, true, true).unwrap();
+        assert_eq!(tokens, &[prompt, generation.tokens.clone()].concat());
         // Its state is exact: a plain context restored from it holds the same tokens and state bytes.
         let mut plain = Context::new(model(), params()).unwrap();
         plain.restore(session, None, None).unwrap();
@@ -215,4 +216,25 @@ fn the_pool_may_hold_more_cells_than_the_model_was_trained_on() {
     )
     .unwrap_err();
     assert!(matches!(err, Error::InvalidParameter { .. }), "{err:?}");
+}
+
+#[test]
+fn a_panic_on_the_decoder_becomes_an_error_for_every_context() {
+    let pool = ContextPool::new(model(), params(), 2, 0).unwrap();
+    let mut a = pool.try_context().unwrap().unwrap();
+    let mut b = pool.try_context().unwrap().unwrap();
+    generate(&mut a, PROMPTS[0], 4);
+    let held = a.tokens(0).unwrap().to_vec();
+    pool.panic_decoder();
+    for ctx in [&mut a, &mut b] {
+        let err = ctx
+            .generate(0, "More.", greedy(4), &mut NeverInterrupt)
+            .unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{err:?}");
+        assert!(err.to_string().contains("decoder thread stopped"), "{err}");
+    }
+    // What was decoded before stays, exactly: the failed calls cut their sequences back.
+    assert_eq!(a.tokens(0).unwrap(), &held[..]);
+    assert_eq!(a.llama_cell_count(0).unwrap(), held.len());
+    assert_eq!(b.token_count(0).unwrap(), 0);
 }

@@ -7,7 +7,9 @@ mod common;
 use common::{greedy, model, temp_dir};
 use llama_sessions::llama_state::{check_sequence_state, Expected};
 use llama_sessions::session_format::{self, open};
-use llama_sessions::{Context, ContextParams, Error, KvType, Metadata, NeverInterrupt, SessionKey};
+use llama_sessions::{
+    Context, ContextParams, ContextPool, Error, KvType, Metadata, NeverInterrupt, SessionKey,
+};
 
 const PROMPT: &str = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n";
 const MORE: &str = "<|im_start|>user\nAnd three animals?<|im_end|>\n<|im_start|>assistant\n";
@@ -30,7 +32,11 @@ fn tokens(generation: llama_sessions::Generation) -> Vec<i32> {
 
 /// A context holding `PROMPT` plus a short answer in sequence `seq`.
 fn prepared(p: ContextParams, seq: u32) -> Context {
-    let mut ctx = Context::new(model(), p).unwrap();
+    prepare(Context::new(model(), p).unwrap(), seq)
+}
+
+/// `ctx` after reading PROMPT and answering in sequence `seq`.
+fn prepare(mut ctx: Context, seq: u32) -> Context {
     let answer = ctx
         .generate(seq, PROMPT, greedy(4), &mut NeverInterrupt)
         .unwrap();
@@ -121,8 +127,20 @@ fn forged_cell_records_are_refused_and_change_nothing() {
             Box::new(move |b| put_i32(b, start + 12, n as i32 - 1)),
         ),
     ];
-    for (what, forge) in forgeries {
-        let mut target = prepared(params(KvType::F16, false, 1), 0);
+    // Each forgery is handed to a context of its own and to a pooled one (a sequence of a shared context,
+    // whose restore rewrites the checked bytes for the pool).
+    let pool = ContextPool::new(model(), params(KvType::F16, false, 1), 2, 0).unwrap();
+    let targets = forgeries.iter().flat_map(|(what, forge)| {
+        [
+            (*what, forge, prepared(params(KvType::F16, false, 1), 0)),
+            (
+                *what,
+                forge,
+                prepare(pool.try_context().unwrap().unwrap(), 0),
+            ),
+        ]
+    });
+    for (what, forge, mut target) in targets {
         let before = target.tokens(0).unwrap().to_vec();
         let mut forged = snapshot.clone();
         forge(&mut forged);

@@ -716,21 +716,24 @@ impl Context {
             self.chunk_digests[seq as usize].clear(); // the caller sets them when it knows them
         }
         clear_recent_log();
-        // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
-        // records (a negative position stays in the cache for good; several sequence ids or positions out of
-        // order trip assertions that abort the process). `check_state` (whole) or `check_memory_state` with
-        // the recurrent section's layout (partial, read by llama.cpp with the same PARTIAL_ONLY flag it was
-        // written with) just parsed every byte of `state` against this context's layout: exactly one cell
-        // per token at positions 0..n in order (one recurrent cell at n - 1), each in one sequence, every type
-        // and size this context's, nothing left over; and `seq < n_seq_max` (`check_seq`). (Tested by the
-        // forged-state tests in tests/test_hardening.py and rust/core/tests/state_check.rs, which hand such
-        // states to restore and expect SessionCorrupt with the cache unchanged, and by the checkpoint tests.)
         let llama_seq = self.llama.seq(seq);
         let pooled_state = match self.llama.pooled() {
             Some(pooled) => Some(pooled.to_pool_streams(state)?),
             None => None,
         };
         let state = pooled_state.as_deref().unwrap_or(state);
+        // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
+        // records (a negative position stays in the cache for good; several sequence ids or positions out of
+        // order trip assertions that abort the process). `check_state` (whole) or `check_memory_state` with
+        // the recurrent section's layout (partial, read by llama.cpp with the same PARTIAL_ONLY flag it was
+        // written with) just parsed every byte of `state` against this context's layout: exactly one cell
+        // per token at positions 0..n in order (one recurrent cell at n - 1), each in one sequence, every type
+        // and size this context's, nothing left over; and `seq < n_seq_max` (`check_seq`). A pooled context
+        // hands llama.cpp the same bytes with its pool sequence's id, and the pool's other streams listed
+        // empty (`PooledSequence::to_pool_streams`, which checks the one stream it rewrites): the cells are
+        // unchanged but for that id. (Tested by the forged-state tests in tests/test_hardening.py,
+        // rust/core/tests/state_check.rs and rust/core/tests/pool.rs, which hand such states to restore and
+        // expect SessionCorrupt with the cache unchanged, and by the checkpoint tests.)
         let accepted = self
             .llama
             .with_mut(|ctx| unsafe { ctx.state_seq_set_data_ext(state, llama_seq, flags) });

@@ -40,6 +40,15 @@ pub use pool::{ContextPool, PoolStats, DEFAULT_PROMPT_TOKENS_PER_STEP};
 use scheduler::Scheduler;
 pub use stream::TurnStream;
 
+/// What a caught panic said (its message, when it has one).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 /// A request to the scheduler thread.
 pub(crate) enum Command {
     /// Runs on the scheduler thread between two steps (the reply travels inside).

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use crate::context::{decode_failure_parts, Context, ContextCell};
 use crate::error::{Error, Result};
 use crate::model::{MemoryKind, Model};
 use crate::params::ContextParams;
+use crate::sync::lock;
 
 /// Most prompt tokens a [`crate::SessionManager`] with batching reads in one step while a session is
 /// generating: a step of 128 tokens takes about 0.4 s with the 135M test model on two cores, so a long
@@ -42,13 +43,6 @@ pub(crate) const GATHER: Duration = Duration::from_millis(3);
 /// cache's stream count; a cell count per stream follows.
 const SEQ_AT: usize = 4;
 const STREAMS_AT: usize = 8;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the data consistent before anything that can panic.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// What a decode request gets back: the logits of its last token (when asked for), or why it failed.
 type Reply = Result<Option<Vec<f32>>>;
@@ -71,6 +65,8 @@ struct Queue {
     closed: bool,
     /// Why the decoder thread stopped (a panic), for the requests that come after.
     stopped: Option<String>,
+    /// Test hook: the decoder panics at its next step.
+    panic_requested: bool,
 }
 
 /// What the pool's threads share.
@@ -220,11 +216,7 @@ impl ContextPool {
                     run_decoder(&decoder)
                 }));
                 if let Err(panic) = caught {
-                    let reason = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".to_owned());
+                    let reason = super::panic_message(panic.as_ref());
                     let mut queue = lock(&decoder.queue);
                     let message = format!("the context pool's decoder thread stopped: {reason}");
                     for request in queue.pending.drain(..) {
@@ -263,6 +255,13 @@ impl ContextPool {
     /// Counters of the decoder so far.
     pub fn stats(&self) -> PoolStats {
         *lock(&self.owner.shared.steps)
+    }
+
+    /// Makes the decoder thread panic at its next step (a test hook for the promise that a panic there
+    /// becomes [`Error::Internal`] for every Context of the pool, never an abort or a hang).
+    #[doc(hidden)]
+    pub fn panic_decoder(&self) {
+        lock(&self.owner.shared.queue).panic_requested = true;
     }
 
     /// An empty Context on the lowest free sequence, or None when every sequence is taken (a Context gives
@@ -460,6 +459,10 @@ fn run_decoder(shared: &PoolShared) {
                     .wait_timeout(queue, deadline - now)
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .0;
+            }
+            if std::mem::take(&mut queue.panic_requested) {
+                drop(queue);
+                panic!("a panic asked for by ContextPool::panic_decoder");
             }
             std::mem::take(&mut queue.pending)
         };

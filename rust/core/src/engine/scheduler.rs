@@ -80,11 +80,7 @@ impl Scheduler {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stop) => return,
                 Err(payload) => {
-                    let message = payload
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| payload.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic without a message".to_owned());
+                    let message = super::panic_message(payload.as_ref());
                     stop_cause.set(format!("it panicked: {message}"));
                     for (_, turn) in std::mem::take(&mut self.turns) {
                         let _ = turn.events.send(TurnEvent::Failed(stop_cause.error()));

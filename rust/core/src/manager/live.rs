@@ -24,13 +24,7 @@ use crate::session::Metadata;
 /// How often a wait for a turn polls the caller's [`Interrupt`] (Ctrl-C in Python).
 const INTERRUPT_POLL: Duration = Duration::from_millis(20);
 
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the data consistent before anything that can panic, so the data behind
-    // a poisoned lock is still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(super) use crate::sync::lock;
 
 /// How long a call that needs a session's turn waits for the turn in progress to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
