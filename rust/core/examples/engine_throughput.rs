@@ -73,8 +73,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| prompt(&model, i))
         .collect::<Result<Vec<_>, _>>()?;
     println!(
-        "Per run: generated tokens / wall seconds (prompts included), and generated tokens / seconds after the \
-         last prompt was read (engine) or spent generating (one context per turn)."
+        "Per run: generated tokens / wall seconds (prompts included), and the generation rate: tokens / seconds \
+         from the moment every turn had its first token to the last token (engine), or spent generating (one \
+         context per turn)."
     );
     println!("turns  engine: tokens  wall s  tok/s  gen tok/s   contexts: tokens  wall s  tok/s  gen tok/s");
     for n in counts {
@@ -89,14 +90,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let turns = (0..n)
             .map(|i| engine.submit_tokens(i as u32, prompts[i].clone(), greedy.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut batched = 0;
-        let mut prompts_read: f64 = 0.0;
-        for turn in turns {
-            let generation = turn.finish()?;
-            batched += generation.tokens.len();
-            // Each turn's prompt time runs from its submission, right after `started`.
-            prompts_read = prompts_read.max(generation.stats.prompt_seconds);
-        }
+        // Each turn's pieces with the time they arrived (one piece per token for this English text).
+        let arrivals: Vec<Vec<Instant>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = turns
+                .into_iter()
+                .map(|turn| {
+                    scope.spawn(move || {
+                        turn.map(|piece| piece.map(|_| Instant::now()))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|r| r.join().expect("reader thread"))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let batched: usize = arrivals.iter().map(Vec::len).sum();
+        // Generation proper: from the moment every turn has its first token (every prompt is read) to the
+        // last token, counting the tokens that arrived in between.
+        let all_reading_done = arrivals.iter().filter_map(|a| a.first()).max();
+        let last = arrivals.iter().filter_map(|a| a.last()).max();
+        let (generated_after, generation_window) = match (all_reading_done, last) {
+            (Some(&from), Some(&to)) => (
+                arrivals.iter().flatten().filter(|&&t| t > from).count(),
+                (to - from).as_secs_f64(),
+            ),
+            _ => (0, 0.0),
+        };
         let batched_seconds = started.elapsed().as_secs_f64();
         drop(engine);
 
@@ -133,7 +154,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{n:>5}  {batched:>14}  {batched_seconds:>6.2}  {:>5.1}  {:>9.1}   {alone:>16}  {alone_seconds:>6.2}  {:>5.1}  {:>9.1}",
             batched as f64 / batched_seconds,
-            batched as f64 / (batched_seconds - prompts_read),
+            generated_after as f64 / generation_window,
             alone as f64 / alone_seconds,
             alone as f64 / alone_generating,
         );
