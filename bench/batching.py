@@ -44,6 +44,7 @@ TOPICS = [
     "glaciers", "violins", "trains", "volcanoes", "tea", "owls", "bridges", "maps",
 ]  # fmt: skip
 COMMAND = "python bench/batching.py"
+TARGET_CHATS = 8
 
 
 def system_prompt(model: Model) -> str:
@@ -216,6 +217,7 @@ def main() -> None:
     parser.add_argument("--counts", default="1,2,4,8,16")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
+    env = environment()
     model = Model.load(default_model_path())
     system = system_prompt(model)
     root = work_dir() / "batching"
@@ -229,8 +231,65 @@ def main() -> None:
     rows["llama_cpp_python"] = run_llama_cpp_python(model, counts, system)
     for row in rows["llama_cpp_python"]:
         print("llama_cpp_python", json.dumps(row), flush=True)
-    write_result("batching", {"environment": environment(), "command": COMMAND, "rows": rows})
+    write_result(
+        "batching",
+        {
+            "environment": env,
+            "command": COMMAND,
+            "config": {
+                "system_tokens": SYSTEM_TOKENS,
+                "turns": len(TURNS),
+                "max_tokens": MAX_TOKENS,
+                "n_ctx": N_CTX,
+            },
+            "rows": rows,
+            "targets": targets(rows),
+        },
+    )
     print_table(rows)
+
+
+def targets(rows: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The issue's targets, at 8 concurrent chats (none if 8 was not run)."""
+    at = {name: next((r for r in table if r["chats"] == TARGET_CHATS), None) for name, table in rows.items()}
+    batched, contexts, theirs = at["batched"], at["contexts"], at.get("llama_cpp_python")
+    if not (batched and contexts and theirs):
+        return []
+    speedup = batched["aggregate_tokens_per_second"] / contexts["aggregate_tokens_per_second"]
+    over_theirs = batched["aggregate_tokens_per_second"] / theirs["aggregate_tokens_per_second"]
+    spread = batched["ttft_p95"] / batched["ttft_p50"]
+    kv = batched["kv_bytes_allocated"] / batched["kv_bytes_of_tokens_held"]
+    chats = f"{TARGET_CHATS} concurrent chats"
+    return [
+        {
+            "name": f"{chats}: aggregate tokens/s, batching / one context per session",
+            "measured": f"{speedup:.2f}x",
+            "target": ">= 1.6x",
+            "pass": speedup >= 1.6,
+            "command": COMMAND,
+        },
+        {
+            "name": f"{chats}: aggregate tokens/s, batching / llama-cpp-python one at a time",
+            "measured": f"{over_theirs:.2f}x",
+            "target": ">= 1.6x",
+            "pass": over_theirs >= 1.6,
+            "command": COMMAND,
+        },
+        {
+            "name": f"{chats} with batching: p95 / p50 time to first token",
+            "measured": f"{spread:.2f}x",
+            "target": "<= 2x",
+            "pass": spread <= 2,
+            "command": COMMAND,
+        },
+        {
+            "name": f"{chats} with batching: KV bytes allocated / bytes of the tokens held",
+            "measured": f"{kv:.2f}x",
+            "target": "<= 1.25x",
+            "pass": kv <= 1.25,
+            "command": COMMAND,
+        },
+    ]
 
 
 def print_table(rows: dict[str, list[dict[str, Any]]]) -> None:
