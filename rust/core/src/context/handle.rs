@@ -50,6 +50,14 @@ impl LlamaHandle {
         }
     }
 
+    /// The pool's sequence, for a pooled Context, mutably (for its decodes).
+    pub(crate) fn pooled_mut(&mut self) -> Option<&mut PooledSequence> {
+        match self {
+            LlamaHandle::Own(_) => None,
+            LlamaHandle::Pooled(pooled) => Some(pooled),
+        }
+    }
+
     /// The pool's sequence, for a pooled Context.
     pub(crate) fn pooled(&self) -> Option<&PooledSequence> {
         match self {

@@ -105,7 +105,9 @@ pub struct Context {
     llama: LlamaHandle,
     /// For a pooled context: the logits of the last decode that asked for them, copied out of the shared
     /// context by the pool (valid while `last_logits` says so).
-    pooled_logits: Option<Vec<f32>>,
+    pooled_logits: Vec<f32>,
+    /// For a pooled context: every token with its logit, sampled from (kept to reuse its allocation).
+    candidates: Vec<llama_cpp_2::token::data::LlamaTokenData>,
     model: Model,
     params: ContextParams,
     /// The tokens in the KV cache, per sequence, in position order: token `i` sits at position `i`.
@@ -196,7 +198,8 @@ impl Context {
         let plan = layout::plan(model, &params, n_ctx / n_seq);
         let mut ctx = Context {
             llama,
-            pooled_logits: None,
+            pooled_logits: Vec::new(),
+            candidates: Vec::new(),
             model: model.clone(),
             chunk_len,
             batch: LlamaBatch::new(chunk_len, 1),
@@ -423,11 +426,12 @@ impl Context {
         }
         self.epoch += 1;
         self.last_logits = None;
-        self.pooled_logits = None;
-        let decoded = match self.llama.pooled() {
-            Some(pooled) => pooled
-                .decode(chunk, held, logits_for_last)
-                .map(|logits| self.pooled_logits = logits),
+        let decoded = match self.llama.pooled_mut() {
+            Some(pooled) => pooled.decode(
+                chunk,
+                held,
+                logits_for_last.then_some(&mut self.pooled_logits),
+            ),
             None => {
                 let batch = &mut self.batch;
                 self.llama
@@ -855,10 +859,7 @@ impl Context {
             return Err(Error::StreamInvalidated);
         };
         if self.llama.pooled().is_some() {
-            let logits = self.pooled_logits.as_deref().ok_or_else(|| {
-                Error::Internal("a pooled context lost the logits of its last decode".to_owned())
-            })?;
-            return sample_from_logits(sampler, logits);
+            return sample_from_logits(sampler, &self.pooled_logits, &mut self.candidates);
         }
         Ok(self.llama.with_mut(|ctx| sampler.sample(ctx, batch_index)))
     }
@@ -1033,25 +1034,33 @@ impl Context {
 
 /// The error of a failed `llama_decode`.
 /// What `llama_sampler_sample` does with logits in the context, done with a copy of them: every token with its
-/// logit, unsorted, through the sampler, which then accepts the token it selected.
+/// logit, unsorted, through the sampler, which then accepts the token it selected. `candidates` is the
+/// buffer of the previous call (reused: a vocabulary's worth of candidates is too large to allocate per token).
 fn sample_from_logits(
     sampler: &mut llama_cpp_2::sampling::LlamaSampler,
     logits: &[f32],
+    candidates: &mut Vec<llama_cpp_2::token::data::LlamaTokenData>,
 ) -> Result<LlamaToken> {
-    let mut candidates = llama_cpp_2::token::data_array::LlamaTokenDataArray::from_iter(
-        logits.iter().enumerate().map(|(id, &logit)| {
-            llama_cpp_2::token::data::LlamaTokenData::new(
-                LlamaToken(i32::try_from(id).expect("vocabulary ids fit in i32")),
-                logit,
-                0.0,
-            )
-        }),
-        false,
-    );
-    sampler.apply(&mut candidates);
-    let token = candidates
-        .selected_token()
-        .ok_or_else(|| Error::Internal("the sampler selected no token".to_owned()))?;
+    if logits.is_empty() {
+        return Err(Error::Internal(
+            "a pooled context lost the logits of its last decode".to_owned(),
+        ));
+    }
+    candidates.clear();
+    candidates.extend(logits.iter().enumerate().map(|(id, &logit)| {
+        llama_cpp_2::token::data::LlamaTokenData::new(
+            LlamaToken(i32::try_from(id).expect("vocabulary ids fit in i32")),
+            logit,
+            0.0,
+        )
+    }));
+    let mut array =
+        llama_cpp_2::token::data_array::LlamaTokenDataArray::new(std::mem::take(candidates), false);
+    sampler.apply(&mut array);
+    let selected = array.selected_token();
+    *candidates = array.data;
+    let token =
+        selected.ok_or_else(|| Error::Internal("the sampler selected no token".to_owned()))?;
     sampler.accept(token);
     Ok(token)
 }

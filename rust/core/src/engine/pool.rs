@@ -44,7 +44,8 @@ pub(crate) const GATHER: Duration = Duration::from_millis(3);
 const SEQ_AT: usize = 4;
 const STREAMS_AT: usize = 8;
 
-/// What a decode request gets back: the logits of its last token (when asked for), or why it failed.
+/// What a decode request gets back: its logits buffer holding the logits of its last token (when asked for),
+/// or why it failed.
 type Reply = Result<Option<Vec<f32>>>;
 
 /// One Context's decode: `tokens` after the `first_position` tokens its sequence holds.
@@ -53,6 +54,8 @@ struct Request {
     tokens: Vec<LlamaToken>,
     first_position: usize,
     want_logits: bool,
+    /// The Context's buffer for the logits (sent back filled).
+    logits: Vec<f32>,
     /// Tokens already decoded by earlier steps.
     done: usize,
     reply: SyncSender<Reply>,
@@ -67,6 +70,12 @@ struct Queue {
     stopped: Option<String>,
     /// Test hook: the decoder panics at its next step.
     panic_requested: bool,
+    /// The decoder took requests and has not answered them all yet.
+    stepping: bool,
+    /// A Context is decoding in its own thread (it was alone: see [`PooledSequence::decode`]).
+    direct: bool,
+    /// The sequences that got logits in the latest step: they are expected back with their next token.
+    active: Vec<i32>,
 }
 
 /// What the pool's threads share.
@@ -273,6 +282,7 @@ impl ContextPool {
         let pooled = PooledSequence {
             owner: Arc::clone(&self.owner),
             seq,
+            batch: LlamaBatch::new(self.owner.shared.n_batch, 1),
         };
         Context::pooled(&self.model, self.params.clone(), pooled).map(Some)
     }
@@ -282,6 +292,8 @@ impl ContextPool {
 pub struct PooledSequence {
     owner: Arc<PoolOwner>,
     seq: i32,
+    /// For the decodes this sequence runs in its own thread.
+    batch: LlamaBatch<'static>,
 }
 
 impl PooledSequence {
@@ -354,34 +366,113 @@ impl PooledSequence {
     /// Decodes `tokens` after the `first_position` tokens this sequence holds, in one or more steps of the
     /// pool, and returns the logits of the last token if `want_logits`. On failure llama.cpp may have kept
     /// some of the tokens: the caller cuts the sequence back.
+    ///
+    /// A sequence that is alone (nothing queued, no step in progress, no other sequence got logits in the
+    /// latest step) decodes in its caller's thread, as a context of its own does: handing each token to the
+    /// decoder thread and back costs a solo turn about half its speed on two cores (the OpenMP workers of
+    /// the decoding thread spin while the other thread samples). As soon as another sequence asks, the
+    /// decoder thread batches them.
     pub(crate) fn decode(
-        &self,
+        &mut self,
         tokens: &[LlamaToken],
         first_position: usize,
-        want_logits: bool,
-    ) -> Result<Option<Vec<f32>>> {
-        let shared = &self.owner.shared;
+        mut logits: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let want_logits = logits.is_some();
+        let shared = Arc::clone(&self.owner.shared);
         let (reply, answer): (SyncSender<Reply>, Receiver<Reply>) = mpsc::sync_channel(1);
         {
             let mut queue = lock(&shared.queue);
             if let Some(reason) = &queue.stopped {
                 return Err(Error::Internal(reason.clone()));
             }
+            // (A panic asked for by the test hook must reach the decoder.)
+            let alone = !queue.stepping
+                && !queue.direct
+                && !queue.panic_requested
+                && queue.pending.is_empty()
+                && queue.active.iter().all(|&s| s == self.seq);
+            if alone {
+                queue.direct = true;
+                drop(queue);
+                let decoded = self.decode_here(tokens, first_position, logits);
+                let mut queue = lock(&shared.queue);
+                queue.direct = false;
+                queue.active = match decoded {
+                    Ok(()) if want_logits => vec![self.seq],
+                    _ => Vec::new(),
+                };
+                drop(queue);
+                // The decoder may have requests that arrived meanwhile.
+                shared.wake.notify_all();
+                return decoded;
+            }
             queue.pending.push(Request {
                 seq: self.seq,
                 tokens: tokens.to_vec(),
                 first_position,
                 want_logits,
+                logits: logits
+                    .as_mut()
+                    .map(|out| std::mem::take(&mut **out))
+                    .unwrap_or_default(),
                 done: 0,
                 reply,
             });
         }
         shared.wake.notify_all();
-        answer.recv().unwrap_or_else(|_| {
+        let filled = answer.recv().unwrap_or_else(|_| {
             Err(Error::Internal(
                 "the context pool's decoder thread stopped".to_owned(),
             ))
-        })
+        })?;
+        if let (Some(out), Some(filled)) = (logits, filled) {
+            *out = filled;
+        }
+        Ok(())
+    }
+}
+
+impl PooledSequence {
+    /// One decode of `tokens` (at most `n_batch`: a Context decodes in chunks of that) in this thread.
+    fn decode_here(
+        &mut self,
+        tokens: &[LlamaToken],
+        first_position: usize,
+        logits_out: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let shared = &self.owner.shared;
+        let want_logits = logits_out.is_some();
+        self.batch.clear();
+        for (i, &token) in tokens.iter().enumerate() {
+            let position = i32::try_from(first_position + i)
+                .expect("positions are below n_ctx, which fits in i32");
+            let logits = want_logits && i + 1 == tokens.len();
+            self.batch
+                .add(token, position, &[self.seq], logits)
+                .map_err(|e| {
+                    Error::Internal(format!("a chunk of n_batch tokens did not fit: {e}"))
+                })?;
+        }
+        let batch = &mut self.batch;
+        let mut llama = lock(&shared.llama);
+        llama
+            .with_dependent_mut(|_, ctx| ctx.decode(batch))
+            .map_err(|e| {
+                let (code, reason) = decode_failure_parts(e);
+                Error::Decode { code, reason }
+            })?;
+        if let Some(out) = logits_out {
+            let last = i32::try_from(tokens.len() - 1).expect("a chunk fits in i32");
+            out.clear();
+            out.extend_from_slice(llama.borrow_dependent().get_logits_ith(last));
+        }
+        drop(llama);
+        let mut stats = lock(&shared.steps);
+        stats.steps += 1;
+        stats.tokens += tokens.len() as u64;
+        stats.max_sequences_in_step = stats.max_sequences_in_step.max(1);
+        Ok(())
     }
 }
 
@@ -431,8 +522,6 @@ struct Part {
 
 fn run_decoder(shared: &PoolShared) {
     let mut batch = LlamaBatch::new(shared.n_batch, 1);
-    // The sequences that got logits in the last step: they are expected back with their next token.
-    let mut expected: Vec<i32> = Vec::new();
     loop {
         let mut requests = {
             let mut queue = lock(&shared.queue);
@@ -447,7 +536,8 @@ fn run_decoder(shared: &PoolShared) {
             }
             let deadline = Instant::now() + GATHER;
             loop {
-                let missing = expected
+                let missing = queue
+                    .active
                     .iter()
                     .any(|seq| !queue.pending.iter().any(|r| r.seq == *seq));
                 let now = Instant::now();
@@ -464,6 +554,7 @@ fn run_decoder(shared: &PoolShared) {
                 drop(queue);
                 panic!("a panic asked for by ContextPool::panic_decoder");
             }
+            queue.stepping = true;
             std::mem::take(&mut queue.pending)
         };
         requests.sort_by_key(|r| r.seq);
@@ -491,7 +582,10 @@ fn run_decoder(shared: &PoolShared) {
         match decoded {
             Ok(()) => {
                 for (index, at) in logits_at {
-                    let logits = llama.borrow_dependent().get_logits_ith(at).to_vec();
+                    // Into the Context's own buffer: no allocation per token.
+                    let mut logits = std::mem::take(&mut requests[index].logits);
+                    logits.clear();
+                    logits.extend_from_slice(llama.borrow_dependent().get_logits_ith(at));
                     replies.push((index, Ok(Some(logits))));
                 }
                 for part in &parts {
@@ -516,13 +610,16 @@ fn run_decoder(shared: &PoolShared) {
             stats.tokens += parts.iter().map(|p| (p.to - p.from) as u64).sum::<u64>();
             stats.max_sequences_in_step = stats.max_sequences_in_step.max(parts.len());
         }
-        expected.clear();
         let answered: BTreeSet<usize> = replies.iter().map(|(i, _)| *i).collect();
+        let active: Vec<i32> = replies
+            .iter()
+            .filter(|(_, reply)| matches!(reply, Ok(Some(_))))
+            .map(|(index, _)| requests[*index].seq)
+            .collect();
+        // Recorded before the answers go, so that a Context answered now finds itself expected.
+        lock(&shared.queue).active = active;
         for (index, reply) in replies {
             let request = &requests[index];
-            if matches!(reply, Ok(Some(_))) {
-                expected.push(request.seq);
-            }
             // A Context that stopped waiting (it cannot: `decode` blocks) would only drop the reply.
             let _ = request.reply.send(reply);
         }
@@ -538,12 +635,13 @@ fn run_decoder(shared: &PoolShared) {
             .filter(|(i, _)| !answered.contains(i))
             .map(|(_, r)| r)
             .collect();
+        let mut queue = lock(&shared.queue);
         if !unfinished.is_empty() {
-            let mut queue = lock(&shared.queue);
             let newer = std::mem::take(&mut queue.pending);
             queue.pending = unfinished;
             queue.pending.extend(newer);
         }
+        queue.stepping = false;
     }
 }
 
