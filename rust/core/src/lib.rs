@@ -20,6 +20,7 @@
 
 mod backend;
 pub mod chunks;
+mod compute;
 mod context;
 mod durable;
 mod engine;

@@ -94,8 +94,10 @@ impl Context {
         self.epoch += 1;
         self.last_logits = None;
         self.batch_logits = (self.epoch, Vec::new());
-        let batch = &mut self.batch;
-        let decoded = self.llama.with_mut(|ctx| ctx.decode(batch));
+        let (batch, n_threads) = (&mut self.batch, self.params.n_threads);
+        let decoded = self
+            .llama
+            .with_mut(|ctx| crate::compute::decode(ctx, batch, n_threads));
         if let Err(e) = decoded {
             let mut first_failure = None;
             for (part, &held) in order.iter().zip(&held) {

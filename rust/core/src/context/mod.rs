@@ -433,9 +433,9 @@ impl Context {
                 logits_for_last.then_some(&mut self.pooled_logits),
             ),
             None => {
-                let batch = &mut self.batch;
+                let (batch, n_threads) = (&mut self.batch, self.params.n_threads);
                 self.llama
-                    .with_mut(|ctx| ctx.decode(batch))
+                    .with_mut(|ctx| crate::compute::decode(ctx, batch, n_threads))
                     .map_err(decode_failure)
             }
         };

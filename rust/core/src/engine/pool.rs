@@ -88,6 +88,8 @@ pub(crate) struct PoolShared {
     prompt_tokens_per_step: usize,
     steps: Mutex<PoolStats>,
     sequences: u32,
+    /// The shared context's threads (which compute lane its decodes take, see `crate::compute`).
+    n_threads: u32,
 }
 
 /// Counters of a pool's decoder (for tests and benchmarks).
@@ -216,6 +218,7 @@ impl ContextPool {
             prompt_tokens_per_step,
             steps: Mutex::new(PoolStats::default()),
             sequences,
+            n_threads: params.n_threads,
         });
         let decoder = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -457,7 +460,7 @@ impl PooledSequence {
         let batch = &mut self.batch;
         let mut llama = lock(&shared.llama);
         llama
-            .with_dependent_mut(|_, ctx| ctx.decode(batch))
+            .with_dependent_mut(|_, ctx| crate::compute::decode(ctx, batch, shared.n_threads))
             .map_err(|e| {
                 let (code, reason) = decode_failure_parts(e);
                 Error::Decode { code, reason }
@@ -577,7 +580,8 @@ fn run_decoder(shared: &PoolShared) {
             }
         }
         let mut llama = lock(&shared.llama);
-        let decoded = llama.with_dependent_mut(|_, ctx| ctx.decode(&mut batch));
+        let decoded = llama
+            .with_dependent_mut(|_, ctx| crate::compute::decode(ctx, &mut batch, shared.n_threads));
         let mut replies: Vec<(usize, Reply)> = Vec::new();
         match decoded {
             Ok(()) => {
