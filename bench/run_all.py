@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import subprocess
 import sys
@@ -416,7 +417,10 @@ def render_threads(r: dict[str, Any]) -> list[str]:
         "Per-context "
         "rate from GenerationStats (sample + decode per token); aggregate = all generated tokens / "
         "wall-clock "
-        f"of the whole call(s), the short prompt included. Median of {c['runs']} runs after a warm-up.",
+        f"of the whole call(s), the short prompt included. Median of {c['runs']} runs after a warm-up. "
+        '"In a thread after the main thread": the main thread generates before each run, then a worker '
+        "thread does (every decode runs on the library's compute threads, so that costs nothing; see "
+        "docs/engine.md).",
         "",
     ]
     rows = [
@@ -1007,7 +1011,13 @@ def plot(results: dict[str, Any]) -> None:
     r = results.get("threads")
     if r:
         names = list(r["configs"])
-        short = ["1 ctx x 2 threads", "1 ctx x 1 thread", "2 ctx x 1 thread"][: len(names)]
+        thread_labels = {
+            "one context, n_threads=2": "1 ctx x 2",
+            "one context, n_threads=2, in a thread after the main thread": "1 ctx x 2\n2nd thread",
+            "one context, n_threads=1": "1 ctx x 1",
+            "two contexts in parallel, n_threads=1 each": "2 ctx x 1",
+        }
+        short = [thread_labels.get(name, name) for name in names]
         x = range(len(names))
         ax.bar(
             [i - 0.2 for i in x],
@@ -1062,6 +1072,32 @@ def report() -> None:
     print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
 
 
+def stale_install() -> str | None:
+    """Why the interpreter running this must not measure (a missing install, or one older than the sources:
+    results of another build would land in the report under this checkout's name), or None."""
+    try:
+        spec = importlib.util.find_spec("llama_sessions._native")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is None or spec.origin is None:
+        return f"{sys.executable} has no llama_sessions installed: activate the project's environment"
+    built = Path(spec.origin).stat().st_mtime
+    sources = [
+        ROOT / "Cargo.toml",
+        ROOT / "Cargo.lock",
+        *ROOT.glob("rust/**/*.rs"),
+        *ROOT.glob("rust/**/Cargo.toml"),
+    ]
+    sources += list((ROOT / "python" / "llama_sessions").rglob("*.py"))
+    newest = max(sources, key=lambda p: p.stat().st_mtime)
+    if newest.stat().st_mtime > built:
+        return (
+            f"the llama_sessions that {sys.executable} imports ({spec.origin}) was built before "
+            f"{newest.relative_to(ROOT)} last changed: run `pip install .` in the project's environment first"
+        )
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1070,6 +1106,8 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only regenerate the report")
     args = parser.parse_args()
     if not args.report_only:
+        if (why := stale_install()) is not None:
+            sys.exit(f"run_all.py: not measuring: {why}")
         run(list(args.only or MODULES))
     report()
 
