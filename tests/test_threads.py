@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import _thread
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -35,6 +39,60 @@ def test_two_contexts_in_two_threads_match_sequential_runs(model: Model) -> None
         t.join(timeout=120)
     assert all(text for text, _ in sequential)
     assert results == sequential
+
+
+def test_contexts_sharing_the_compute_thread_from_four_threads_match_sequential_runs(model: Model) -> None:
+    # n_threads=2 on a machine of at most 2 cores: every decode of the four goes to the one compute lane,
+    # interleaved token by token.
+    def run(n: int) -> tuple[str, list[int]]:
+        ctx = Context(model, **SMALL, n_threads=2)  # type: ignore[arg-type]
+        return ctx.generate(STORY, max_tokens=n, temperature=0), ctx.tokens
+
+    sequential = [run(12 + i) for i in range(4)]
+    results: list[tuple[str, list[int]] | None] = [None] * 4
+
+    def worker(i: int) -> None:
+        results[i] = run(12 + i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(text for text, _ in sequential)
+    assert results == sequential
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX only")
+def test_a_process_forked_after_decoding_decodes_too() -> None:
+    # The child inherits the parent's compute lanes but not their threads: it must start its own rather than
+    # wait for ever (a subprocess, so that a hang fails this test instead of the suite).
+    script = textwrap.dedent(
+        """
+        import os
+        from llama_sessions import Context, Model, default_model_path
+        model = Model.load(default_model_path())
+        def story():
+            ctx = Context(model, n_ctx=256, n_threads=2)
+            return ctx.generate("Once upon a time", max_tokens=6, temperature=0)
+        print("parent", repr(story()), flush=True)
+        pid = os.fork()
+        if pid == 0:
+            print("child", repr(story()), flush=True)
+            os._exit(0)
+        print("child exit", os.waitpid(pid, 0)[1], flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr
+    assert len(lines) == 3, done.stdout
+    parent, child, exit_line = lines
+    assert parent.startswith("parent ") and parent != "parent ''"
+    assert child == "child " + parent.removeprefix("parent ")
+    assert exit_line == "child exit 0"
 
 
 def test_the_gil_is_released_during_a_long_prefill(model: Model) -> None:

@@ -33,9 +33,20 @@ use crate::sync::lock;
 /// Name of the compute threads (visible in debuggers and `top -H`).
 const THREAD_NAME: &str = "llama-sessions-compute";
 
-/// The lanes of each thread count, started on first use and kept for the process's life.
-static LANES: LazyLock<Mutex<BTreeMap<u32, Arc<rayon_core::ThreadPool>>>> =
-    LazyLock::new(|| Mutex::new(BTreeMap::new()));
+/// The lanes of each thread count, started on first use and kept for the process's life, with the id of
+/// the process that started them: a child made by `fork()` inherits the map but none of its threads, so it
+/// starts lanes of its own instead of waiting for ever on threads that do not exist there.
+static LANES: LazyLock<Mutex<Lanes>> = LazyLock::new(|| {
+    Mutex::new(Lanes {
+        process: std::process::id(),
+        by_threads: BTreeMap::new(),
+    })
+});
+
+struct Lanes {
+    process: u32,
+    by_threads: BTreeMap<u32, Arc<rayon_core::ThreadPool>>,
+}
 
 /// `ctx.decode(batch)`, run on a compute lane of contexts with `n_threads` threads while the caller waits (a
 /// panic there unwinds here). The only place in the crate that calls `LlamaContext::decode`: clippy's
@@ -58,7 +69,13 @@ fn lane_count(cores: usize, n_threads: u32) -> usize {
 fn run<R: Send>(n_threads: u32, f: impl FnOnce() -> R + Send) -> R {
     let lanes = {
         let mut all = lock(&LANES);
-        Arc::clone(all.entry(n_threads).or_insert_with(|| {
+        if all.process != std::process::id() {
+            // Forked: the parent's pools have no threads here. Dropping one would signal threads that do not
+            // exist, so they are forgotten instead.
+            all.process = std::process::id();
+            std::mem::forget(std::mem::take(&mut all.by_threads));
+        }
+        Arc::clone(all.by_threads.entry(n_threads).or_insert_with(|| {
             let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
             Arc::new(
                 rayon_core::ThreadPoolBuilder::new()
