@@ -1,4 +1,4 @@
-//! The one thread that runs every `llama_decode` of the process.
+//! The compute threads that run every `llama_decode` of the process.
 //!
 //! llama.cpp's CPU backend runs each graph on an OpenMP team: the thread that calls `llama_decode` and
 //! `n_threads - 1` workers, which meet at a barrier after every operation (hundreds per token). libgomp
