@@ -718,6 +718,19 @@ def render_batching(r: dict[str, Any]) -> list[str]:
         rows,
         "rlrrrrr",
     )
+    repeats = c.get("repeats_at_target", 1)
+    if repeats > 1:
+        spread = "; ".join(
+            f"{SYSTEM_NAMES[name]}: " + ", ".join(f"{a:.1f}" for a in x["aggregate_runs"])
+            for name in SYSTEM_NAMES
+            for x in r["rows"].get(name, [])
+            if x["chats"] == c["target_chats"] and "aggregate_runs" in x
+        )
+        out += [
+            "",
+            f"At {c['target_chats']} chats the three systems ran in turn, {repeats} times; each row is its "
+            f"median run (aggregate tokens/s of every run, in order: {spread}).",
+        ]
     out += [
         "",
         "The KV cache of a batching manager is `max_live` streams of `n_ctx` cells (llama.cpp's split cache: "
