@@ -19,48 +19,38 @@ from conftest import SMALL, STORY, assert_same_output
 LONG_PROMPT = "The lighthouse keeper counted the waves. " * 120  # about 1000 tokens
 
 
-def run_story(model: Model, n: int) -> tuple[str, list[int]]:
-    ctx = Context(model, **SMALL, n_threads=1)  # type: ignore[arg-type]
+def run_story(model: Model, n: int, n_threads: int = 1) -> tuple[str, list[int]]:
+    ctx = Context(model, **SMALL, n_threads=n_threads)  # type: ignore[arg-type]
     text = ctx.generate(STORY, max_tokens=n, temperature=0)
     return text, ctx.tokens
 
 
-def test_two_contexts_in_two_threads_match_sequential_runs(model: Model) -> None:
-    sequential = [run_story(model, 16), run_story(model, 16)]
-    results: list[tuple[str, list[int]] | None] = [None, None]
+def assert_stories_in_threads_match_sequential_runs(model: Model, lengths: list[int], n_threads: int) -> None:
+    """One context per length, each generating in its own thread at once, ends exactly as when they run one
+    after the other."""
+    sequential = [run_story(model, n, n_threads) for n in lengths]
+    results: list[tuple[str, list[int]] | None] = [None] * len(lengths)
 
     def worker(i: int) -> None:
-        results[i] = run_story(model, 16)
+        results[i] = run_story(model, lengths[i], n_threads)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(lengths))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert all(text for text, _ in sequential)
     assert results == sequential
+
+
+def test_two_contexts_in_two_threads_match_sequential_runs(model: Model) -> None:
+    assert_stories_in_threads_match_sequential_runs(model, [16, 16], n_threads=1)
 
 
 def test_contexts_sharing_the_compute_thread_from_four_threads_match_sequential_runs(model: Model) -> None:
     # n_threads=2 on a machine of at most 2 cores: every decode of the four goes to the one compute lane,
     # interleaved token by token.
-    def run(n: int) -> tuple[str, list[int]]:
-        ctx = Context(model, **SMALL, n_threads=2)  # type: ignore[arg-type]
-        return ctx.generate(STORY, max_tokens=n, temperature=0), ctx.tokens
-
-    sequential = [run(12 + i) for i in range(4)]
-    results: list[tuple[str, list[int]] | None] = [None] * 4
-
-    def worker(i: int) -> None:
-        results[i] = run(12 + i)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert all(text for text, _ in sequential)
-    assert results == sequential
+    assert_stories_in_threads_match_sequential_runs(model, [12, 13, 14, 15], n_threads=2)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX only")
