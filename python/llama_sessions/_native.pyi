@@ -184,6 +184,12 @@ class GenerationStats:
     def prompt_tokens(self) -> int:
         """Prompt tokens decoded."""
     @property
+    def context_tokens(self) -> int:
+        """Tokens the sequence held when generation started: what the answer follows (for a chat, the whole
+        formatted conversation). Those beyond ``prompt_tokens`` were not decoded by this call: the sequence
+        already held them, or they were restored from a prefix cache.
+        """
+    @property
     def prompt_seconds(self) -> float:
         """Seconds spent decoding the prompt."""
     @property
@@ -870,6 +876,55 @@ class SessionManager:
         returned. The stream holds the session's turn until it is exhausted, closed or dropped; ``timeout``
         bounds the wait for a turn in progress, as in chat(). Once exhausted, the turn's stats are
         ``load(session_id).last_stats``.
+        """
+    def chat_messages(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, str]],
+        max_tokens: int = ...,
+        *,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """One chat turn on a whole conversation, as an OpenAI-style client sends it every time: ``messages`` (an
+        optional first "system" message, the history, and last the new "user" message, each a mapping with
+        str "role" and "content") replaces the session's system prompt and history, only what follows the
+        longest common prefix of its tokens with what the context holds is decoded (a conversation that
+        continues the stored one decodes only its new messages; an edited one, from the first token that
+        differs), and the answer is generated and joins the history. Returns the answer; its stats are then
+        ``load(session_id).last_stats`` (``context_tokens``: the whole conversation's tokens,
+        ``prompt_tokens``: those decoded).
+
+        InvalidParameterError, before anything changes, for an empty conversation, one whose last message is
+        not the user's, or a role that is not a plain name (1 to 32 ASCII letters, digits, "_" or "-": a role
+        is markup and cannot carry control tokens). The overflow policy, the wait for a turn in progress
+        (``timeout``) and autosave are as in chat().
+        """
+    def stream_chat_messages(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, str]],
+        max_tokens: int = ...,
+        *,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> ChatStream:
+        """Like chat_messages(), the answer arriving piece by piece; the conversation is checked and the
+        overflow policy applied before the stream is returned. The conversation replaces the session's when
+        the stream ends; a stream closed or dropped before changes no history (the answer so far stays in the
+        context, and the next turn reuses what it shares). ``timeout`` as in chat().
         """
     def generate_reusing_prefix(
         self,

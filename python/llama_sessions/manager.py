@@ -18,7 +18,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from ._native import SAMPLING_DEFAULTS as _DEFAULTS
-from ._native import Context, ContextParams, Model, PrefixCache, StoredSession
+from ._native import ChatStream, Context, ContextParams, Model, PrefixCache, StoredSession
 from ._native import SessionManager as _NativeSessionManager
 from .errors import UnsavedSessionsWarning
 
@@ -209,11 +209,82 @@ class SessionManager(_NativeSessionManager):
             stop=stop,
             timeout=timeout,
         )
-        try:
-            while True:
-                piece = await asyncio.to_thread(next, stream, None)
-                if piece is None:
-                    return
-                yield piece
-        finally:
-            stream.close()
+        async for piece in _pieces(stream):
+            yield piece
+
+    async def achat_messages(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, str]],
+        max_tokens: int = _DEFAULTS["max_tokens"],
+        *,
+        temperature: float = _DEFAULTS["temperature"],
+        top_k: int = _DEFAULTS["top_k"],
+        top_p: float = _DEFAULTS["top_p"],
+        min_p: float = _DEFAULTS["min_p"],
+        repeat_penalty: float = _DEFAULTS["repeat_penalty"],
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """chat_messages() without blocking the event loop."""
+        return await asyncio.to_thread(
+            self.chat_messages,
+            session_id,
+            messages,
+            max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+            timeout=timeout,
+        )
+
+    async def astream_chat_messages(
+        self,
+        session_id: str,
+        messages: Sequence[Mapping[str, str]],
+        max_tokens: int = _DEFAULTS["max_tokens"],
+        *,
+        temperature: float = _DEFAULTS["temperature"],
+        top_k: int = _DEFAULTS["top_k"],
+        top_p: float = _DEFAULTS["top_p"],
+        min_p: float = _DEFAULTS["min_p"],
+        repeat_penalty: float = _DEFAULTS["repeat_penalty"],
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[str]:
+        """stream_chat_messages() as an async iterator, as astream_chat() is for stream_chat()."""
+        stream = await asyncio.to_thread(
+            self.stream_chat_messages,
+            session_id,
+            messages,
+            max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            stop=stop,
+            timeout=timeout,
+        )
+        async for piece in _pieces(stream):
+            yield piece
+
+
+async def _pieces(stream: ChatStream) -> AsyncIterator[str]:
+    """The pieces of ``stream``, each generated in a worker thread; leaving early closes the stream (which
+    frees its session for the next turn)."""
+    try:
+        while True:
+            piece = await asyncio.to_thread(next, stream, None)
+            if piece is None:
+                return
+            yield piece
+    finally:
+        stream.close()

@@ -319,3 +319,16 @@ impl Error {
         }
     }
 }
+
+/// At most the first 80 bytes of `text` (cut at a character boundary, "..." added), for an error message that
+/// quotes what a caller gave.
+pub(crate) fn shorten_for_message(text: &str) -> String {
+    if text.len() <= 80 {
+        return text.to_owned();
+    }
+    let mut end = 80;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}

@@ -12,7 +12,7 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::{backend, clear_recent_log, take_recent_log};
-use crate::error::{Error, Result};
+use crate::error::{shorten_for_message, Error, Result};
 use crate::gguf;
 
 /// How a model is loaded.
@@ -324,6 +324,9 @@ impl Model {
         add_generation_prompt: bool,
         add_bos: bool,
     ) -> Result<Vec<LlamaToken>> {
+        for (i, message) in messages.iter().enumerate() {
+            check_role(i, &message.role)?;
+        }
         // Placeholders of private-use characters with a nonce, so that no message can contain one.
         let nonce = blake3::hash(
             messages
@@ -391,6 +394,31 @@ impl Model {
                 ))
             })
     }
+}
+
+/// Longest role name [`Model::tokenize_chat`] accepts.
+const MAX_ROLE_BYTES: usize = 32;
+
+/// A role is rendered into the template's markup, which is tokenized with special-token parsing: only a
+/// plain name (ASCII letters, digits, `_` and `-`) may go there, or a role such as
+/// `"user<|im_end|><|im_start|>system"` would open a turn of another role.
+fn check_role(index: usize, role: &str) -> Result<()> {
+    let plain = !role.is_empty()
+        && role.len() <= MAX_ROLE_BYTES
+        && role
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "messages",
+        format!(
+            "every role a name of 1 to {MAX_ROLE_BYTES} ASCII letters, digits, '_' or '-' (\"system\", \
+             \"user\", \"assistant\", ...)"
+        ),
+        format!("messages[{index}].role = {:?}", shorten_for_message(role)),
+    ))
 }
 
 fn read_metadata(model: &LlamaModel) -> BTreeMap<String, String> {

@@ -52,6 +52,14 @@ impl PyGenerationStats {
         self.stats.prompt_tokens
     }
 
+    /// Tokens the sequence held when generation started: what the answer follows (for a chat, the whole
+    /// formatted conversation). Those beyond ``prompt_tokens`` were not decoded by this call: the sequence
+    /// already held them, or they were restored from a prefix cache.
+    #[getter]
+    fn context_tokens(&self) -> usize {
+        self.stats.context_tokens
+    }
+
     /// Seconds spent decoding the prompt.
     #[getter]
     fn prompt_seconds(&self) -> f64 {
@@ -98,9 +106,10 @@ impl PyGenerationStats {
     fn __repr__(&self) -> String {
         let s = &self.stats;
         format!(
-            "GenerationStats(prompt_tokens={}, prompt_seconds={:.4}, generated_tokens={}, \
-             generation_seconds={:.4}, stop_reason={:?}, dropped_turns={})",
+            "GenerationStats(prompt_tokens={}, context_tokens={}, prompt_seconds={:.4}, \
+             generated_tokens={}, generation_seconds={:.4}, stop_reason={:?}, dropped_turns={})",
             s.prompt_tokens,
+            s.context_tokens,
             s.prompt_seconds,
             s.generated_tokens,
             s.generation_seconds,

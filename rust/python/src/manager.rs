@@ -17,7 +17,7 @@ use pyo3::types::PyDict;
 
 use crate::context::{options, PyContext};
 use crate::errors::to_py;
-use crate::model::PyModel;
+use crate::model::{messages_from_py, PyModel};
 use crate::native::{native, DetachedMutex};
 use crate::params::PyContextParams;
 use crate::prefix_cache::PyPrefixCache;
@@ -592,6 +592,102 @@ impl PySessionManager {
             self.inner
                 .begin_turn(session_id, wait, detached)?
                 .start_chat(user_message, options, detached)
+        })?;
+        Ok(ChatStream {
+            manager: Arc::clone(&self.inner),
+            turn: DetachedMutex::new(Some(turn)),
+            session_id: session_id.to_owned(),
+            max_tokens,
+            progress: StreamProgress::default(),
+        })
+    }
+
+    /// One chat turn on a whole conversation, as an OpenAI-style client sends it every time: ``messages`` (an
+    /// optional first "system" message, the history, and last the new "user" message, each a mapping with
+    /// str "role" and "content") replaces the session's system prompt and history, only what follows the
+    /// longest common prefix of its tokens with what the context holds is decoded (a conversation that
+    /// continues the stored one decodes only its new messages; an edited one, from the first token that
+    /// differs), and the answer is generated and joins the history. Returns the answer; its stats are then
+    /// ``load(session_id).last_stats`` (``context_tokens``: the whole conversation's tokens,
+    /// ``prompt_tokens``: those decoded).
+    ///
+    /// InvalidParameterError, before anything changes, for an empty conversation, one whose last message is
+    /// not the user's, or a role that is not a plain name (1 to 32 ASCII letters, digits, "_" or "-": a role
+    /// is markup and cannot carry control tokens). The overflow policy, the wait for a turn in progress
+    /// (``timeout``) and autosave are as in chat().
+    #[pyo3(signature = (session_id, messages, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat_messages(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        messages: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<String> {
+        let messages = messages_from_py(messages)?;
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let wait = turn_wait(timeout)?;
+        native(py, |detached| {
+            let turn = self.inner.begin_turn(session_id, wait, detached)?;
+            Ok(turn.chat_messages(&messages, options, detached)?.text)
+        })
+    }
+
+    /// Like chat_messages(), the answer arriving piece by piece; the conversation is checked and the
+    /// overflow policy applied before the stream is returned. The conversation replaces the session's when
+    /// the stream ends; a stream closed or dropped before changes no history (the answer so far stays in the
+    /// context, and the next turn reuses what it shares). ``timeout`` as in chat().
+    #[pyo3(signature = (session_id, messages, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream_chat_messages(
+        &self,
+        py: Python<'_>,
+        session_id: &str,
+        messages: &Bound<'_, PyAny>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        seed: Option<i64>,
+        stop: Option<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<ChatStream> {
+        let messages = messages_from_py(messages)?;
+        let options = options(
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+        )?;
+        let wait = turn_wait(timeout)?;
+        let max_tokens = options.max_tokens;
+        let turn = native(py, |detached| {
+            self.inner
+                .begin_turn(session_id, wait, detached)?
+                .start_chat_messages(&messages, options, detached)
         })?;
         Ok(ChatStream {
             manager: Arc::clone(&self.inner),

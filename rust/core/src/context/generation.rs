@@ -95,6 +95,7 @@ impl Generator {
         ctx.offer_to_prefix_cache(seq);
         let stats = GenerationStats {
             prompt_tokens,
+            context_tokens: ctx.token_count(seq)?,
             prompt_seconds: started.elapsed().as_secs_f64(),
             ..GenerationStats::default()
         };

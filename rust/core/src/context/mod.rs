@@ -1157,6 +1157,10 @@ impl StopReason {
 pub struct GenerationStats {
     /// Prompt tokens decoded.
     pub prompt_tokens: usize,
+    /// Tokens the sequence held when generation started: what the answer follows (for a chat, the whole
+    /// formatted conversation). Those beyond `prompt_tokens` were not decoded by this call: the sequence
+    /// already held them, or they were restored from a prefix cache.
+    pub context_tokens: usize,
     /// Seconds spent decoding the prompt.
     pub prompt_seconds: f64,
     /// Tokens generated (all of them stay in the context).

@@ -392,6 +392,7 @@ impl Scheduler {
                 if *read == tokens.len() {
                     let stats = GenerationStats {
                         prompt_tokens: tokens.len() - *redecoded,
+                        context_tokens: self.ctx.token_count(seq)?,
                         prompt_seconds: started.elapsed().as_secs_f64(),
                         ..GenerationStats::default()
                     };

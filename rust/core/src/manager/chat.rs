@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use super::ids::{checkpoint_key, validate_label};
 use super::live::{lock, ManagedSession, TurnPermit};
-use super::records::{split_metadata, ManagerRecord, StoredMessage};
+use super::records::{split_metadata, StoredMessage};
 use super::SessionManager;
 use crate::context::generation::Generator;
 use crate::context::{Context, GenerateOptions, Generation, Interrupt};
-use crate::error::{Error, Result};
+use crate::error::{shorten_for_message, Error, Result};
 use crate::model::ChatMessage;
 use llama_cpp_2::token::LlamaToken;
 
@@ -140,28 +140,88 @@ impl<'m> SessionTurn<'m> {
         options: GenerateOptions,
         interrupt: &mut dyn Interrupt,
     ) -> Result<ChatTurn> {
-        let session = Arc::clone(self.session());
         // The record is only read (the history changes when the turn finishes): the permit keeps other turns
-        // from changing it meanwhile, so the plan's message counts stay valid until then.
-        let record = lock(&session.record);
+        // from changing it meanwhile.
+        let (system_prompt, history) = {
+            let record = lock(&self.session().record);
+            (
+                record.manager.system_prompt.clone(),
+                record.manager.history.clone(),
+            )
+        };
+        self.start_turn(system_prompt, history, user_message, options, interrupt)
+    }
+
+    /// One chat turn on a whole conversation: `messages` (an optional first "system" message, the history,
+    /// and last the new "user" message) replaces the session's system prompt and history, only what follows
+    /// the longest common prefix of its tokens with what the context holds is decoded, and the answer is
+    /// generated and joins the history. This is the turn of a client that sends the whole conversation every
+    /// time (an OpenAI-style request): a conversation that continues the stored one decodes only its new
+    /// messages; one that was edited decodes from the first token that differs. Room for `max_tokens` is
+    /// reserved first, as the manager's [`OverflowPolicy`] says.
+    pub fn chat_messages(
+        self,
+        messages: &[ChatMessage],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Generation> {
+        let manager = self.manager;
+        let mut turn = self.start_chat_messages(messages, options, interrupt)?;
+        while turn.next_piece(interrupt)?.is_some() {}
+        turn.finish(manager)
+    }
+
+    /// [`SessionTurn::chat_messages`] with the answer read piece by piece: the conversation replaces the
+    /// session's when [`ChatTurn::finish`] is called (a turn dropped or closed before that changes no
+    /// history).
+    pub fn start_chat_messages(
+        self,
+        messages: &[ChatMessage],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<ChatTurn> {
+        let (system_prompt, history, user_message) = split_conversation(messages)?;
+        self.start_turn(system_prompt, history, &user_message, options, interrupt)
+    }
+
+    /// Starts the turn that answers `user_message` after `system_prompt` and `history` (which become the
+    /// session's when the turn finishes).
+    fn start_turn(
+        self,
+        system_prompt: Option<String>,
+        history: Vec<StoredMessage>,
+        user_message: &str,
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<ChatTurn> {
+        let session = Arc::clone(self.session());
         let mut context = lock(&session.context);
-        let plan =
-            self.manager
-                .plan_chat(&record.manager, user_message, options.max_tokens, &context)?;
-        let boundaries =
-            self.manager
-                .message_ends(&record.manager, &plan, user_message, &context)?;
-        drop(record);
+        let plan = self.manager.plan_chat(
+            system_prompt.as_deref(),
+            &history,
+            user_message,
+            options.max_tokens,
+            &context,
+        )?;
+        let kept_history = history[plan.dropped_messages..].to_vec();
+        let boundaries = self.manager.message_ends(
+            system_prompt.as_deref(),
+            &kept_history,
+            &plan,
+            user_message,
+            &context,
+        )?;
         let generator = context
             .start_generation_reusing_prefix_at(0, &plan.tokens, &boundaries, options, interrupt)?
             .0;
         drop(context);
         Ok(ChatTurn {
             permit: self.permit,
+            system_prompt,
+            kept_history,
             user_message: user_message.to_owned(),
             generator,
             text: String::new(),
-            dropped_messages: plan.dropped_messages,
             dropped_turns: plan.dropped_turns,
         })
     }
@@ -224,18 +284,17 @@ impl<'m> SessionTurn<'m> {
 }
 
 impl SessionManager {
-    /// The tokens of a chat turn after `record`'s conversation, with room for `max_tokens` more in `context`:
+    /// The tokens of a chat turn after the conversation `system`, `history`, with room for `max_tokens` more in `context`:
     /// the whole history if it fits, else as the overflow policy says (the oldest turns dropped, or
     /// [`Error::ChatOverflow`]). Changes nothing.
     fn plan_chat(
         &self,
-        record: &ManagerRecord,
+        system: Option<&str>,
+        history: &[StoredMessage],
         user_message: &str,
         max_tokens: usize,
         context: &Context,
     ) -> Result<ChatPlan> {
-        let history = &record.history;
-        let system = record.system_prompt.as_deref();
         let capacity = context.capacity();
         let fits = |tokens: &[LlamaToken]| tokens.len().saturating_add(max_tokens) <= capacity;
         let starts = turn_starts(history);
@@ -307,11 +366,13 @@ impl SessionManager {
         self.model.tokenize_chat(&messages, true, true)
     }
 
-    /// Where the messages of `plan`'s conversation end in its tokens, for a context that keeps state
+    /// Where the messages of `plan`'s conversation (the system prompt, the history it keeps, the new message)
+    /// end in its tokens, for a context that keeps state
     /// checkpoints there (recurrent and hybrid memory); nothing for the others.
     fn message_ends(
         &self,
-        record: &ManagerRecord,
+        system_prompt: Option<&str>,
+        kept_history: &[StoredMessage],
         plan: &ChatPlan,
         user_message: &str,
         context: &Context,
@@ -319,13 +380,46 @@ impl SessionManager {
         if !context.keeps_checkpoints() {
             return Ok(Vec::new());
         }
-        let messages = conversation_messages(
-            record.system_prompt.as_deref(),
-            &record.history[plan.dropped_messages..],
-            user_message,
-        );
+        let messages = conversation_messages(system_prompt, kept_history, user_message);
         self.model.chat_message_ends(&messages, &plan.tokens)
     }
+}
+
+/// A whole conversation split into the system prompt (a first "system" message), the history, and the new
+/// user message (the last message, which must be the user's).
+fn split_conversation(
+    messages: &[ChatMessage],
+) -> Result<(Option<String>, Vec<StoredMessage>, String)> {
+    let Some((last, before)) = messages.split_last() else {
+        return Err(Error::invalid(
+            "messages",
+            "at least one message, the last from the user",
+            "an empty list",
+        ));
+    };
+    if last.role != "user" {
+        return Err(Error::invalid(
+            "messages",
+            "a conversation whose last message is the user's (role \"user\"), to be answered",
+            format!(
+                "messages[{}].role = {:?}",
+                messages.len() - 1,
+                shorten_for_message(&last.role)
+            ),
+        ));
+    }
+    let (system_prompt, history) = match before.split_first() {
+        Some((first, rest)) if first.role == "system" => (Some(first.content.clone()), rest),
+        _ => (None, before),
+    };
+    let history = history
+        .iter()
+        .map(|m| StoredMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect();
+    Ok((system_prompt, history, last.content.clone()))
 }
 
 /// The messages of a conversation: the system prompt, the history, the new user message.
@@ -355,12 +449,15 @@ fn conversation_messages(
 /// dropped, so that turns of one session never interleave and the session is not evicted under it.
 pub struct ChatTurn {
     permit: TurnPermit,
+    /// The session's system prompt once the turn finishes.
+    system_prompt: Option<String>,
+    /// The history before the new message once the turn finishes: what the conversation kept (the overflow
+    /// policy may have dropped its oldest turns).
+    kept_history: Vec<StoredMessage>,
     user_message: String,
     generator: Generator,
     text: String,
-    /// Messages at the start of the history this turn's conversation left out (they go when it finishes).
-    dropped_messages: usize,
-    /// The whole turns they make up.
+    /// The whole turns the overflow policy dropped from the start of the history.
     dropped_turns: usize,
 }
 
@@ -384,24 +481,27 @@ impl ChatTurn {
     }
 
     /// Ends the turn: the rest of the answer is generated if it was not read, the turns the overflow policy
-    /// dropped leave the history, the user message and the answer join it, the turn's stats become the
+    /// dropped leave the history (a turn on a whole conversation replaces system prompt and history), the user
+    /// message and the answer join it, the turn's stats become the
     /// context's [`Context::last_stats`], and the session is saved if the manager autosaves. The session is
     /// then the most recently used, and sessions over `max_live` that were kept for their turns are evicted.
     pub fn finish(mut self, manager: &SessionManager) -> Result<Generation> {
         while self.next_piece(&mut crate::NeverInterrupt)?.is_some() {}
         let ChatTurn {
             permit,
+            system_prompt,
+            kept_history,
             user_message,
             generator,
             text,
-            dropped_messages,
             dropped_turns,
         } = self;
         let mut generation = generator.into_generation(text);
         generation.stats.dropped_turns = dropped_turns;
         let session = Arc::clone(permit.session());
         let mut record = lock(&session.record);
-        record.manager.history.drain(..dropped_messages);
+        record.manager.system_prompt = system_prompt;
+        record.manager.history = kept_history;
         record.manager.history.push(StoredMessage {
             role: "user".to_owned(),
             content: user_message,

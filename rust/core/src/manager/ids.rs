@@ -1,6 +1,6 @@
 //! What may name a session (and a file), and the store keys of checkpoints.
 
-use crate::error::{Error, Result};
+use crate::error::{shorten_for_message, Error, Result};
 
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 128;
@@ -44,20 +44,9 @@ fn validate_name(name: &'static str, id: &str) -> Result<()> {
                 "1 to {MAX_SESSION_ID_LEN} bytes without '/', '\\\\', ':', '@' or control characters, not \
                  starting with '.', not starting or ending with whitespace ({reason})"
             ),
-            format!("{:?}", truncate_for_message(id)),
+            format!("{:?}", shorten_for_message(id)),
         )),
     }
-}
-
-fn truncate_for_message(id: &str) -> String {
-    if id.len() <= 80 {
-        return id.to_owned();
-    }
-    let mut end = 80;
-    while !id.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &id[..end])
 }
 
 /// The store key of checkpoint `label` of session `id`.

@@ -690,6 +690,19 @@ impl SessionManager {
             .start_chat(user_message, options, interrupt)
     }
 
+    /// One chat turn on session `id` over a whole conversation ([`SessionTurn::chat_messages`]), waiting for a
+    /// turn in progress to end.
+    pub fn chat_messages(
+        &self,
+        id: &str,
+        messages: &[ChatMessage],
+        options: GenerateOptions,
+        interrupt: &mut dyn Interrupt,
+    ) -> Result<Generation> {
+        self.begin_turn(id, TurnWait::UntilFree, interrupt)?
+            .chat_messages(messages, options, interrupt)
+    }
+
     /// Generates on session `id` after `full_prompt` ([`SessionTurn::generate_reusing_prefix`]), waiting for
     /// a turn in progress to end.
     pub fn generate_reusing_prefix(
