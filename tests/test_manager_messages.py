@@ -124,10 +124,22 @@ def test_a_stream_closed_early_changes_no_history_and_the_next_turn_reuses_the_c
     stream = manager.stream_chat_messages("ada", messages, 32, **GREEDY)
     assert next(stream) != ""
     stream.close()
+    assert stream.stats is None
     assert manager.history("ada") == []
     assert manager.system_prompt("ada") is None
 
-    answer = "".join(manager.stream_chat_messages("ada", messages, 16, **GREEDY))
+    stream = manager.stream_chat_messages("ada", messages, 16, **GREEDY)
+    assert stream.stats is None
+    answer = "".join(stream)
+    stats, last = stream.stats, manager.load("ada").last_stats
+    assert stats is not None and last is not None
+    assert (stats.context_tokens, stats.prompt_tokens, stats.generated_tokens, stats.stop_reason) == (
+        last.context_tokens,
+        last.prompt_tokens,
+        last.generated_tokens,
+        last.stop_reason,
+    )
+    assert stats.generated_tokens > 0
     assert_same_output(answer, Context(model, **SMALL).chat(messages, 16, **GREEDY))
     assert manager.history("ada") == [messages[1], {"role": "assistant", "content": answer}]
     assert manager.system_prompt("ada") == SYSTEM

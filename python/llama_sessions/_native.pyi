@@ -668,6 +668,12 @@ class ChatStream(Iterator[str]):
         """``ChatStream(session='ada', pieces=3, max_tokens=48, state='running')``: the pieces read so far,
         and the state: ``'running'``, ``'ended'`` (the turn joined the history), ``'closed'`` or
         ``'failed'``."""
+    @property
+    def stats(self) -> GenerationStats | None:
+        """The turn's GenerationStats once the stream has ended and the turn joined the history (None before,
+        and for a stream closed or failed): the same as ``load(session_id).last_stats`` then, but never
+        another turn's.
+        """
     def close(self) -> None:
         """End the turn now and free the session: the answer so far stays in the context but does not join
         the history. Closing an ended stream does nothing.

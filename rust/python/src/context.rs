@@ -39,7 +39,7 @@ pub struct PyGenerationStats {
 }
 
 impl PyGenerationStats {
-    fn new(stats: GenerationStats, reason: StopReason) -> Self {
+    pub(crate) fn new(stats: GenerationStats, reason: StopReason) -> Self {
         PyGenerationStats { stats, reason }
     }
 }

@@ -3,7 +3,7 @@
 //! into the core goes through [`native`]: the GIL is released, Ctrl-C is polled, errors are converted.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use llama_sessions::{
@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
 
-use crate::context::{options, PyContext};
+use crate::context::{options, PyContext, PyGenerationStats};
 use crate::errors::to_py;
 use crate::model::{messages_from_py, PyModel};
 use crate::native::{native, DetachedMutex};
@@ -599,6 +599,7 @@ impl PySessionManager {
             session_id: session_id.to_owned(),
             max_tokens,
             progress: StreamProgress::default(),
+            stats: OnceLock::new(),
         })
     }
 
@@ -695,6 +696,7 @@ impl PySessionManager {
             session_id: session_id.to_owned(),
             max_tokens,
             progress: StreamProgress::default(),
+            stats: OnceLock::new(),
         })
     }
 
@@ -819,6 +821,8 @@ pub struct ChatStream {
     session_id: String,
     max_tokens: usize,
     progress: StreamProgress,
+    /// The turn's stats, once it has ended and joined the history.
+    stats: OnceLock<PyGenerationStats>,
 }
 
 #[pymethods]
@@ -845,7 +849,12 @@ impl ChatStream {
                         Ok(_) => "state='ended'",
                         Err(_) => "state='failed'",
                     });
-                    finished.map(|_| None)
+                    let generation = finished?;
+                    let _ = self.stats.set(PyGenerationStats::new(
+                        generation.stats,
+                        generation.stop_reason,
+                    ));
+                    Ok(None)
                 }
                 Err(e) => {
                     *slot = None;
@@ -866,6 +875,14 @@ impl ChatStream {
             "ChatStream(session={session}, pieces={pieces}, max_tokens={}, {state})",
             self.max_tokens
         ))
+    }
+
+    /// The turn's GenerationStats once the stream has ended and the turn joined the history (None before,
+    /// and for a stream closed or failed): the same as ``load(session_id).last_stats`` then, but never
+    /// another turn's.
+    #[getter]
+    fn stats(&self) -> Option<PyGenerationStats> {
+        self.stats.get().cloned()
     }
 
     /// End the turn now and free the session: the answer so far stays in the context but does not join
