@@ -898,13 +898,13 @@ class SessionManager:
         stop: str | Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> str:
-        """One chat turn on a whole conversation, as an OpenAI-style client sends it every time: ``messages`` (an
-        optional first "system" message, the history, and last the new "user" message, each a mapping with
-        str "role" and "content") replaces the session's system prompt and history, only what follows the
-        longest common prefix of its tokens with what the context holds is decoded (a conversation that
-        continues the stored one decodes only its new messages; an edited one, from the first token that
-        differs), and the answer is generated and joins the history. Returns the answer; its stats are then
-        ``load(session_id).last_stats`` (``context_tokens``: the whole conversation's tokens,
+        """One chat turn on a whole conversation, as an OpenAI-style client sends it every time:
+        ``messages`` (an optional first "system" message, the history, and last the new "user" message, each
+        a mapping with str "role" and "content") replaces the session's system prompt and history. Only what
+        follows the longest common prefix of its tokens with what the context holds is decoded (a
+        conversation that continues the stored one decodes only its new messages; an edited one, from the
+        first token that differs); the answer is generated and joins the history. Returns the answer; its
+        stats are then ``load(session_id).last_stats`` (``context_tokens``: the whole conversation's tokens,
         ``prompt_tokens``: those decoded).
 
         InvalidParameterError, before anything changes, for an empty conversation, one whose last message is
@@ -950,8 +950,8 @@ class SessionManager:
         """Generate after ``prompt``, the *whole* text the session's context should hold (a conversation
         formatted from its start): only the part after the longest common prefix with what the context holds
         is decoded, the rest of the context is dropped, as llama.cpp's server does. Returns the text and the
-        number of tokens reused. The chat history is not changed. A turn, like chat() (``timeout``
-        likewise).
+        number of tokens reused; the stats are then ``load(session_id).last_stats``. The chat history is not
+        changed. A turn, like chat() (``timeout`` likewise).
         """
     def checkpoint(self, session_id: str, label: str) -> None:
         """Store the session's state and history as checkpoint ``label`` (during a streamed turn: the state so

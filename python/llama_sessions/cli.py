@@ -449,10 +449,30 @@ def sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server (the ``server`` extra's dependencies are imported only here)."""
+    try:
+        from .server.run import serve as run_server
+    except ImportError as error:
+        return _refuse(
+            f"serve needs the server extra, which is not installed (no module {error.name!r}): "
+            "pip install 'llama-sessions[server]'"
+        )
+    return run_server(args, _model_path(args.model))
+
+
 def fetch_model(args: argparse.Namespace) -> int:
     """Put the default model in the cache and print its path."""
     print(default_model_path(progress=True))
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port: 1 to 65535."""
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -587,6 +607,61 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--model", help="GGUF file (default: the default model)")
     export_parser.add_argument("--key-file", help=key_help)
     export_parser.set_defaults(run=export)
+    serve_parser = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server whose conversations survive restarts (extra: server)",
+        description="Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) plus /v1/sessions, /health and /metrics. Conversations run on sessions stored in "
+        "--sessions: a client that names its session (header X-Session-Id) resumes it after a restart "
+        "without reading it again. Needs pip install 'llama-sessions[server]'. See docs/server.md.",
+    )
+    serve_parser.add_argument("--model", help="GGUF file (default: the default model)")
+    serve_parser.add_argument("--sessions", default="sessions", help="session directory (default ./sessions)")
+    serve_parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve_parser.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
+    serve_parser.add_argument(
+        "--api-key",
+        action="append",
+        help="accept requests with 'Authorization: Bearer KEY' only (repeatable; each key's sessions are its "
+        "own). Also read from $LLAMA_SESSIONS_API_KEY",
+    )
+    serve_parser.add_argument("--api-key-file", help="file of API keys, one per line ('#' comments)")
+    serve_parser.add_argument(
+        "--model-name", help="the model's id in the API (default: the GGUF file's name without .gguf)"
+    )
+    serve_parser.add_argument(
+        "--n-ctx", type=_positive_int, default=2048, help="tokens per conversation (default 2048)"
+    )
+    serve_parser.add_argument(
+        "--max-live",
+        type=_positive_int,
+        default=8,
+        help="sessions kept in memory, decoded together (default 8; KV memory: max-live x n-ctx tokens)",
+    )
+    serve_parser.add_argument("--threads", type=_positive_int, help="llama.cpp threads (default: all cores)")
+    serve_parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="one llama.cpp context per live session instead of one shared context decoding them together",
+    )
+    serve_parser.add_argument(
+        "--default-max-tokens",
+        type=_positive_int,
+        default=512,
+        help="answer length when a request gives no max_tokens (default 512)",
+    )
+    serve_parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=4 * 1024 * 1024,
+        help="largest request body accepted (default 4 MiB)",
+    )
+    serve_parser.add_argument(
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info"
+    )
+    serve_parser.set_defaults(run=serve)
     fetch_parser = commands.add_parser("fetch-model", help="cache the default model and print its path")
     fetch_parser.set_defaults(run=fetch_model)
     return parser

@@ -603,13 +603,13 @@ impl PySessionManager {
         })
     }
 
-    /// One chat turn on a whole conversation, as an OpenAI-style client sends it every time: ``messages`` (an
-    /// optional first "system" message, the history, and last the new "user" message, each a mapping with
-    /// str "role" and "content") replaces the session's system prompt and history, only what follows the
-    /// longest common prefix of its tokens with what the context holds is decoded (a conversation that
-    /// continues the stored one decodes only its new messages; an edited one, from the first token that
-    /// differs), and the answer is generated and joins the history. Returns the answer; its stats are then
-    /// ``load(session_id).last_stats`` (``context_tokens``: the whole conversation's tokens,
+    /// One chat turn on a whole conversation, as an OpenAI-style client sends it every time:
+    /// ``messages`` (an optional first "system" message, the history, and last the new "user" message, each
+    /// a mapping with str "role" and "content") replaces the session's system prompt and history. Only what
+    /// follows the longest common prefix of its tokens with what the context holds is decoded (a
+    /// conversation that continues the stored one decodes only its new messages; an edited one, from the
+    /// first token that differs); the answer is generated and joins the history. Returns the answer; its
+    /// stats are then ``load(session_id).last_stats`` (``context_tokens``: the whole conversation's tokens,
     /// ``prompt_tokens``: those decoded).
     ///
     /// InvalidParameterError, before anything changes, for an empty conversation, one whose last message is
@@ -703,8 +703,8 @@ impl PySessionManager {
     /// Generate after ``prompt``, the *whole* text the session's context should hold (a conversation
     /// formatted from its start): only the part after the longest common prefix with what the context holds
     /// is decoded, the rest of the context is dropped, as llama.cpp's server does. Returns the text and the
-    /// number of tokens reused. The chat history is not changed. A turn, like chat() (``timeout``
-    /// likewise).
+    /// number of tokens reused; the stats are then ``load(session_id).last_stats``. The chat history is not
+    /// changed. A turn, like chat() (``timeout`` likewise).
     #[pyo3(signature = (session_id, prompt, max_tokens = DEFAULT_MAX_TOKENS as i64, *, temperature = DEFAULT_SAMPLING.temperature, top_k = DEFAULT_SAMPLING.top_k as i64, top_p = DEFAULT_SAMPLING.top_p, min_p = DEFAULT_SAMPLING.min_p, repeat_penalty = DEFAULT_SAMPLING.repeat_penalty, seed = None, stop = None, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_reusing_prefix(

@@ -249,7 +249,7 @@ impl<'m> SessionTurn<'m> {
 
     /// Generates after `full_prompt`, the *whole* text the context should hold: only what follows the
     /// longest common prefix with what it holds is decoded. Returns the generation and the number of tokens
-    /// reused. The chat history is not changed.
+    /// reused; its stats become the context's [`Context::last_stats`]. The chat history is not changed.
     pub fn generate_reusing_prefix(
         self,
         full_prompt: &str,
@@ -257,7 +257,11 @@ impl<'m> SessionTurn<'m> {
         interrupt: &mut dyn Interrupt,
     ) -> Result<(Generation, usize)> {
         // What changed in the context is seen by its epoch: nothing to note in the record.
-        lock(&self.session().context).generate_reusing_prefix(0, full_prompt, options, interrupt)
+        let mut context = lock(&self.session().context);
+        let (generation, reused) =
+            context.generate_reusing_prefix(0, full_prompt, options, interrupt)?;
+        context.set_last_stats(Some((generation.stats, generation.stop_reason)));
+        Ok((generation, reused))
     }
 
     /// Puts the session back to checkpoint `label`: state and history. The session is then changed relative
