@@ -6,8 +6,8 @@ The rule, one per kind of block:
 - ``python``: executed in one namespace per document, in the current directory (a test's temporary one).
 - ``bash``/``sh``: each command (a line, continuation lines joined, ``a && b`` split in two) runs with bash in
   that directory and must exit 0, if it is a command of this project's CLI (its program, after any
-  ``VAR=value`` assignments, is ``llama-sessions``; stdin is empty, so ``chat`` quits at once). A command that
-  installs, builds, tests, benchmarks or fuzzes is skipped: it contains one of ``SKIPPED_COMMANDS``, each with
+  ``VAR=value`` assignments, is ``llama-sessions`` or ``curl``; stdin is empty, so ``chat`` quits at once). A
+  command that installs, builds, tests, benchmarks, fuzzes or serves is skipped: it contains one of ``SKIPPED_COMMANDS``, each with
   its reason. Any other command fails the run, so that a new kind of command is classified, never ignored.
 - ``json``: must parse.
 - ``rust``: compiled as doctests of the crate (``rust/core/src/lib.rs`` includes the document; checked here).
@@ -37,8 +37,12 @@ SKIPPED_COMMANDS = {
     "cargo test": "the Rust tests, which scripts/test.sh runs",
     "maturin build": "builds a wheel (minutes)",
     "-m venv": "creates the benchmarks' environment",
-    "pip install": "installs llama-cpp-python for the benchmarks (about 12 minutes)",
+    "pip install": "installs llama-cpp-python for the benchmarks, or the server's extra (minutes)",
+    "llama-sessions serve": "runs until stopped: tests/test_docs_server.py starts the server and runs the "
+    "page's other blocks against it",
 }
+#: Programs whose commands run: the CLI, and curl (the server page's requests, run against a server).
+RUN_PROGRAMS = ("llama-sessions", "curl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +76,15 @@ def shell_commands(code: str) -> list[str]:
 
 
 def skip_reason(command: str) -> str | None:
-    """None for a CLI command (to run), the reason for a skipped one; AssertionError for any other."""
-    words = shlex.split(command, comments=True)
-    program = next(word for word in words if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", word))
-    if program == "llama-sessions":
-        return None
+    """The reason for a skipped command; None for a command of RUN_PROGRAMS (to run); AssertionError for
+    any other."""
     for marker, reason in SKIPPED_COMMANDS.items():
         if marker in command:
             return reason
+    words = shlex.split(command, comments=True)
+    program = next(word for word in words if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", word))
+    if program in RUN_PROGRAMS:
+        return None
     raise AssertionError(
         f"a shell command of the docs that is neither a llama-sessions command nor skipped: {command!r}; "
         "make it one, or add what it runs to SKIPPED_COMMANDS in tests/doc_examples.py with the reason"
@@ -95,9 +100,14 @@ def rust_doctest_documents() -> set[str]:
 class DocumentRun:
     """Runs the blocks of one document in order, in the current directory, with the CLI of this Python."""
 
-    def __init__(self, document: pathlib.Path, model_path: pathlib.Path) -> None:
+    def __init__(
+        self, document: pathlib.Path, model_path: pathlib.Path, replacements: dict[str, str] | None = None
+    ) -> None:
+        """``replacements`` (text: by what) apply to every block's code before it runs: a server's port."""
         self.document = document
         self.blocks = code_blocks(document)
+        for old, new in (replacements or {}).items():
+            self.blocks = [dataclasses.replace(b, code=b.code.replace(old, new)) for b in self.blocks]
         self.namespace: dict[str, object] = {"__name__": "__doc_example__"}
         self.commands: list[subprocess.CompletedProcess[str]] = []
         self.skipped: list[str] = []

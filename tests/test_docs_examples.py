@@ -24,6 +24,7 @@ OWN_TESTS = {
     "README.md": "test_readme.py",
     "docs/manager.md": "test_docs_manager.py",
     "docs/session-format.md": "test_docs_examples.py",
+    "docs/server.md": "test_docs_server.py",
 }
 
 
@@ -82,7 +83,7 @@ def test_every_shell_command_is_run_or_skipped_by_the_rule() -> None:
                         ran.append(command)
                     else:
                         skipped.add(next(m for m in SKIPPED_COMMANDS if m in command))
-    assert ran and all(command.startswith("llama-sessions ") for command in ran)
+    assert ran and all(command.startswith(("llama-sessions ", "curl ")) for command in ran)
     assert skipped == set(SKIPPED_COMMANDS), "a skip rule that no command needs any more: remove it"
     with pytest.raises(AssertionError, match="neither a llama-sessions command nor skipped"):
         skip_reason("rm -rf sessions")
