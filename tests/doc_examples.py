@@ -5,9 +5,9 @@ The rule, one per kind of block:
 
 - ``python``: executed in one namespace per document, in the current directory (a test's temporary one).
 - ``bash``/``sh``: each command (a line, continuation lines joined, ``a && b`` split in two) runs with bash in
-  that directory and must exit 0, if it is a command of this project's CLI (its program, after any
-  ``VAR=value`` assignments, is ``llama-sessions`` or ``curl``; stdin is empty, so ``chat`` quits at once). A
-  command that installs, builds, tests, benchmarks, fuzzes or serves is skipped: it contains one of ``SKIPPED_COMMANDS``, each with
+  that directory and must exit 0, if its program (after any ``VAR=value`` assignments) is this project's CLI,
+  ``llama-sessions``, or ``curl`` (stdin is empty, so ``chat`` quits at once). A command that installs,
+  builds, tests, benchmarks, fuzzes or serves is skipped: it contains one of ``SKIPPED_COMMANDS``, each with
   its reason. Any other command fails the run, so that a new kind of command is classified, never ignored.
 - ``json``: must parse.
 - ``rust``: compiled as doctests of the crate (``rust/core/src/lib.rs`` includes the document; checked here).

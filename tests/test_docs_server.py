@@ -8,8 +8,9 @@ import pathlib
 
 import pytest
 
-from conftest import require_tool
 from doc_examples import ROOT, DocumentRun
+
+from conftest import require_tool
 from server_process import running_server
 
 
@@ -23,7 +24,9 @@ def test_the_server_page_examples_run_against_a_server(
     monkeypatch.chdir(tmp_path)
     with running_server(tmp_path / "sessions", model_path) as server:
         run = DocumentRun(
-            ROOT / "docs" / "server.md", model_path, replacements={"127.0.0.1:8080": f"127.0.0.1:{server.port}"}
+            ROOT / "docs" / "server.md",
+            model_path,
+            replacements={"127.0.0.1:8080": f"127.0.0.1:{server.port}"},
         )
         assert [b.language for b in run.blocks] == ["bash", "python", "python", "bash", "bash"]
         run.run_rest()

@@ -160,3 +160,18 @@ def test_async_whole_conversation_turns(model: Model, tmp_path: pathlib.Path) ->
     whole, streamed = asyncio.run(both())
     assert_same_output(streamed, whole)
     assert manager.history("bob") == manager.history("ada")
+
+
+def test_a_created_session_reports_what_encoding_its_system_prompt_decoded(
+    model: Model, tmp_path: pathlib.Path
+) -> None:
+    manager = SessionManager(model, tmp_path / "s", **SMALL)
+    first = manager.create_session("ada", SYSTEM).last_stats
+    second = manager.create_session("bob", SYSTEM).last_stats
+    assert first is not None and second is not None
+    held = len(manager.load("ada").tokens)
+    assert (first.prompt_tokens, first.context_tokens) == (held, held)
+    assert held > 0
+    # The second session restored the encoded copy: nothing decoded.
+    assert (second.prompt_tokens, second.context_tokens) == (0, held)
+    assert manager.create_session("eve").last_stats is None

@@ -289,3 +289,30 @@ def test_a_client_that_goes_away_mid_stream_frees_its_session(server: ServerProc
     assert reply.choices[0].message.content
     history = server.json("GET", "/v1/sessions/gone", KEY_A)[1]["messages"]
     assert history == [*messages, assistant(reply.choices[0].message.content or "")]
+
+
+def test_sessions_that_share_a_system_prompt_read_it_once(server: ServerProcess, model: Model) -> None:
+    system = "You answer questions about a harbour. " + " ".join(
+        f"Pier {i} is for boats of size {i}." for i in range(40)
+    )
+    formatted = model.apply_chat_template(
+        [{"role": "system", "content": system}], add_generation_prompt=False
+    )
+    system_tokens = len(model.tokenize(formatted, special=True))
+    assert system_tokens > 300
+    cached = []
+    for session, question in (
+        ("pier-a", "Which pier is for size 3?"),
+        ("pier-b", "Which pier is for size 7?"),
+    ):
+        reply = client(server).chat.completions.create(
+            model=MODEL_ID,
+            messages=[{"role": "system", "content": system}, user(question)],
+            extra_headers={"X-Session-Id": session},
+            max_tokens=4,
+        )
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+    # The first request read the system prompt (creating its session); the second session restored it.
+    assert cached[0] == 0
+    assert cached[1] == system_tokens

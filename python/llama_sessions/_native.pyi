@@ -795,7 +795,9 @@ class SessionManager:
         self, session_id: str, system_prompt: str | None = None, *, metadata: Mapping[str, Any] | None = None
     ) -> Context:
         """Create a session starting from ``system_prompt`` (formatted with the model's chat template), store
-        it and return its live Context. A system prompt this manager encoded before is restored, not decoded.
+        it and return its live Context. A system prompt this manager encoded before is restored, not decoded;
+        the Context's ``last_stats`` are then that encoding (``prompt_tokens``: what was decoded, 0 when it
+        was restored).
 
         Raises SessionExistsError for an existing id, InvalidParameterError (a ValueError) for an invalid id:
         1 to 128 bytes, no "/", "\\", ":", "@" or control characters, not starting with a dot.

@@ -15,14 +15,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from .._native import GenerationStats
 from ..errors import LlamaSessionsError, SessionNotFoundError
 from ..manager import SessionManager
 from .auth import ApiKeys
 from .errors import ApiError, from_library_error
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, LabelRequest, parse_body
-from .service import ChatTurn, Sampling, Service, in_thread
+from .service import ChatTurn, Sampling, Service, TurnCounts, in_thread
 
 #: Default bound of a request body (a long conversation in JSON).
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -157,10 +156,10 @@ class Server:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish_reason(turn.stats),
+                        "finish_reason": finish_reason(turn.counts),
                     }
                 ],
-                "usage": usage(turn.stats),
+                "usage": usage(turn.counts),
             }
         )
 
@@ -185,7 +184,7 @@ class Server:
             async for piece in turn.pieces():
                 yield chunk({"content": piece}, None)
             await turn.end()
-            yield chunk({}, finish_reason(turn.stats))
+            yield chunk({}, finish_reason(turn.counts))
             if include_usage:
                 yield event(
                     {
@@ -194,7 +193,7 @@ class Server:
                         "created": created,
                         "model": self.model_id,
                         "choices": [],
-                        "usage": usage(turn.stats),
+                        "usage": usage(turn.counts),
                     }
                 )
         except LlamaSessionsError as error:
@@ -208,26 +207,26 @@ class Server:
         body: CompletionRequest = parse_body(await self.body(request), CompletionRequest)
         body.check_supported()
         self.check_model(body.model)
-        text, stats = await self.service.complete_text(
+        text, counts = await self.service.complete_text(
             namespace, body.prompt_text(), self.sampling(body, body.max_tokens)
         )
         completion_id = f"cmpl-{secrets.token_hex(12)}"
         created = int(time.time())
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(stats)}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(counts)}
         document = {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": self.model_id,
             "choices": [choice],
-            "usage": usage(stats),
+            "usage": usage(counts),
         }
         if not body.stream:
             return JSONResponse(document)
 
         async def events() -> AsyncIterator[str]:
             # The text was generated whole: it goes as one chunk.
-            yield event({**document, "usage": usage(stats) if body.include_usage_chunk() else None})
+            yield event({**document, "usage": usage(counts) if body.include_usage_chunk() else None})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(
@@ -321,21 +320,22 @@ class Server:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def finish_reason(stats: GenerationStats | None) -> str | None:
-    if stats is None:
+def finish_reason(counts: TurnCounts | None) -> str | None:
+    if counts is None:
         return None
-    return "stop" if stats.stop_reason in ("eog", "stop") else "length"
+    return "stop" if counts.stop_reason in ("eog", "stop") else "length"
 
 
-def usage(stats: GenerationStats | None) -> dict[str, Any] | None:
-    if stats is None:
+def usage(counts: TurnCounts | None) -> dict[str, Any] | None:
+    if counts is None:
         return None
     return {
-        "prompt_tokens": stats.context_tokens,
-        "completion_tokens": stats.generated_tokens,
-        "total_tokens": stats.context_tokens + stats.generated_tokens,
-        # OpenAI's field for prompt tokens served from a cache: here, not decoded (held or restored).
-        "prompt_tokens_details": {"cached_tokens": stats.context_tokens - stats.prompt_tokens},
+        "prompt_tokens": counts.prompt_tokens,
+        "completion_tokens": counts.generated_tokens,
+        "total_tokens": counts.prompt_tokens + counts.generated_tokens,
+        # OpenAI's field for prompt tokens served from a cache: here, those the model did not read for this
+        # request (held by the session's context, or restored).
+        "prompt_tokens_details": {"cached_tokens": counts.reused_tokens},
     }
 
 

@@ -3,9 +3,14 @@ own: two servers in one process never mix their counts."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from ..manager import SessionManager
+
+if TYPE_CHECKING:  # service imports this module
+    from .service import TurnCounts
 
 
 class Metrics:
@@ -51,14 +56,13 @@ class Metrics:
         )
         loads.set_function(lambda: manager.stats["store_loads"])
 
-    def record_turn(self, context_tokens: int, prompt_tokens: int, generated: int, seconds: float) -> None:
-        reused = max(0, context_tokens - prompt_tokens)
-        self.prompt_tokens_decoded.inc(prompt_tokens)
-        self.prompt_tokens_reused.inc(reused)
-        if reused > 0:
+    def record_turn(self, counts: TurnCounts) -> None:
+        self.prompt_tokens_decoded.inc(counts.decoded_tokens)
+        self.prompt_tokens_reused.inc(counts.reused_tokens)
+        if counts.reused_tokens > 0:
             self.cache_hits.inc()
-        self.generated_tokens.inc(generated)
-        self.generation_seconds.inc(seconds)
+        self.generated_tokens.inc(counts.generated_tokens)
+        self.generation_seconds.inc(counts.generation_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

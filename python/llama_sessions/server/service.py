@@ -18,7 +18,6 @@ store rather than read again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,18 +114,54 @@ def _shared_start(a: Sequence[Any], b: Sequence[Any]) -> int:
     return shared
 
 
+@dataclass(frozen=True)
+class TurnCounts:
+    """What a request cost: the prompt's tokens (the whole formatted conversation), how many of them the model
+    read for it (the turn's, plus a new session's system prompt), the answer's tokens and why it ended."""
+
+    prompt_tokens: int
+    decoded_tokens: int
+    generated_tokens: int
+    generation_seconds: float
+    stop_reason: str
+
+    @staticmethod
+    def of(stats: GenerationStats, decoded_before: int = 0) -> TurnCounts:
+        return TurnCounts(
+            prompt_tokens=stats.context_tokens,
+            decoded_tokens=min(stats.context_tokens, stats.prompt_tokens + decoded_before),
+            generated_tokens=stats.generated_tokens,
+            generation_seconds=stats.generation_seconds,
+            stop_reason=stats.stop_reason,
+        )
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens the model did not read for this request: held by the context, or restored."""
+        return self.prompt_tokens - self.decoded_tokens
+
+
+@dataclass(frozen=True)
+class OpenedChat:
+    """A chat turn's stream, and the tokens that creating its session decoded (its system prompt)."""
+
+    stream: ChatStream
+    decoded_by_creation: int
+
+
 class ChatTurn:
-    """A chat turn in progress: its pieces, then its stats. ``end()`` (always called, also when the client
+    """A chat turn in progress: its pieces, then its counts. ``end()`` (always called, also when the client
     goes away) ends it: a turn ended before its last piece changes nothing in the session's history. It then
     frees the slot the turn ran on."""
 
     def __init__(
         self,
-        stream: ChatStream,
+        opened: OpenedChat,
         metrics: Metrics,
         on_end: Callable[[str | None], Awaitable[None]] | None,
     ) -> None:
-        self._stream = stream
+        self._stream = opened.stream
+        self._decoded_by_creation = opened.decoded_by_creation
         self._metrics = metrics
         self._on_end = on_end
         self._finished = False
@@ -147,25 +182,22 @@ class ChatTurn:
         return self.text
 
     @property
-    def stats(self) -> GenerationStats | None:
-        return self._stream.stats
+    def counts(self) -> TurnCounts | None:
+        """The turn's counts once its answer is complete (None before, and for a turn ended early)."""
+        stats = self._stream.stats
+        return None if stats is None else TurnCounts.of(stats, self._decoded_by_creation)
 
     async def end(self) -> None:
         """Ends the turn (once; later calls do nothing), even in a task being cancelled."""
         with anyio.CancelScope(shield=True):
             self._stream.close()
-            stats = self._stream.stats
-            if self._finished and stats is not None:
-                self._metrics.record_turn(
-                    stats.context_tokens,
-                    stats.prompt_tokens,
-                    stats.generated_tokens,
-                    stats.generation_seconds,
-                )
+            counts = self.counts
+            if self._finished and counts is not None:
+                self._metrics.record_turn(counts)
                 self._finished = False
             if self._on_end is not None:
                 on_end, self._on_end = self._on_end, None
-                await on_end(self.text if stats is not None else None)
+                await on_end(self.text if counts is not None else None)
 
 
 class Service:
@@ -222,12 +254,12 @@ class Service:
         so that a refusal is an error response, not a broken stream)."""
         if session_id is not None:
             stored = self.stored_id(namespace, session_id)
-            stream = await in_thread(lambda: self._open_chat(stored, conversation, sampling))
-            return ChatTurn(stream, self.metrics, None)
+            opened = await in_thread(lambda: self._open_chat(stored, conversation, sampling))
+            return ChatTurn(opened, self.metrics, None)
         pool = self._pool(namespace, "chat")
         slot = await pool.acquire(conversation)
         try:
-            stream = await in_thread(lambda: self._open_chat(slot.session_id, conversation, sampling))
+            opened = await in_thread(lambda: self._open_chat(slot.session_id, conversation, sampling))
         except BaseException:
             await pool.release(slot, None)
             raise
@@ -236,30 +268,35 @@ class Service:
             held = None if answer is None else [*conversation, {"role": "assistant", "content": answer}]
             await pool.release(slot, held)
 
-        return ChatTurn(stream, self.metrics, release)
+        return ChatTurn(opened, self.metrics, release)
 
     def _open_chat(
         self, stored_id: str, conversation: list[dict[str, str]], sampling: Sampling
-    ) -> ChatStream:
+    ) -> OpenedChat:
         def stream() -> ChatStream:
             return self.manager.stream_chat_messages(
                 stored_id, conversation, sampling.max_tokens, timeout=self.turn_timeout, **sampling.keywords()
             )
 
         try:
-            return stream()
+            return OpenedChat(stream(), 0)
         except SessionNotFoundError:
-            self._create(stored_id)
-            return stream()
+            system = conversation[0]["content"] if conversation[0]["role"] == "system" else None
+            decoded = self._create(stored_id, system)
+            return OpenedChat(stream(), decoded)
 
-    def _create(self, stored_id: str) -> None:
-        """Creates session ``stored_id``, empty, unless another request just did."""
-        with contextlib.suppress(SessionExistsError):
-            self.manager.create_session(stored_id)
+    def _create(self, stored_id: str, system_prompt: str | None) -> int:
+        """Creates session ``stored_id`` from ``system_prompt`` unless another request just did; returns the
+        tokens that decoded. A system prompt the manager encoded before is restored whole, where the chunk
+        store would restore only its full chunks and leave the rest to read."""
+        try:
+            created = self.manager.create_session(stored_id, system_prompt)
+        except SessionExistsError:
+            return 0
+        stats = created.last_stats
+        return 0 if stats is None else stats.prompt_tokens
 
-    async def complete_text(
-        self, namespace: str, prompt: str, sampling: Sampling
-    ) -> tuple[str, GenerationStats]:
+    async def complete_text(self, namespace: str, prompt: str, sampling: Sampling) -> tuple[str, TurnCounts]:
         """The continuation of ``prompt`` (plain text, the model's markup allowed), on a text slot."""
         pool = self._pool(namespace, "text")
         slot = await pool.acquire(prompt)
@@ -269,14 +306,13 @@ class Service:
             answer = text
         finally:
             await pool.release(slot, None if answer is None else prompt + answer)
-        self.metrics.record_turn(
-            stats.context_tokens, stats.prompt_tokens, stats.generated_tokens, stats.generation_seconds
-        )
-        return text, stats
+        counts = TurnCounts.of(stats)
+        self.metrics.record_turn(counts)
+        return text, counts
 
     def _complete(self, stored_id: str, prompt: str, sampling: Sampling) -> tuple[str, GenerationStats]:
         if not self.manager.exists(stored_id):
-            self._create(stored_id)
+            self._create(stored_id, None)
         text, _ = self.manager.generate_reusing_prefix(
             stored_id, prompt, sampling.max_tokens, timeout=self.turn_timeout, **sampling.keywords()
         )

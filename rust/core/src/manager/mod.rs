@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use crate::chunks::PrefixCache;
 use crate::context::generation::Generator;
-use crate::context::{Context, GenerateOptions, Generation, Interrupt, SequenceCopy};
+use crate::context::{
+    Context, GenerateOptions, Generation, GenerationStats, Interrupt, SequenceCopy, StopReason,
+};
 use crate::engine::ContextPool;
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
@@ -362,7 +364,8 @@ impl SessionManager {
 
     /// Creates session `id`, starting from `system_prompt` (formatted with the model's chat template as a
     /// system message), stores it and keeps it live. A system prompt already encoded by this manager is
-    /// restored, not decoded again.
+    /// restored, not decoded again. The session context's [`Context::last_stats`] are then the system
+    /// prompt's encoding (`prompt_tokens`: what was decoded, 0 when it was restored).
     pub fn create_session(
         &self,
         id: &str,
@@ -417,10 +420,16 @@ impl SessionManager {
         )?;
         let key: Vec<i32> = tokens.iter().map(|t| t.0).collect();
         let cached = lock(&self.prefixes).get(&key).cloned();
+        // The new context's last stats are the system prompt's encoding: what creating the session decoded.
         match cached {
             Some(copy) => {
                 context.restore_sequence_copy(&copy)?;
                 lock(&self.stats).prefix_reuses += 1;
+                let restored = GenerationStats {
+                    context_tokens: tokens.len(),
+                    ..GenerationStats::default()
+                };
+                context.set_last_stats(Some((restored, StopReason::MaxTokens)));
             }
             None => {
                 // Through the prefix cache, if any: its chunks are restored (another process may have
@@ -437,6 +446,8 @@ impl SessionManager {
                     &mut crate::NeverInterrupt,
                 )?;
                 lock(&self.stats).prefill_tokens += encoded.stats().prompt_tokens as u64;
+                let encoding = encoded.into_generation(String::new());
+                context.set_last_stats(Some((encoding.stats, encoding.stop_reason)));
                 let copy = context.copy_sequence_0()?;
                 lock(&self.prefixes).insert(key, Arc::new(copy));
             }
