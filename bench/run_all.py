@@ -39,6 +39,7 @@ MODULES = (
     "chunk_agreement",
     "batching",
     "batching_agreement",
+    "server",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
@@ -766,6 +767,62 @@ def render_batching_agreement(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def render_server(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    names = {
+        "ours": "llama-sessions serve",
+        "theirs": "llama-cpp-python server",
+        "manager": "(the server's SessionManager in process, no HTTP)",
+    }
+    out = [
+        "## 11. OpenAI-compatible server",
+        "",
+        f"`{r['command']}`: `llama-sessions serve` and llama-cpp-python's server (`python -m "
+        "llama_cpp.server`, its default configuration but `--interrupt_requests False`, without which each "
+        f"new request cuts the answer being streamed short), each its own process with n_ctx {c['n_ctx']} "
+        f"and {c['threads']} threads, driven by OpenAI's Python client over loopback. Each client: a "
+        f"{c['system_tokens']}-token system prompt shared by all (read once by an untimed request first), "
+        f"then {c['turns']} turns of at most {c['max_tokens']} greedy tokens, streamed; the clients start "
+        "together. Tokens are the streamed content chunks (one per token on both servers). Our clients name "
+        "their session (`X-Session-Id`); llama-cpp-python's server answers one request at a time, reusing "
+        "the prefix its context shares with the request. The two servers ran in turn for each client count.",
+        "",
+    ]
+    rows = []
+    for name, label in names.items():
+        for x in r["rows"].get(name, []):
+            rows.append(
+                [
+                    str(x["clients"]),
+                    label,
+                    f"{x['aggregate_tokens_per_second']:.1f}",
+                    f"{x['per_client_tokens_per_second']:.1f}",
+                    f"{x['ttft_p50']:.2f}",
+                    f"{x['ttft_p95']:.2f}",
+                ]
+            )
+    rows.sort(key=lambda row: int(row[0]))
+    out += table(
+        ["clients", "server", "aggregate tok/s", "per-client tok/s", "TTFT p50 s", "TTFT p95 s"],
+        rows,
+        "rlrrrr",
+    )
+    returning = r.get("returning_ttft", {})
+    if returning.get("ours") and returning.get("theirs"):
+        ours = ", ".join(f"{t * 1000:.0f}" for t in returning["ours"])
+        theirs = ", ".join(f"{t * 1000:.0f}" for t in returning["theirs"])
+        out += [
+            "",
+            f"**Returning user after a restart**: a client of the {c['target_clients']}-client run sends its "
+            f"whole conversation ({c['history_tokens_returning']} tokens for the first client) and a new "
+            "question to a freshly started server; time to first token, ms, "
+            f"{c['returning_users']} clients, a restart before each: llama-sessions serve {ours} (the "
+            f"session restored from its files); llama-cpp-python's server {theirs} (the conversation read "
+            "again).",
+        ]
+    return [*out, "", busy_note(r), ""]
+
+
 def render_breakdown(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     out = [
@@ -856,8 +913,9 @@ def render(results: dict[str, Any]) -> str:
             lines.append(line + ".")
         lines += [
             "",
-            "llama-cpp-python (section 3) lives in its own virtual environment, built from source for this "
-            "CPU (about 12 minutes on 2 cores; `-DLLAVA_BUILD=OFF` only skips the multimodal library):",
+            "llama-cpp-python (sections 3, 10 and 11; 11 runs its server, hence the `server` extra) lives in "
+            "its own virtual environment, built from source for this CPU (about 12 minutes on 2 cores; "
+            "`-DLLAVA_BUILD=OFF` only skips the multimodal library):",
             "",
             "```bash",
             "python3 -m venv ~/.cache/llama-sessions/bench-venv",
@@ -865,7 +923,7 @@ def render(results: dict[str, Any]) -> str:
             '  CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 '
             '-mno-amx-bf16" \\',
             "  nice -n 10 ~/.cache/llama-sessions/bench-venv/bin/pip install --no-binary llama-cpp-python "
-            f"llama-cpp-python=={v['llama_cpp_python']}",
+            f"'llama-cpp-python[server]=={v['llama_cpp_python']}'",
             "```",
         ]
         lines.append("")
@@ -913,6 +971,8 @@ def render(results: dict[str, Any]) -> str:
         lines += render_batching(results["batching"])
     if "batching_agreement" in results:
         lines += render_batching_agreement(results["batching_agreement"])
+    if "server" in results:
+        lines += render_server(results["server"])
     if FINDINGS.exists():
         lines += [FINDINGS.read_text().rstrip(), ""]
     if "breakdown" in results:

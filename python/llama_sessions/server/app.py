@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -141,6 +142,8 @@ class Server:
                 self.chat_events(turn, completion_id, body.include_usage_chunk()),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
+                # Also when the client went away before the first event, whose generator then never ran.
+                background=BackgroundTask(turn.end),
             )
         try:
             text = await turn.complete()
