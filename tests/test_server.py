@@ -7,6 +7,8 @@ import http.client
 import json
 import pathlib
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -113,6 +115,13 @@ def test_a_named_session_continues_reading_only_the_new_turn(server: ServerProce
     status, listed = server.json("GET", "/v1/sessions", KEY_A)
     assert "ada" in [s["id"] for s in listed["data"]]
 
+    # A header's id is UTF-8, as a body's is (http.client sends a str header as Latin-1: these are the bytes
+    # of "zoë" in UTF-8).
+    body = json.dumps({"model": MODEL_ID, "messages": [user("Hi.")], "max_tokens": 2}).encode()
+    headers = {"Authorization": f"Bearer {KEY_A}", "X-Session-Id": "zo\xc3\xab"}
+    assert server.request("POST", "/v1/chat/completions", body, headers)[0] == 200
+    assert "zo\u00eb" in [s["id"] for s in server.json("GET", "/v1/sessions", KEY_A)[1]["data"]]
+
 
 def test_a_restarted_server_resumes_a_session_without_reading_it_again(
     model_path: pathlib.Path, tmp_path: pathlib.Path
@@ -217,11 +226,28 @@ def test_bad_requests_get_openai_errors(server: ServerProcess) -> None:
         (json.dumps({"model": MODEL_ID, "messages": "hi"}).encode(), "messages"),
         (json.dumps({"model": MODEL_ID, "messages": [user("hi")], "max_tokens": "5"}).encode(), "max_tokens"),
         (json.dumps({"model": MODEL_ID, "messages": [user("hi")], "temperature": 3}).encode(), "temperature"),
+        (
+            json.dumps({"model": MODEL_ID, "messages": [user("hi")], "max_tokens": 10**20}).encode(),
+            "max_tokens",
+        ),
+        (json.dumps({"model": MODEL_ID, "messages": [user("hi")], "seed": 2**64}).encode(), "seed"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+        (b"\xff\xfe", "not valid JSON"),
     ]:
         status, _, raw = server.request("POST", "/v1/chat/completions", body, auth)
         error = json.loads(raw)["error"]
         assert (status, error["type"]) == (400, "invalid_request_error"), raw
         assert expected in error["message"]
+    status, _, raw = server.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": MODEL_ID, "messages": [user("hi")]}).encode(),
+        {**auth, "X-Session-Id": "caf\xe9"},  # Latin-1 bytes: not UTF-8
+    )
+    assert (status, json.loads(raw)["error"]["message"]) == (
+        400,
+        "invalid X-Session-Id header: expected UTF-8 text",
+    )
     status, _, raw = server.request("POST", "/v1/chat/completions", b"x" * (4 * 1024 * 1024 + 1), auth)
     assert (status, json.loads(raw)["error"]["code"]) == (413, "request_too_large")
     status, _, raw = server.request("GET", "/v1/nowhere", None, auth)
@@ -316,3 +342,30 @@ def test_sessions_that_share_a_system_prompt_read_it_once(server: ServerProcess,
     # The first request read the system prompt (creating its session); the second session restored it.
     assert cached[0] == 0
     assert cached[1] == system_tokens
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--api-key", "short"], "an API key must be at least 16 printable ASCII characters"),
+        (["--port", "70000"], "expected a port from 1 to 65535"),
+        (["--api-key-file", "EMPTY"], "holds no API key"),
+    ],
+)
+def test_a_refused_command_line_exits_2_before_loading_anything(
+    tmp_path: pathlib.Path, arguments: list[str], message: str
+) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("# no key yet\n\n")
+    command = [
+        "serve",
+        "--sessions",
+        str(tmp_path / "s"),
+        *[str(empty) if a == "EMPTY" else a for a in arguments],
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_sessions", *command], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "s").exists()

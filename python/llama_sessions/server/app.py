@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import LlamaSessionsError, SessionNotFoundError
 from ..manager import SessionManager
 from .auth import ApiKeys
-from .errors import ApiError, from_library_error
+from .errors import ApiError, bad_request, from_library_error
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, LabelRequest, parse_body
 from .service import ChatTurn, Sampling, Service, TurnCounts, in_thread
@@ -132,7 +132,8 @@ class Server:
         body: ChatCompletionRequest = parse_body(await self.body(request), ChatCompletionRequest)
         body.check_supported()
         self.check_model(body.model)
-        session_id = request.headers.get("x-session-id", body.session_id)
+        header = session_header(request)
+        session_id = header if header is not None else body.session_id
         turn = await self.service.start_chat(
             namespace, session_id, body.conversation(), self.sampling(body, body.requested_max_tokens())
         )
@@ -321,6 +322,17 @@ class Server:
 
     async def metrics_text(self, request: Request, namespace: str) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def session_header(request: Request) -> str | None:
+    """The ``X-Session-Id`` header, read as UTF-8 (HTTP hands header bytes over as Latin-1)."""
+    raw = request.headers.get("x-session-id")
+    if raw is None:
+        return None
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise bad_request("invalid X-Session-Id header: expected UTF-8 text", param="session_id") from None
 
 
 def finish_reason(counts: TurnCounts | None) -> str | None:

@@ -13,7 +13,7 @@ import uvicorn
 from .._native import Model
 from ..manager import SessionManager
 from .app import create_app
-from .auth import read_key_file
+from .auth import ApiKeys, read_key_file
 
 #: Environment variable that may hold one API key (keys on a command line are visible to other users).
 API_KEY_ENV = "LLAMA_SESSIONS_API_KEY"
@@ -41,6 +41,11 @@ def serve(args: argparse.Namespace, model_path: Path) -> int:
     keys = api_keys(args)
     if args.api_key_file and not keys:
         print(f"llama-sessions: {args.api_key_file} holds no API key", file=sys.stderr)
+        return 2
+    try:
+        ApiKeys(keys)  # checked before the model is loaded
+    except ValueError as error:
+        print(f"llama-sessions: {error}", file=sys.stderr)
         return 2
     if not is_loopback(args.host) and not keys:
         print(

@@ -17,6 +17,8 @@ from .errors import ApiError, bad_request
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 #: Most stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
+#: Largest max_tokens parsed: a larger one could never fit a context (nor the library's integers).
+MAX_TOKENS_BOUND = 2**31 - 1
 
 
 class _Request(BaseModel):
@@ -48,7 +50,8 @@ class _Sampling(_Request):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    #: The library's seeds are 32-bit.
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -85,8 +88,8 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
     session_id: str | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -121,7 +124,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=1, le=MAX_TOKENS_BOUND)
     echo: bool = False
     suffix: str | None = None
 
@@ -151,6 +154,8 @@ def parse_body(raw: bytes, schema: type[_Request]) -> Any:
         document = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise bad_request("the request body is not valid JSON: it is nested too deeply") from None
     if not isinstance(document, dict):
         raise bad_request(f"the request body must be a JSON object, found {type(document).__name__}")
     try:

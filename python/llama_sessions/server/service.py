@@ -227,15 +227,18 @@ class Service:
         """The stored id of the session a client names; 400 for an id that cannot name one."""
         prefix = self.named_prefix(namespace)
         longest = MAX_SESSION_ID_BYTES - len(prefix.encode())
-        try:
-            validate_session_id(session_id)
-        except InvalidParameterError as error:
-            raise bad_request(str(error).replace("session_id", "session id", 1), param="session_id") from None
         if len(session_id.encode()) > longest:
             raise bad_request(
                 f"invalid session id: expected at most {longest} bytes, found {len(session_id.encode())}",
                 param="session_id",
             )
+        try:
+            validate_session_id(session_id)
+        except InvalidParameterError as error:
+            # The library's rule, with the length left to a client's id.
+            message = str(error).replace("session_id", "session id", 1)
+            message = message.replace(f"1 to {MAX_SESSION_ID_BYTES} bytes", f"1 to {longest} bytes", 1)
+            raise bad_request(message, param="session_id") from None
         return prefix + session_id
 
     def _pool(self, namespace: str, kind: str) -> SlotPool:
