@@ -115,6 +115,11 @@ def test_a_named_session_continues_reading_only_the_new_turn(server: ServerProce
     status, listed = server.json("GET", "/v1/sessions", KEY_A)
     assert "ada" in [s["id"] for s in listed["data"]]
 
+    # Errors name the session as the client does, never by the id the server stores it under.
+    status, refused = server.json("POST", "/v1/sessions/ada/revert", KEY_A, {"label": "nope"})
+    assert (status, refused["error"]["code"]) == (404, "session_not_found")
+    assert '"ada@nope"' in refused["error"]["message"] and "-s-" not in refused["error"]["message"]
+
     # A header's id is UTF-8, as a body's is (http.client sends a str header as Latin-1: these are the bytes
     # of "zoë" in UTF-8).
     body = json.dumps({"model": MODEL_ID, "messages": [user("Hi.")], "max_tokens": 2}).encode()

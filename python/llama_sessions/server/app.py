@@ -64,23 +64,31 @@ class Server:
     # Plumbing ------------------------------------------------------------------------------------------
 
     def route(
-        self, name: str, handler: Callable[[Request, str], Awaitable[Response]], *, open_: bool = False
+        self, name: str, handler: Callable[[Request, str], Awaitable[Response]], *, public: bool = False
     ) -> Handler:
-        """``handler(request, namespace)`` behind authentication (unless ``open_``), with every refusal and
+        """``handler(request, namespace)`` behind authentication (unless ``public``), with every refusal and
         failure answered in OpenAI's error shape, and counted."""
 
         async def endpoint(request: Request) -> Response:
+            namespace = ""
             try:
-                namespace = "" if open_ else self.keys.namespace(request.headers.get("authorization"))
+                namespace = "" if public else self.keys.namespace(request.headers.get("authorization"))
                 response = await handler(request, namespace)
             except ApiError as error:
                 response = error.response()
             except LlamaSessionsError as error:
-                response = from_library_error(error).response()
+                response = self.library_error(error, namespace).response()
             self.metrics.requests.labels(name, str(response.status_code)).inc()
             return response
 
         return endpoint
+
+    def library_error(self, error: LlamaSessionsError, namespace: str) -> ApiError:
+        """The API error of a library error, naming sessions as the client does (without the namespace the
+        server stores them under)."""
+        return from_library_error(
+            error, hidden_prefix=self.service.named_prefix(namespace) if namespace else ""
+        )
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused (413) beyond ``max_body_bytes`` before more of it is read."""
@@ -140,7 +148,7 @@ class Server:
         completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         if body.stream:
             return StreamingResponse(
-                self.chat_events(turn, completion_id, body.include_usage_chunk()),
+                self.chat_events(turn, completion_id, body.include_usage_chunk(), namespace),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
                 # Also when the client went away before the first event, whose generator then never ran.
@@ -168,7 +176,7 @@ class Server:
         )
 
     async def chat_events(
-        self, turn: ChatTurn, completion_id: str, include_usage: bool
+        self, turn: ChatTurn, completion_id: str, include_usage: bool, namespace: str
     ) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -202,7 +210,7 @@ class Server:
                 )
         except LlamaSessionsError as error:
             # The status line has gone: the error is the stream's last event, in OpenAI's error shape.
-            yield event(from_library_error(error).body())
+            yield event(self.library_error(error, namespace).body())
         finally:
             await turn.end()
         yield "data: [DONE]\n\n"
@@ -393,7 +401,7 @@ def create_app(
             methods=["GET"],
         ),
         Route("/v1/sessions/{session_id}/revert", r("revert", server.revert), methods=["POST"]),
-        Route("/health", r("health", server.health, open_=True), methods=["GET"]),
+        Route("/health", r("health", server.health, public=True), methods=["GET"]),
         Route("/metrics", r("metrics", server.metrics_text), methods=["GET"]),
     ]
 

@@ -55,10 +55,11 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return ApiError(400, message, param=param, code=code)
 
 
-def from_library_error(error: LlamaSessionsError) -> ApiError:
-    """The API error of a library exception raised while serving a request (the message is the library's own,
-    which says what was expected and what was found)."""
-    message = str(error)
+def from_library_error(error: LlamaSessionsError, *, hidden_prefix: str = "") -> ApiError:
+    """The API error of a library exception raised while serving a request: the message is the library's own,
+    which says what was expected and what was found, with ``hidden_prefix`` (the namespace a client's session
+    ids are stored under) taken out."""
+    message = str(error).replace(hidden_prefix, "") if hidden_prefix else str(error)
     if isinstance(error, ContextFullError):
         return ApiError(400, message, param="messages", code="context_length_exceeded")
     if isinstance(error, (InvalidParameterError, TokenizeError)):
