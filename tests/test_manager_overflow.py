@@ -264,7 +264,10 @@ def test_a_manager_chat_exposes_its_stats(model: Model, tmp_path: pathlib.Path) 
     manager = SessionManager(model, tmp_path, n_ctx=512, n_batch=64)
     manager.create_session("s", SYS)
     held = manager.load("s").token_count()
-    assert manager.load("s").last_stats is None
+    # A new session's stats are its system prompt's encoding.
+    created = manager.load("s").last_stats
+    assert created is not None
+    assert (created.prompt_tokens, created.context_tokens, created.generated_tokens) == (held, held, 0)
     chat(manager, "Name a color.", 3)
     stats = manager.load("s").last_stats
     assert stats is not None
