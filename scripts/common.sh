@@ -6,7 +6,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lla
 mkdir -p "$CARGO_TARGET_DIR"
 
 # llama-cpp-sys-2 needs cmake, a C++17 compiler and libclang (bindgen); the tests need strace (to kill a
-# writer at an exact system call) and curl (docs/server.md's requests, run against a server).
+# writer at an exact system call), curl (docs/server.md's requests, run against a server) and redis-server
+# (the Redis session store's tests start one on loopback).
 ensure_build_tools() {
     local missing=()
     command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -17,6 +18,7 @@ ensure_build_tools() {
     fi
     command -v strace >/dev/null 2>&1 || missing+=(strace)
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     if [ "${#missing[@]}" -eq 0 ]; then
         return
     fi
@@ -27,7 +29,7 @@ ensure_build_tools() {
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "please install: ${missing[*]} (cmake >= 3.14, a C++17 compiler, libclang, strace, curl)" >&2
+        echo "please install: ${missing[*]} (cmake >= 3.14, a C++17 compiler, libclang, strace, curl, redis-server)" >&2
         exit 1
     fi
 }

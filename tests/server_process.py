@@ -104,9 +104,13 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running_server(
-    sessions: pathlib.Path, model_path: pathlib.Path, *extra: str, log: pathlib.Path | None = None
+    sessions: str | pathlib.Path, model_path: pathlib.Path, *extra: str, log: pathlib.Path | None = None
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(sessions, model_path, extra, log or sessions.parent / "server.log")
+    """A server on ``sessions`` (a directory, or a store URL: then ``log`` is needed)."""
+    if log is None:
+        assert isinstance(sessions, pathlib.Path), "a server on a store URL needs a log path"
+        log = sessions.parent / "server.log"
+    server = ServerProcess(sessions, model_path, extra, log)
     try:
         yield server
     finally:

@@ -25,6 +25,7 @@ OWN_TESTS = {
     "docs/manager.md": "test_docs_manager.py",
     "docs/session-format.md": "test_docs_examples.py",
     "docs/server.md": "test_docs_server.py",
+    "docs/deployment.md": "test_docs_deployment.py",
 }
 
 

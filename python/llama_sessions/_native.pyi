@@ -688,6 +688,12 @@ class SessionManager:
     ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
     memory is saved first if it changed, with or without autosave).
 
+    ``session_dir`` may also be a store URL: ``"redis://[:PASSWORD@]HOST[:PORT][/DB]"`` keeps the sessions
+    in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
+    runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
+    raises SessionConflictError and writes nothing). Sessions in Redis are stored whole (``storage`` is
+    "files"). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be reached.
+
     ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
     ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
     save() and when they are evicted; what is still unsaved when the manager is garbage-collected or the
@@ -747,8 +753,11 @@ class SessionManager:
     def model(self) -> Model:
         """The model."""
     @property
-    def session_dir(self) -> Path:
-        """The directory of the session files."""
+    def session_dir(self) -> Path | None:
+        """The directory of the session files; None for a remote store (see ``location``)."""
+    @property
+    def location(self) -> str:
+        """Where the sessions are: the directory, or the remote store's URL without its password."""
     @property
     def params(self) -> ContextParams:
         """The parameters of every session's context."""
@@ -978,13 +987,14 @@ class SessionManager:
         """Bytes of KV cache allocated by the live sessions' contexts (n_ctx cells each, used or not)."""
 
 def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
-    """Every stored session in ``session_dir``, sorted by id, read without a model (headers only; a load
-    verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error.
+    """Every stored session in ``session_dir`` (a directory or a store URL, as SessionManager takes it),
+    sorted by id, read without a model (headers only; a load verifies everything). Files that are not
+    sessions are ignored; a corrupt one is listed with its error.
     """
 
 def delete_session(session_dir: str | PathLike[str], session_id: str) -> None:
-    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock), and
-    their lock files, without a model. SessionNotFoundError if there is none.
+    """Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (a directory or a store
+    URL; holding its lock), and their lock files, without a model. SessionNotFoundError if there is none.
     """
 
 def validate_session_id(session_id: str) -> None:

@@ -407,7 +407,8 @@ def sessions(args: argparse.Namespace) -> int:
     """List, show or delete the sessions in a directory (``list ID``: that session's row only)."""
     if args.session_id is not None:
         validate_session_id(args.session_id)
-    if not Path(args.dir).is_dir():
+    remote = "://" in args.dir and not args.dir.startswith("file://")
+    if not remote and not Path(args.dir.removeprefix("file://")).is_dir():
         print(f"llama-sessions: no session directory {args.dir}", file=sys.stderr)
         return 1
     if args.action == "list":
@@ -430,7 +431,9 @@ def sessions(args: argparse.Namespace) -> int:
     if args.session_id is None:
         return _refuse(f"sessions {args.action} needs a session id")
     if args.action == "show":
-        path = Path(args.dir) / f"{args.session_id}.session"
+        if remote:
+            return _refuse(f"sessions show reads session files: {args.dir} is a remote store (use list)")
+        path = Path(args.dir.removeprefix("file://")) / f"{args.session_id}.session"
         if not path.is_file():
             raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
         info = inspect_session(path)
@@ -569,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sessions_parser.add_argument("action", choices=["list", "show", "delete"])
     sessions_parser.add_argument("session_id", nargs="?", help="needed by show and delete; optional for list")
-    sessions_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
+    sessions_parser.add_argument(
+        "--dir", default="sessions", help="session directory or redis://HOST:PORT/DB (default ./sessions)"
+    )
     sessions_parser.set_defaults(run=sessions)
     cache_parser = commands.add_parser(
         "cache",
@@ -616,7 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
         "without reading it again. Needs pip install 'llama-sessions[server]'. See docs/server.md.",
     )
     serve_parser.add_argument("--model", help="GGUF file (default: the default model)")
-    serve_parser.add_argument("--sessions", default="sessions", help="session directory (default ./sessions)")
+    serve_parser.add_argument(
+        "--sessions",
+        default="sessions",
+        help="session directory, or redis://[:PASSWORD@]HOST:PORT/DB shared by several servers (default "
+        "./sessions)",
+    )
     serve_parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )

@@ -22,6 +22,7 @@ __all__ = [
     "LlamaSessionsError",
     "ModelFetchError",
     "ModelLoadError",
+    "RemoteStoreError",
     "SessionBusyError",
     "SessionConflictError",
     "SessionCorruptError",
@@ -179,6 +180,11 @@ class StorageError(LlamaSessionsError, OSError):
     matching built-in subclass where there is one (``except FileNotFoundError`` catches a missing session
     file). A failed save leaves the previous file as it was.
     """
+
+
+class RemoteStoreError(StorageError, ConnectionError):
+    """A remote session store (Redis) could not be reached or refused an operation, or a save held the
+    session's lease longer than the lease lasts (another worker may hold it now): nothing was written."""
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):

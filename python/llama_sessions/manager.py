@@ -91,7 +91,7 @@ class SessionManager(_NativeSessionManager):
         unsaved = self.unsaved_sessions()
         if unsaved:
             warnings.warn(
-                f"SessionManager({str(self.session_dir)!r}, autosave=False) goes as {why} with unsaved "
+                f"SessionManager({self.location!r}, autosave=False) goes as {why} with unsaved "
                 f"changes in sessions {unsaved}: they are lost. Call save(session_id) before, or keep the "
                 "default autosave=True.",
                 UnsavedSessionsWarning,

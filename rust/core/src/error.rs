@@ -118,6 +118,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A remote store (Redis) could not be reached, refused an operation, or a write lost its lease.
+    #[error("cannot {op} on {store}: {reason}")]
+    RemoteStore {
+        /// The store, as its URL without a password.
+        store: String,
+        /// What was being done ("connect", "read", "write", ...).
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// The bytes are not an intact session: not a session at all, truncated, or changed after they were
     /// written (the checksum does not match). Nothing was loaded.
     #[error("{origin} is not an intact session: {reason}")]

@@ -30,6 +30,7 @@ pub mod llama_state;
 pub mod manager;
 mod model;
 mod params;
+pub mod redis_store;
 mod sampling;
 mod session;
 pub mod session_format;
@@ -54,13 +55,14 @@ pub use manager::{
 };
 pub use model::{ChatMessage, MemoryKind, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
+pub use redis_store::RedisStore;
 pub use sampling::{SamplingParams, DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 pub use session::{
     inspect_session, inspect_session_bytes, params_from_record, Loaded, Metadata, SessionFormat,
     SessionInfo, SessionPlan,
 };
 pub use signing::{SessionKey, MIN_SECRET_LEN};
-pub use store::{DirectoryStore, SessionStore};
+pub use store::{open_store, DirectoryStore, SessionStore};
 
 /// The Rust examples of `docs/session-format.md`, compiled as doctests so that the document stays as written
 /// (its other blocks run in `tests/test_docs_examples.py`).

@@ -49,6 +49,8 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
     /// Where the value of `key` lives, for messages and for users who want to copy it (None if it has no
     /// path).
     fn location(&self, key: &str) -> Option<PathBuf>;
+    /// The store, as messages name it: a directory, or a server's URL without its password.
+    fn name(&self) -> String;
 }
 
 /// Sessions as files in one directory: `<key>.session`, written atomically and durably; the lock of a key is
@@ -238,6 +240,10 @@ impl SessionStore for DirectoryStore {
         }
     }
 
+    fn name(&self) -> String {
+        self.dir.display().to_string()
+    }
+
     fn location(&self, key: &str) -> Option<PathBuf> {
         Some(self.path(key))
     }
@@ -316,5 +322,20 @@ mod tests {
         store.lock("a").unwrap().release_and_remove().unwrap();
         assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 0);
         std::fs::remove_dir_all(store.dir()).unwrap();
+    }
+}
+
+/// The store at `location`: `redis://[:PASSWORD@]HOST[:PORT][/DB]` (Redis or Valkey), `file://DIR`, or a
+/// plain path of a directory. [`Error::InvalidParameter`] for a scheme this build does not support.
+pub fn open_store(location: &str) -> Result<std::sync::Arc<dyn SessionStore>> {
+    match location.split_once("://") {
+        Some(("redis", _)) => Ok(std::sync::Arc::new(crate::RedisStore::open(location)?)),
+        Some(("file", dir)) => Ok(std::sync::Arc::new(DirectoryStore::open(dir)?)),
+        Some((scheme, _)) => Err(Error::invalid(
+            "session_dir",
+            "a directory, file://DIR or redis://HOST:PORT/DB (rediss:// and s3:// are not supported yet)",
+            format!("a {scheme}:// URL"),
+        )),
+        None => Ok(std::sync::Arc::new(DirectoryStore::open(location)?)),
     }
 }

@@ -145,6 +145,10 @@ impl SessionStore for InstrumentedStore {
     fn location(&self, key: &str) -> Option<std::path::PathBuf> {
         self.inner.location(key)
     }
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
 }
 
 // Defect 9: a session is never evicted while a turn holds it.

@@ -25,6 +25,7 @@ pyo3::import_exception!(llama_sessions.errors, SessionNotFoundError);
 pyo3::import_exception!(llama_sessions.errors, SessionExistsError);
 pyo3::import_exception!(llama_sessions.errors, SessionConflictError);
 pyo3::import_exception!(llama_sessions.errors, SessionBusyError);
+pyo3::import_exception!(llama_sessions.errors, RemoteStoreError);
 
 /// errno of an I/O error: the OS's own, or the closest one for errors raised without one.
 fn errno_of(error: &std::io::Error) -> i32 {
@@ -103,6 +104,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::Interrupted => PyKeyboardInterrupt::new_err(message),
         Error::StreamInvalidated => StreamInvalidatedError::new_err(message),
         Error::Io { op, path, source } => storage_error(op, &path, &source),
+        Error::RemoteStore { .. } => RemoteStoreError::new_err(message),
         Error::SessionCorrupt { .. } => SessionCorruptError::new_err(message),
         Error::SessionModelMismatch { .. } => SessionModelMismatchError::new_err(message),
         Error::SessionParamsMismatch {

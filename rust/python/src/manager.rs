@@ -31,6 +31,12 @@ use crate::session::{metadata_from_py, PySessionInfo};
 /// ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
 /// memory is saved first if it changed, with or without autosave).
 ///
+/// ``session_dir`` may also be a store URL: ``"redis://[:PASSWORD@]HOST[:PORT][/DB]"`` keeps the sessions
+/// in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
+/// runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
+/// raises SessionConflictError and writes nothing). Sessions in Redis are stored whole (``storage`` is
+/// "files"). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be reached.
+///
 /// ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
 /// ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
 /// save() and when they are evicted; what is still unsaved when the manager is garbage-collected or the
@@ -73,7 +79,7 @@ use crate::session::{metadata_from_py, PySessionInfo};
 pub struct PySessionManager {
     inner: Arc<SessionManager>,
     model: Py<PyModel>,
-    session_dir: PathBuf,
+    location: Location,
     prefix_cache: Option<Py<PyPrefixCache>>,
 }
 
@@ -206,19 +212,49 @@ impl PyStoredSession {
     }
 }
 
+/// Where a manager's sessions are: a directory, or a remote store's URL.
+enum Location {
+    Directory(PathBuf),
+    Url(String),
+}
+
+impl Location {
+    /// ``session_dir`` as given: a str with a scheme (``redis://...``, ``file://...``) is a URL, anything else
+    /// (a str, a path-like object) a directory.
+    fn from_py(given: &Bound<'_, PyAny>) -> PyResult<Location> {
+        if let Ok(text) = given.extract::<String>() {
+            if let Some(dir) = text.strip_prefix("file://") {
+                return Ok(Location::Directory(PathBuf::from(dir)));
+            }
+            if text.contains("://") {
+                return Ok(Location::Url(text));
+            }
+        }
+        Ok(Location::Directory(given.extract::<PathBuf>()?))
+    }
+
+    /// The store there (a directory is created if missing).
+    fn open(&self) -> llama_sessions::Result<Arc<dyn SessionStore>> {
+        match self {
+            Location::Directory(dir) => Ok(Arc::new(DirectoryStore::open(dir)?)),
+            Location::Url(url) => llama_sessions::open_store(url),
+        }
+    }
+}
+
 #[pymethods]
 impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = PathBuf::from("./sessions"), params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks", batching = false),
+        signature = (model, session_dir = None, params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks", batching = false),
         text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None, storage='chunks', batching=False)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model: Py<PyModel>,
-        session_dir: PathBuf,
+        session_dir: Option<Bound<'_, PyAny>>,
         params: Option<&PyContextParams>,
         max_live: i64,
         autosave: bool,
@@ -234,6 +270,10 @@ impl PySessionManager {
         storage: &str,
         batching: bool,
     ) -> PyResult<Self> {
+        let location = match session_dir {
+            None => Location::Directory(PathBuf::from("./sessions")),
+            Some(given) => Location::from_py(&given)?,
+        };
         let chunked = match storage {
             "chunks" => true,
             "files" => false,
@@ -245,13 +285,15 @@ impl PySessionManager {
                 )))
             }
         };
-        let prefix_cache = match prefix_cache {
-            Some(cache) => Some(cache),
-            None if chunked => Some(Py::new(
-                py,
-                PyPrefixCache::in_dir(py, session_dir.join("chunks"))?,
-            )?),
-            None => None,
+        // Chunks live next to the sessions, which a remote store cannot offer yet: its sessions are stored
+        // whole (storage "files"), and every worker can load them.
+        let chunked = chunked && matches!(location, Location::Directory(_));
+        let prefix_cache = match (prefix_cache, &location) {
+            (Some(cache), _) => Some(cache),
+            (None, Location::Directory(dir)) if chunked => {
+                Some(Py::new(py, PyPrefixCache::in_dir(py, dir.join("chunks"))?)?)
+            }
+            (None, _) => None,
         };
         let cache = prefix_cache.as_ref().map(|c| c.get().inner.clone());
         let key = crate::session::session_key(secret_key)?;
@@ -265,9 +307,8 @@ impl PySessionManager {
             .map_err(|_| to_py(Error::invalid("max_live", "max_live >= 1", max_live)))?;
         let overflow: OverflowPolicy = overflow.parse().map_err(to_py)?;
         let core_model = model.get().inner.clone();
-        let dir = session_dir.clone();
         let manager = native(py, |_| {
-            let store: Arc<dyn SessionStore> = Arc::new(DirectoryStore::open(dir)?);
+            let store = location.open()?;
             let manager = SessionManager::new(&core_model, params, store, max_live)?
                 .with_autosave(autosave)
                 .with_overflow(overflow);
@@ -289,7 +330,7 @@ impl PySessionManager {
         Ok(PySessionManager {
             inner: Arc::new(manager),
             model,
-            session_dir,
+            location,
             prefix_cache,
         })
     }
@@ -300,10 +341,22 @@ impl PySessionManager {
         self.model.clone_ref(py)
     }
 
-    /// The directory of the session files.
+    /// The directory of the session files; None for a remote store (see ``location``).
     #[getter]
-    fn session_dir(&self) -> PathBuf {
-        self.session_dir.clone()
+    fn session_dir(&self) -> Option<PathBuf> {
+        match &self.location {
+            Location::Directory(dir) => Some(dir.clone()),
+            Location::Url(_) => None,
+        }
+    }
+
+    /// Where the sessions are: the directory, or the remote store's URL without its password.
+    #[getter]
+    fn location(&self) -> String {
+        match &self.location {
+            Location::Directory(dir) => dir.display().to_string(),
+            Location::Url(_) => self.inner.store().name(),
+        }
     }
 
     /// The parameters of every session's context.
@@ -488,7 +541,13 @@ impl PySessionManager {
         self.inner
             .session_path(session_id)
             .map_err(to_py)?
-            .ok_or_else(|| to_py(Error::Internal("the store has no paths".to_owned())))
+            .ok_or_else(|| {
+                to_py(Error::invalid(
+                    "session_dir",
+                    "a directory (only sessions in a directory have files)",
+                    self.inner.store().name(),
+                ))
+            })
     }
 
     /// The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``.
@@ -804,8 +863,8 @@ impl PySessionManager {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let live = native(py, |_| Ok(self.inner.live_ids().len()))?;
         Ok(format!(
-            "SessionManager(session_dir={:?}, max_live={}, live={live})",
-            self.session_dir.display().to_string(),
+            "SessionManager({:?}, max_live={}, live={live})",
+            self.location(),
             self.inner.max_live(),
         ))
     }
@@ -901,13 +960,18 @@ impl ChatStream {
     }
 }
 
-/// Every stored session in ``session_dir``, sorted by id, read without a model (headers only; a load
-/// verifies everything). Files that are not sessions are ignored; a corrupt one is listed with its error.
+/// Every stored session in ``session_dir`` (a directory or a store URL, as SessionManager takes it),
+/// sorted by id, read without a model (headers only; a load verifies everything). Files that are not
+/// sessions are ignored; a corrupt one is listed with its error.
 #[pyfunction]
-pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PyStoredSession>> {
+pub fn list_sessions(
+    py: Python<'_>,
+    session_dir: Bound<'_, PyAny>,
+) -> PyResult<Vec<PyStoredSession>> {
+    let location = Location::from_py(&session_dir)?;
     let listed = native(py, |_| {
-        let store = DirectoryStore::open(session_dir)?;
-        llama_sessions::manager::list_stored_sessions(&store)
+        let store = location.open()?;
+        llama_sessions::manager::list_stored_sessions(store.as_ref())
     })?;
     Ok(listed
         .into_iter()
@@ -915,13 +979,18 @@ pub fn list_sessions(py: Python<'_>, session_dir: PathBuf) -> PyResult<Vec<PySto
         .collect())
 }
 
-/// Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (holding its lock), and
-/// their lock files, without a model. SessionNotFoundError if there is none.
+/// Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (a directory or a store
+/// URL; holding its lock), and their lock files, without a model. SessionNotFoundError if there is none.
 #[pyfunction]
-pub fn delete_session(py: Python<'_>, session_dir: PathBuf, session_id: &str) -> PyResult<()> {
+pub fn delete_session(
+    py: Python<'_>,
+    session_dir: Bound<'_, PyAny>,
+    session_id: &str,
+) -> PyResult<()> {
+    let location = Location::from_py(&session_dir)?;
     native(py, |_| {
-        let store = DirectoryStore::open(session_dir)?;
-        llama_sessions::manager::delete_stored_session(&store, session_id)
+        let store = location.open()?;
+        llama_sessions::manager::delete_stored_session(store.as_ref(), session_id)
     })
 }
 

@@ -1,0 +1,222 @@
+"""Sessions in Redis: SessionManager and the server on a real ``redis-server`` started on loopback, several
+workers (processes) sharing it."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import openai
+import pytest
+
+from llama_sessions import (
+    InvalidParameterError,
+    Model,
+    RemoteStoreError,
+    SessionConflictError,
+    SessionManager,
+    SessionNotFoundError,
+    delete_session,
+    list_sessions,
+)
+from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer
+
+from conftest import assert_same_output
+from server_process import running_server
+
+WORKER = pathlib.Path(__file__).with_name("manager_worker.py")
+SYS = "You are a helpful assistant who answers in one sentence."
+QUESTIONS = ["Name a color.", "Name an animal.", "Name a city."]
+
+
+def open_manager(model: Model, location: str, *, autosave: bool = True) -> SessionManager:
+    return SessionManager(
+        model, location, autosave=autosave, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS, max_live=4
+    )
+
+
+def run_worker(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_a_conversation_continues_in_another_process_as_if_it_had_stayed(
+    model: Model, model_path: pathlib.Path, redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    # The reference stays in one manager, on a local directory.
+    alone = open_manager(model, str(tmp_path / "alone"))
+    alone.create_session("u", SYS)
+    answers = [alone.chat("u", q, 8, temperature=0) for q in QUESTIONS]
+
+    worker_a = open_manager(model, redis_url)
+    assert worker_a.session_dir is None
+    assert worker_a.location == redis_url
+    assert worker_a.storage == "files"
+    worker_a.create_session("u", SYS)
+    assert [worker_a.chat("u", q, 8, temperature=0) for q in QUESTIONS[:2]] == answers[:2]
+
+    resumed = run_worker("chat", str(model_path), redis_url, "u", QUESTIONS[2])
+    assert resumed["history_before"] == alone.history("u")[:4]
+    assert_same_output(resumed["text"], answers[2])
+    assert resumed["tokens"] == alone.load("u").tokens
+    assert resumed["stats"]["store_loads"] == 1
+
+    # Worker A's copy is stale now: its next save is refused and writes nothing.
+    with pytest.raises(SessionConflictError):
+        worker_a.chat("u", "Name a fruit.", 8, temperature=0)
+    fresh = open_manager(model, redis_url)
+    assert fresh.history("u") == alone.history("u")
+    assert [s.id for s in list_sessions(redis_url)] == ["u"]
+    cli = [sys.executable, "-m", "llama_sessions", "sessions"]
+    listed = subprocess.run([*cli, "list", "--dir", redis_url], capture_output=True, text=True, check=True)
+    assert listed.stdout.splitlines()[1].split()[:3] == ["u", str(len(alone.load("u").tokens)), "6"]
+    subprocess.run([*cli, "delete", "u", "--dir", redis_url], capture_output=True, text=True, check=True)
+    assert list_sessions(redis_url) == []
+    with pytest.raises(SessionNotFoundError):
+        delete_session(redis_url, "u")
+
+
+def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(
+    model: Model, model_path: pathlib.Path, redis_url: str
+) -> None:
+    turns, seconds = 2, 60.0
+    open_manager(model, redis_url).create_session("shared", SYS)
+    command = [sys.executable, str(WORKER), "hammer", str(model_path), redis_url, "shared"]
+    processes = [
+        subprocess.Popen(
+            [*command, f"p{i}", str(turns), str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results: dict[str, Any] = {}
+
+    def thread(name: str) -> None:
+        import time
+
+        results[name] = hammer(model, redis_url, "shared", name, turns, time.monotonic() + seconds)
+
+    try:
+        for p in processes:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        threads = [threading.Thread(target=thread, args=(f"t{i}",)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for p in processes:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in processes:
+            out, err = p.communicate(timeout=seconds + 60)
+            assert p.returncode == 0, err
+            result = json.loads(out)
+            results[result["name"]] = result
+        for t in threads:
+            t.join(timeout=seconds + 60)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert sorted(results) == ["p0", "p1", "t0", "t1"]
+    saved = [message for result in results.values() for message in result["saved"]]
+    assert len(saved) == len(set(saved)) == 4 * turns
+    assert sum(result["conflicts"] for result in results.values()) >= 1, results
+    history = open_manager(model, redis_url).history("shared")
+    assert sorted(h["content"] for h in history[::2]) == sorted(saved)
+    assert [h["role"] for h in history] == ["user", "assistant"] * len(saved)
+
+
+def test_a_worker_killed_mid_turn_leaves_the_last_acknowledged_turn(
+    model: Model, model_path: pathlib.Path, redis_url: str
+) -> None:
+    manager = open_manager(model, redis_url)
+    manager.create_session("k", SYS)
+    answer = manager.chat("k", QUESTIONS[0], 8, temperature=0)
+    acknowledged = manager.history("k")
+    script = (
+        "import sys\n"
+        "from llama_sessions import Model, SessionManager\n"
+        "m = SessionManager(Model.load(sys.argv[1]), sys.argv[2], n_ctx=1024, n_batch=128, n_threads=1)\n"
+        "stream = m.stream_chat('k', 'Tell me a very long story.', 500, temperature=0)\n"
+        "print(next(stream), flush=True)\n"
+        "for piece in stream:\n"
+        "    pass\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, str(model_path), redis_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() != ""
+    finally:
+        worker.kill()
+        worker.wait()
+    after = open_manager(model, redis_url)
+    assert (
+        after.history("k")
+        == acknowledged
+        == [
+            {"role": "user", "content": QUESTIONS[0]},
+            {"role": "assistant", "content": answer},
+        ]
+    )
+    assert after.chat("k", QUESTIONS[1], 8, temperature=0)
+
+
+def test_an_unreachable_or_unsupported_store_is_a_typed_error(model: Model) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RemoteStoreError) as unreachable:
+        SessionManager(model, f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert isinstance(unreachable.value, ConnectionError)
+    assert f"127.0.0.1:{port}" in str(unreachable.value) and "hunter2" not in str(unreachable.value)
+    with pytest.raises(InvalidParameterError, match="s3:// URL"):
+        SessionManager(model, "s3://bucket/prefix")
+
+
+def test_two_servers_on_one_redis_serve_one_conversation(
+    model_path: pathlib.Path, redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    """Two workers behind one endpoint: a conversation started on worker A continues on worker B, token
+    for token as on one worker."""
+    log = tmp_path / "servers.log"
+    with (
+        running_server(redis_url, model_path, "--model-name", "m", log=log) as a,
+        running_server(redis_url, model_path, "--model-name", "m", log=log) as b,
+    ):
+        workers = {
+            name: openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
+            for name, s in [("a", a), ("b", b)]
+        }
+
+        def turn(worker: str, session: str, messages: list[dict[str, str]]) -> str:
+            reply = workers[worker].chat.completions.create(
+                model="m",
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=12,
+                temperature=0.0,
+                extra_headers={"X-Session-Id": session},
+            )
+            return reply.choices[0].message.content or ""
+
+        first = [{"role": "system", "content": SYS}, {"role": "user", "content": QUESTIONS[0]}]
+        moved = turn("a", "moved", first)
+        assert_same_output(turn("a", "stayed", first), moved)
+        second = [*first, {"role": "assistant", "content": moved}, {"role": "user", "content": QUESTIONS[1]}]
+        assert_same_output(turn("b", "moved", second), turn("a", "stayed", second))
+        status, session = b.json("GET", "/v1/sessions/moved")
+        assert status == 200 and len(session["messages"]) == 5
