@@ -40,6 +40,7 @@ MODULES = (
     "batching",
     "batching_agreement",
     "server",
+    "stores",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "benchmarks.png"
@@ -823,6 +824,39 @@ def render_server(r: dict[str, Any]) -> list[str]:
     return [*out, "", busy_note(r), ""]
 
 
+def render_stores(r: dict[str, Any]) -> list[str]:
+    out = [
+        "## 12. Session stores: a local directory and Redis",
+        "",
+        f"`{r['command']}`: a Context that read N tokens (f16, n_ctx {r['config']['n_ctx']}) saved with "
+        "`SessionManager.save(id, context)` (version-checked, atomic: a file with fsync, or a Redis string "
+        "written under the session's lease) and loaded with `load(id)` in a fresh manager (read, verified, "
+        "restored), through a manager on a directory and one on Redis (a `redis-server` on loopback, started "
+        f"by the script); both store sessions whole. Medians of {r['config']['runs']} runs after a warm-up, "
+        "ms.",
+        "",
+    ]
+    rows = []
+    for x in r["rows"]:
+        d, k = x["directory"], x["redis"]
+        rows.append(
+            [
+                str(x["tokens"]),
+                mb(d["bytes"]),
+                ms(d["save"]["median"]),
+                ms(k["save"]["median"]),
+                ms(d["load"]["median"]),
+                ms(k["load"]["median"]),
+            ]
+        )
+    out += table(
+        ["tokens", "session MB", "save, directory", "save, Redis", "load, directory", "load, Redis"],
+        rows,
+        "rrrrrr",
+    )
+    return [*out, "", busy_note(r), ""]
+
+
 def render_breakdown(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     out = [
@@ -973,6 +1007,8 @@ def render(results: dict[str, Any]) -> str:
         lines += render_batching_agreement(results["batching_agreement"])
     if "server" in results:
         lines += render_server(results["server"])
+    if "stores" in results:
+        lines += render_stores(results["stores"])
     if FINDINGS.exists():
         lines += [FINDINGS.read_text().rstrip(), ""]
     if "breakdown" in results:

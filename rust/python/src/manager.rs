@@ -863,7 +863,7 @@ impl PySessionManager {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let live = native(py, |_| Ok(self.inner.live_ids().len()))?;
         Ok(format!(
-            "SessionManager({:?}, max_live={}, live={live})",
+            "SessionManager(session_dir={:?}, max_live={}, live={live})",
             self.location(),
             self.inner.max_live(),
         ))
