@@ -17,11 +17,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from _common import RUNS, THREADS, build_prompt, environment, summary, work_dir, write_result
-
 from llama_sessions import Context, Model, SessionManager, default_model_path
 
 SIZES = (500, 2000, 4000)

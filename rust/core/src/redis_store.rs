@@ -3,9 +3,9 @@
 //! Values are Redis strings under `llama-sessions:v:<key>`. The lock of a key is a *lease*: the string
 //! `llama-sessions:lock:<key>` holding a random token, set only if absent (`SET NX PX`) and expiring after
 //! the lease time, so that a worker that dies holding it locks nobody out for longer than that. Because a
-//! lease can run out under a holder that stalled, every write of a leased key is *fenced*: one Lua script
-//! checks that the lease still holds this holder's token and writes in the same atomic step, or writes
-//! nothing ([`Error::RemoteStore`]). Whoever read a session's version under the lease thus replaces it only
+//! lease can run out under a holder that stalled, every write of a leased key is *fenced*: the lease is
+//! WATCHed, checked to hold this holder's token, and the write done in a MULTI/EXEC transaction that Redis
+//! aborts if the lease changed since (expired or taken), writing nothing ([`Error::RemoteStore`]). Whoever read a session's version under the lease thus replaces it only
 //! if nobody can have written since.
 
 use std::collections::HashMap;
@@ -26,14 +26,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// What every key of this library starts with, so that a database can hold other data too.
 const KEY_PREFIX: &str = "llama-sessions:";
 
-/// Writes `ARGV[2]` to `KEYS[1]` if the lease `KEYS[2]` holds the token `ARGV[1]`; returns 1, else 0.
-const FENCED_SET: &str = r"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-";
 /// Deletes the lease `KEYS[1]` if it holds the token `ARGV[1]` (not a lease that expired and was taken).
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -252,15 +244,26 @@ impl SessionStore for RedisStore {
                     .query::<()>(c)
             });
         };
-        let written: i64 = self.command("write", |c| {
-            redis::Script::new(FENCED_SET)
-                .key(RedisStore::value_key(key))
-                .key(RedisStore::lease_key(key))
-                .arg(&token)
+        let lease = RedisStore::lease_key(key);
+        let written = self.command("write", |c| {
+            // WATCH, then check the lease, then the write in MULTI/EXEC: EXEC writes nothing if the lease
+            // changed (expired, or taken by another worker) since the WATCH. A Lua script would do the same
+            // but copy the value twice more on the server.
+            redis::cmd("WATCH").arg(&lease).query::<()>(c)?;
+            let holder: Option<String> = redis::cmd("GET").arg(&lease).query(c)?;
+            if holder.as_deref() != Some(token.as_str()) {
+                redis::cmd("UNWATCH").query::<()>(c)?;
+                return Ok(false);
+            }
+            let done: redis::Value = redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(RedisStore::value_key(key))
                 .arg(value)
-                .invoke(c)
+                .query(c)?;
+            Ok(!matches!(done, redis::Value::Nil))
         })?;
-        if written == 1 {
+        if written {
             Ok(())
         } else {
             Err(self.error(
