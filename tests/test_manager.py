@@ -356,10 +356,11 @@ def test_a_stale_copy_conflicts_writes_nothing_and_a_fresh_manager_recovers(
     one, two = open_manager(model, str(tmp_path)), open_manager(model, str(tmp_path))
     one.create_session("x", SYS)
     two.load("x")
+    # Two's copy changes (unsaved) before one saves a turn of its own.
+    chat(two, "x", QUESTIONS[1])
     chat(one, "x", QUESTIONS[0])
     one.save("x")
     before = (tmp_path / "x.session").read_bytes()
-    chat(two, "x", QUESTIONS[1])
     with pytest.raises(SessionConflictError, match=r"version 1.*version 2"):
         two.save("x")
     assert (tmp_path / "x.session").read_bytes() == before
@@ -660,9 +661,9 @@ def test_after_a_conflict_loading_again_continues_from_the_stored_version(
     one, two = open_manager(model, str(tmp_path)), open_manager(model, str(tmp_path))
     one.create_session("x", SYS)
     two.load("x")
+    chat(two, "x", QUESTIONS[1])  # two's copy changes before one saves
     chat(one, "x", QUESTIONS[0])
     one.save("x")
-    chat(two, "x", QUESTIONS[1])
     with pytest.raises(SessionConflictError):
         two.save("x")
 
@@ -671,6 +672,27 @@ def test_after_a_conflict_loading_again_continues_from_the_stored_version(
     assert reloaded.tokens == one.load("x").tokens
     chat(two, "x", QUESTIONS[1])
     two.save("x")
+    assert stored(two)["x"].version == 3
+
+
+def test_an_outdated_copy_without_changes_is_refreshed_before_a_turn(
+    model: Model, tmp_path: pathlib.Path
+) -> None:
+    """Another manager saved a newer version while this one held an unchanged copy: the next turn runs on the
+    stored version (nothing of the copy is lost: it had nothing of its own), instead of answering from an
+    outdated conversation and then conflicting."""
+    one, two = open_manager(model, str(tmp_path)), open_manager(model, str(tmp_path))
+    one.create_session("x", SYS)
+    two.load("x")
+    chat(one, "x", QUESTIONS[0])
+    one.save("x")
+    answer = chat(two, "x", QUESTIONS[1])
+    reference = open_manager(model, str(tmp_path / "reference"))
+    reference.create_session("x", SYS)
+    chat(reference, "x", QUESTIONS[0])
+    assert_same_output(answer, chat(reference, "x", QUESTIONS[1]))
+    two.save("x")
+    assert two.history("x") == reference.history("x")
     assert stored(two)["x"].version == 3
 
 

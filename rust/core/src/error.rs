@@ -314,6 +314,12 @@ impl Error {
         }
     }
 
+    /// Whether the store itself failed (a file system error, an unreachable or refusing server), as opposed
+    /// to what it holds being wrong: such a failure says nothing about the stored value.
+    pub fn is_store_failure(&self) -> bool {
+        matches!(self, Error::Io { .. } | Error::RemoteStore { .. })
+    }
+
     /// A [`Error::SessionParamsMismatch`] with its advice replaced by `advice(mismatches)`: what the caller of
     /// the API that refused the session can do (a session manager's caller cannot use `Context.from_session`);
     /// any other error unchanged.

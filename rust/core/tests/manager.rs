@@ -194,9 +194,10 @@ fn a_stale_copy_conflicts_instead_of_losing_a_turn() {
     one.create_session("x", Some(SYSTEM), Metadata::new())
         .unwrap();
     two.load("x").unwrap();
+    // Two's copy changes (unsaved) before one saves a turn of its own.
+    chat(&two, "x", "Name an animal.");
     chat(&one, "x", "Name a color.");
     one.save("x").unwrap();
-    chat(&two, "x", "Name an animal.");
     match two.save("x") {
         Err(Error::SessionConflict {
             expected: 1,
@@ -209,6 +210,30 @@ fn a_stale_copy_conflicts_instead_of_losing_a_turn() {
         one.create_session("x", None, Metadata::new()),
         Err(Error::SessionExists { .. })
     ));
+}
+
+#[test]
+fn an_outdated_copy_without_changes_is_refreshed_before_a_turn() {
+    let dir = temp_dir("refresh");
+    let one = manager(&dir, 4, false);
+    let two = manager(&dir, 4, false);
+    one.create_session("x", Some(SYSTEM), Metadata::new())
+        .unwrap();
+    two.load("x").unwrap();
+    chat(&one, "x", "Name a color.");
+    one.save("x").unwrap();
+    // Two's copy is outdated but holds nothing of its own: its turn runs on the stored version.
+    let answer = chat(&two, "x", "Name an animal.");
+    let reference = manager(&temp_dir("refresh-reference"), 4, false);
+    reference
+        .create_session("x", Some(SYSTEM), Metadata::new())
+        .unwrap();
+    chat(&reference, "x", "Name a color.");
+    assert_same_answer(&answer, &chat(&reference, "x", "Name an animal."));
+    two.save("x").unwrap();
+    let fresh = manager(&dir, 4, false);
+    assert_eq!(fresh.load("x").unwrap().history().len(), 4);
+    assert_eq!(fresh.load("x").unwrap().stored_version(), 3);
 }
 
 #[test]

@@ -288,17 +288,37 @@ fn two_managers_on_one_redis_continue_each_others_sessions_exactly() {
     assert!(!ref_second.tokens.is_empty());
     assert_eq!(first.tokens, ref_first.tokens);
     assert_eq!(second.tokens, ref_second.tokens);
-    // A's copy is now stale: its next turn's save is refused and writes nothing.
-    match a.chat(
+    // A's copy is outdated now and holds nothing of its own: its next turn runs on B's version.
+    let third = a
+        .chat(
+            "ada",
+            "And a third?",
+            common::greedy(8),
+            &mut NeverInterrupt,
+        )
+        .unwrap();
+    let ref_third = alone
+        .chat(
+            "ref",
+            "And a third?",
+            common::greedy(8),
+            &mut NeverInterrupt,
+        )
+        .unwrap();
+    assert_eq!(third.tokens, ref_third.tokens);
+    let reloaded = worker();
+    assert_eq!(reloaded.load("ada").unwrap().history().len(), 6);
+
+    // Without Redis, a turn fails with RemoteStore: it neither passes for a conflict nor overwrites.
+    drop(server);
+    match reloaded.chat(
         "ada",
-        "And a third?",
+        "Still there?",
         common::greedy(4),
         &mut NeverInterrupt,
     ) {
-        Err(Error::SessionConflict { .. }) => {}
-        other => panic!("expected SessionConflict, got {:?}", other.map(|g| g.text)),
+        Err(Error::RemoteStore { .. }) => {}
+        other => panic!("expected RemoteStore, got {:?}", other.map(|g| g.text)),
     }
-    assert_eq!(b.load("ada").unwrap().history().len(), 4);
-    let reloaded = worker();
-    assert_eq!(reloaded.load("ada").unwrap().history().len(), 4);
+    assert!(matches!(reloaded.list(), Err(Error::RemoteStore { .. })));
 }

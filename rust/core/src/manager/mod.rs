@@ -58,7 +58,7 @@ pub use writer::{pin_stored_chunks, stored_manifest_chunks};
 
 use ids::{checkpoint_key, validate_label};
 use live::{lock, LiveSet, TurnPermit};
-use records::{is_stored, now, split_metadata, stored_record_or_new, Record};
+use records::{is_stored, now, split_metadata, stored_record_or_new, stored_version, Record};
 use writer::{ChunkPins, SessionWriter};
 
 /// Counters of the work a manager did (for tests and capacity planning).
@@ -614,7 +614,7 @@ impl SessionManager {
                 Record::unsaved(record.manager.clone(), record.user_metadata.clone())
             }
             None => {
-                let (manager, user_metadata) = stored_record_or_new(self.store.as_ref(), id);
+                let (manager, user_metadata) = stored_record_or_new(self.store.as_ref(), id)?;
                 Record::unsaved(manager, user_metadata)
             }
         };
@@ -671,9 +671,30 @@ impl SessionManager {
             };
             // None: the session left the live set while we waited (evicted, replaced): load it again.
             if let Some(permit) = TurnPermit::acquire(&session, remaining, interrupt)? {
+                if self.outdated_and_unchanged(&session)? {
+                    // Another process or worker saved a newer version, and this copy holds nothing of its
+                    // own: it goes, and the turn runs on the stored version instead of answering from an
+                    // outdated conversation (whose save would then conflict).
+                    drop(permit);
+                    self.live.retire(&session);
+                    continue;
+                }
                 return Ok(SessionTurn::new(self, permit));
             }
         }
+    }
+
+    /// Whether `session`'s live copy derives from a version the store no longer holds (a newer one, or none:
+    /// deleted elsewhere) and has no unsaved change. A copy with unsaved changes stays: its save reports
+    /// the conflict ([`Error::SessionConflict`]) rather than dropping those changes.
+    fn outdated_and_unchanged(&self, session: &ManagedSession) -> Result<bool> {
+        let stored = stored_version(self.store.as_ref(), &session.id)?;
+        let record = lock(&session.record);
+        if stored == Some(record.stored_version()) {
+            return Ok(false);
+        }
+        let context = lock(&session.context);
+        Ok(!record.changed(&context))
     }
 
     /// One chat turn on session `id` ([`SessionTurn::chat`]), waiting for a turn in progress to end.

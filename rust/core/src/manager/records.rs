@@ -214,7 +214,8 @@ pub(super) fn stored_version(store: &dyn SessionStore, id: &str) -> Result<Optio
     match read_stored_header(store, id) {
         Ok(header) => Ok(Some(split_metadata(header.metadata).0.version)),
         Err(Error::SessionNotFound { .. }) => Ok(None),
-        Err(e @ Error::Io { .. }) => Err(e),
+        // The store failed (a file system error, an unreachable server): nothing is known of the version.
+        Err(e) if e.is_store_failure() => Err(e),
         // A damaged stored file has no version to protect: it may be overwritten.
         Err(_) => Ok(Some(0)),
     }
@@ -226,13 +227,15 @@ pub(super) fn is_stored(store: &dyn SessionStore, id: &str) -> Result<bool> {
 }
 
 /// The record and user metadata of stored session `id`, or empty ones if it is not stored or unreadable
-/// (with the creation time set to now when it had none).
+/// (with the creation time set to now when it had none). A failure of the store itself is an error: an
+/// unreachable server must not pass for a session without history.
 pub(super) fn stored_record_or_new(
     store: &dyn SessionStore,
     id: &str,
-) -> (ManagerRecord, Metadata) {
+) -> Result<(ManagerRecord, Metadata)> {
     let (manager, user_metadata) = match read_stored_header(store, id) {
         Ok(header) => split_metadata(header.metadata),
+        Err(e) if e.is_store_failure() => return Err(e),
         Err(_) => (ManagerRecord::default(), Metadata::new()),
     };
     let created_at = if manager.created_at.is_empty() {
@@ -240,13 +243,13 @@ pub(super) fn stored_record_or_new(
     } else {
         manager.created_at.clone()
     };
-    (
+    Ok((
         ManagerRecord {
             created_at,
             ..manager
         },
         user_metadata,
-    )
+    ))
 }
 
 /// A stored session, as [`super::SessionManager::list`] reports it.
@@ -311,7 +314,11 @@ pub fn list_stored_sessions(store: &dyn SessionStore) -> Result<Vec<ListedSessio
         if entry.key.contains(CHECKPOINT_SEPARATOR) || validate_session_id(&entry.key).is_err() {
             continue;
         }
-        let header = read_stored_header(store, &entry.key);
+        let header = match read_stored_header(store, &entry.key) {
+            // An unreachable server fails the listing: it must not pass for a listing of corrupt sessions.
+            Err(e @ Error::RemoteStore { .. }) => return Err(e),
+            header => header,
+        };
         out.push(ListedSession {
             id: entry.key,
             size: entry.size,
