@@ -23,4 +23,4 @@ def test_the_deployment_page_examples_run_against_redis(
     assert len(run.skipped) == 3 and all(c.startswith("llama-sessions serve") for c in run.skipped)
     manager = run.namespace["manager"]
     assert isinstance(manager, SessionManager)
-    assert (manager.location, manager.session_dir, manager.storage) == (redis_url, None, "files")
+    assert (manager.location, manager.session_dir, manager.storage) == (redis_url, None, "chunks")

@@ -58,7 +58,8 @@ def test_a_conversation_continues_in_another_process_as_if_it_had_stayed(
     worker_a = open_manager(model, redis_url)
     assert worker_a.session_dir is None
     assert worker_a.location == redis_url
-    assert worker_a.storage == "files"
+    assert worker_a.storage == "chunks"
+    assert worker_a.prefix_cache is not None and worker_a.prefix_cache.path is None
     worker_a.create_session("u", SYS)
     assert [worker_a.chat("u", q, 8, temperature=0) for q in QUESTIONS[:2]] == answers[:2]
 
@@ -83,6 +84,32 @@ def test_a_conversation_continues_in_another_process_as_if_it_had_stayed(
     assert list_sessions(redis_url) == []
     with pytest.raises(SessionNotFoundError):
         delete_session(redis_url, "u")
+
+
+def test_workers_share_the_kv_chunks_of_what_their_sessions_share(model: Model, redis_url: str) -> None:
+    """A long system prompt one worker computed is restored by another from the chunks in Redis, and each
+    session restores byte for byte what it saved."""
+    system = "You answer questions about a harbour. " + " ".join(
+        f"Pier {i} is for boats of size {i}." for i in range(60)
+    )
+    worker_a, worker_b = open_manager(model, redis_url), open_manager(model, redis_url)
+    worker_a.create_session("a", system)
+    answer_a = worker_a.chat("a", "Which pier is for size 3?", 8, temperature=0)
+    created = worker_b.create_session("b", system).last_stats
+    assert created is not None
+    # Worker B did not decode the full chunks worker A stored: only the rest of the system prompt.
+    assert created.context_tokens > 512
+    assert created.prompt_tokens == created.context_tokens % 256
+    assert worker_b.prefix_cache is not None and worker_b.prefix_cache.stats()["hits"] >= 2
+    # A third worker continues session "a" exactly from its manifest and the shared chunks.
+    worker_c = open_manager(model, redis_url)
+    assert worker_c.load("a").tokens == worker_a.load("a").tokens
+    assert worker_c.stats["recomputed_tokens"] == 0
+    assert_same_output(
+        worker_c.chat("a", "And for size 4?", 8, temperature=0),
+        worker_a.chat("a", "And for size 4?", 8, temperature=0),
+    )
+    assert answer_a
 
 
 def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(

@@ -691,8 +691,9 @@ class SessionManager:
     ``session_dir`` may also be a store URL: ``"redis://[:PASSWORD@]HOST[:PORT][/DB]"`` keeps the sessions
     in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
     runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
-    raises SessionConflictError and writes nothing). Sessions in Redis are stored whole (``storage`` is
-    "files"). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be reached.
+    raises SessionConflictError and writes nothing). With ``storage="chunks"`` (the default) their KV
+    chunks are in the same Redis, shared by every worker and never evicted by one. ``"file://DIR"`` is the
+    directory DIR. RemoteStoreError when the server cannot be reached.
 
     ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
     ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by

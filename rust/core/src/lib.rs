@@ -62,7 +62,7 @@ pub use session::{
     SessionInfo, SessionPlan,
 };
 pub use signing::{SessionKey, MIN_SECRET_LEN};
-pub use store::{open_store, DirectoryStore, SessionStore};
+pub use store::{open_store, open_store_with_chunks, DirectoryStore, SessionStore};
 
 /// The Rust examples of `docs/session-format.md`, compiled as doctests so that the document stays as written
 /// (its other blocks run in `tests/test_docs_examples.py`).

@@ -47,6 +47,9 @@ return redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 /// A [`SessionStore`] in a Redis database: `redis://[:PASSWORD@]HOST[:PORT][/DB]`.
 pub struct RedisStore {
     client: redis::Client,
+    /// What the keys of this store's values start with after [`KEY_PREFIX`]: "v" (sessions) or "c" (KV
+    /// chunks), so that a session id can never name a chunk.
+    values: &'static str,
     /// The server as messages name it: host, port and database, never a password.
     name: String,
     lease: Duration,
@@ -77,6 +80,7 @@ impl RedisStore {
         let name = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
         let store = RedisStore {
             client,
+            values: "v",
             name,
             lease: DEFAULT_LEASE,
             idle: Mutex::new(Vec::new()),
@@ -84,6 +88,16 @@ impl RedisStore {
         };
         store.command("connect", |c| redis::cmd("PING").query::<String>(c))?;
         Ok(store)
+    }
+
+    /// A store of KV chunks on the same server (keys `llama-sessions:c:<hex>`), apart from the sessions: what
+    /// [`crate::PrefixCache::in_store`] takes to share chunks between workers.
+    pub fn chunks(&self) -> RedisStore {
+        RedisStore {
+            values: "c",
+            leases: Arc::new(Mutex::new(HashMap::new())),
+            ..self.clone()
+        }
     }
 
     /// The same store with leases of `lease` (at least a millisecond).
@@ -129,8 +143,8 @@ impl RedisStore {
         Ok(connection)
     }
 
-    fn value_key(key: &str) -> String {
-        format!("{KEY_PREFIX}v:{key}")
+    fn value_key(&self, key: &str) -> String {
+        format!("{KEY_PREFIX}{}:{key}", self.values)
     }
 
     fn lease_key(key: &str) -> String {
@@ -208,6 +222,7 @@ impl Clone for RedisStore {
     fn clone(&self) -> RedisStore {
         RedisStore {
             client: self.client.clone(),
+            values: self.values,
             name: self.name.clone(),
             lease: self.lease,
             idle: Mutex::new(Vec::new()),
@@ -220,7 +235,7 @@ impl SessionStore for RedisStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.command("read", |c| {
             redis::cmd("GET")
-                .arg(RedisStore::value_key(key))
+                .arg(self.value_key(key))
                 .query::<Option<Vec<u8>>>(c)
         })
     }
@@ -228,7 +243,7 @@ impl SessionStore for RedisStore {
     fn get_prefix(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
         self.command("read", |c| {
             redis::Script::new(PREFIX)
-                .key(RedisStore::value_key(key))
+                .key(self.value_key(key))
                 .arg(len)
                 .invoke::<Option<Vec<u8>>>(c)
         })
@@ -239,7 +254,7 @@ impl SessionStore for RedisStore {
         let Some(token) = token else {
             return self.command("write", |c| {
                 redis::cmd("SET")
-                    .arg(RedisStore::value_key(key))
+                    .arg(self.value_key(key))
                     .arg(value)
                     .query::<()>(c)
             });
@@ -258,7 +273,7 @@ impl SessionStore for RedisStore {
             let done: redis::Value = redis::pipe()
                 .atomic()
                 .cmd("SET")
-                .arg(RedisStore::value_key(key))
+                .arg(self.value_key(key))
                 .arg(value)
                 .query(c)?;
             Ok(!matches!(done, redis::Value::Nil))
@@ -278,13 +293,13 @@ impl SessionStore for RedisStore {
 
     fn delete(&self, key: &str) -> Result<bool> {
         let removed: i64 = self.command("delete", |c| {
-            redis::cmd("DEL").arg(RedisStore::value_key(key)).query(c)
+            redis::cmd("DEL").arg(self.value_key(key)).query(c)
         })?;
         Ok(removed > 0)
     }
 
     fn list(&self) -> Result<Vec<StoreEntry>> {
-        let prefix = RedisStore::value_key("");
+        let prefix = self.value_key("");
         let pattern = format!("{prefix}*");
         let keys: Vec<String> = self.command("list", |c| {
             let mut keys = Vec::new();
@@ -305,14 +320,22 @@ impl SessionStore for RedisStore {
             }
         })?;
         let mut entries = Vec::with_capacity(keys.len());
-        for stored in keys {
-            let size: u64 = self.command("list", |c| redis::cmd("STRLEN").arg(&stored).query(c))?;
-            if let Some(key) = stored.strip_prefix(&prefix) {
-                entries.push(StoreEntry {
-                    key: key.to_owned(),
-                    size,
-                    modified: None,
-                });
+        for page in keys.chunks(1000) {
+            let sizes: Vec<u64> = self.command("list", |c| {
+                let mut pipe = redis::pipe();
+                for stored in page {
+                    pipe.cmd("STRLEN").arg(stored);
+                }
+                pipe.query(c)
+            })?;
+            for (stored, size) in page.iter().zip(sizes) {
+                if let Some(key) = stored.strip_prefix(&prefix) {
+                    entries.push(StoreEntry {
+                        key: key.to_owned(),
+                        size,
+                        modified: None,
+                    });
+                }
             }
         }
         Ok(entries)

@@ -328,14 +328,30 @@ mod tests {
 /// The store at `location`: `redis://[:PASSWORD@]HOST[:PORT][/DB]` (Redis or Valkey), `file://DIR`, or a
 /// plain path of a directory. [`Error::InvalidParameter`] for a scheme this build does not support.
 pub fn open_store(location: &str) -> Result<std::sync::Arc<dyn SessionStore>> {
+    Ok(open_store_with_chunks(location)?.0)
+}
+
+/// [`open_store`], with the store of KV chunks that lives beside the sessions at a remote location (none for
+/// a directory, whose chunks a [`crate::PrefixCache`] keeps in a directory of files).
+#[allow(clippy::type_complexity)]
+pub fn open_store_with_chunks(
+    location: &str,
+) -> Result<(
+    std::sync::Arc<dyn SessionStore>,
+    Option<std::sync::Arc<dyn SessionStore>>,
+)> {
     match location.split_once("://") {
-        Some(("redis", _)) => Ok(std::sync::Arc::new(crate::RedisStore::open(location)?)),
-        Some(("file", dir)) => Ok(std::sync::Arc::new(DirectoryStore::open(dir)?)),
+        Some(("redis", _)) => {
+            let store = crate::RedisStore::open(location)?;
+            let chunks = store.chunks();
+            Ok((std::sync::Arc::new(store), Some(std::sync::Arc::new(chunks))))
+        }
+        Some(("file", dir)) => Ok((std::sync::Arc::new(DirectoryStore::open(dir)?), None)),
         Some((scheme, _)) => Err(Error::invalid(
             "session_dir",
             "a directory, file://DIR or redis://HOST:PORT/DB (rediss:// and s3:// are not supported yet)",
             format!("a {scheme}:// URL"),
         )),
-        None => Ok(std::sync::Arc::new(DirectoryStore::open(location)?)),
+        None => Ok((std::sync::Arc::new(DirectoryStore::open(location)?), None)),
     }
 }

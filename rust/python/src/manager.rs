@@ -34,8 +34,9 @@ use crate::session::{metadata_from_py, PySessionInfo};
 /// ``session_dir`` may also be a store URL: ``"redis://[:PASSWORD@]HOST[:PORT][/DB]"`` keeps the sessions
 /// in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
 /// runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
-/// raises SessionConflictError and writes nothing). Sessions in Redis are stored whole (``storage`` is
-/// "files"). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be reached.
+/// raises SessionConflictError and writes nothing). With ``storage="chunks"`` (the default) their KV
+/// chunks are in the same Redis, shared by every worker and never evicted by one. ``"file://DIR"`` is the
+/// directory DIR. RemoteStoreError when the server cannot be reached.
 ///
 /// ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
 /// ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
@@ -235,9 +236,17 @@ impl Location {
 
     /// The store there (a directory is created if missing).
     fn open(&self) -> llama_sessions::Result<Arc<dyn SessionStore>> {
+        Ok(self.open_with_chunks()?.0)
+    }
+
+    /// The store there, and the store of KV chunks beside it at a remote location.
+    #[allow(clippy::type_complexity)]
+    fn open_with_chunks(
+        &self,
+    ) -> llama_sessions::Result<(Arc<dyn SessionStore>, Option<Arc<dyn SessionStore>>)> {
         match self {
-            Location::Directory(dir) => Ok(Arc::new(DirectoryStore::open(dir)?)),
-            Location::Url(url) => llama_sessions::open_store(url),
+            Location::Directory(dir) => Ok((Arc::new(DirectoryStore::open(dir)?), None)),
+            Location::Url(url) => llama_sessions::open_store_with_chunks(url),
         }
     }
 }
@@ -285,15 +294,17 @@ impl PySessionManager {
                 )))
             }
         };
-        // Chunks live next to the sessions, which a remote store cannot offer yet: its sessions are stored
-        // whole (storage "files"), and every worker can load them.
-        let chunked = chunked && matches!(location, Location::Directory(_));
-        let prefix_cache = match (prefix_cache, &location) {
-            (Some(cache), _) => Some(cache),
-            (None, Location::Directory(dir)) if chunked => {
+        // The stores first: a remote location holds the sessions' KV chunks too, beside them.
+        let (store, remote_chunks) = native(py, |_| location.open_with_chunks())?;
+        let prefix_cache = match (prefix_cache, &location, remote_chunks) {
+            (Some(cache), _, _) => Some(cache),
+            (None, Location::Directory(dir), _) if chunked => {
                 Some(Py::new(py, PyPrefixCache::in_dir(py, dir.join("chunks"))?)?)
             }
-            (None, _) => None,
+            (None, Location::Url(_), Some(chunks)) if chunked => {
+                Some(Py::new(py, PyPrefixCache::in_store(py, chunks)?)?)
+            }
+            (None, _, _) => None,
         };
         let cache = prefix_cache.as_ref().map(|c| c.get().inner.clone());
         let key = crate::session::session_key(secret_key)?;
@@ -308,7 +319,6 @@ impl PySessionManager {
         let overflow: OverflowPolicy = overflow.parse().map_err(to_py)?;
         let core_model = model.get().inner.clone();
         let manager = native(py, |_| {
-            let store = location.open()?;
             let manager = SessionManager::new(&core_model, params, store, max_live)?
                 .with_autosave(autosave)
                 .with_overflow(overflow);

@@ -2,10 +2,11 @@
 //! `chunks::PrefixCache`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use llama_sessions::chunks::{CacheStats, GcReport, DEFAULT_CHUNK_TOKENS};
 use llama_sessions::manager::pin_stored_chunks;
-use llama_sessions::{DirectoryStore, Error, PrefixCache};
+use llama_sessions::{DirectoryStore, Error, PrefixCache, SessionStore};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -60,6 +61,15 @@ impl PyPrefixCache {
     pub(crate) fn in_dir(py: Python<'_>, dir: PathBuf) -> PyResult<Self> {
         let inner = native(py, |_| {
             PrefixCache::on_disk(dir, DEFAULT_MAX_BYTES, DEFAULT_CHUNK_TOKENS, "")
+        })?;
+        Ok(PyPrefixCache { inner })
+    }
+
+    /// The cache of a SessionManager's chunked storage in a remote store (its KV chunks, shared by the
+    /// workers): never evicted by a worker, since a chunk may be named by a session another worker saved.
+    pub(crate) fn in_store(py: Python<'_>, chunks: Arc<dyn SessionStore>) -> PyResult<Self> {
+        let inner = native(py, |_| {
+            PrefixCache::in_store(chunks, u64::MAX, DEFAULT_CHUNK_TOKENS, "")
         })?;
         Ok(PyPrefixCache { inner })
     }

@@ -94,6 +94,18 @@ impl PrefixCache {
         Ok(cache)
     }
 
+    /// A cache of chunks in `store` (one value per chunk, keyed by its 64 hex digits), at most `max_bytes`
+    /// of them: a store several workers share, such as [`crate::RedisStore::chunks`].
+    pub fn in_store(
+        store: Arc<dyn crate::store::SessionStore>,
+        max_bytes: u64,
+        chunk_tokens: usize,
+        namespace: &str,
+    ) -> Result<PrefixCache> {
+        let store = StoreChunkStore::open(store, max_bytes)?;
+        PrefixCache::new(Arc::new(store), chunk_tokens, namespace)
+    }
+
     /// The chunk store.
     pub fn store(&self) -> &Arc<dyn ChunkStore> {
         &self.store
