@@ -18,9 +18,13 @@ def test_the_deployment_page_examples_run_against_redis(
     run = DocumentRun(
         ROOT / "docs" / "deployment.md", model_path, replacements={"redis://127.0.0.1:6379/0": redis_url}
     )
-    assert [b.language for b in run.blocks] == ["bash", "bash", "python"]
+    assert [b.language for b in run.blocks] == ["bash", "bash", "python", "python"]
     run.run_rest()
     assert len(run.skipped) == 3 and all(c.startswith("llama-sessions serve") for c in run.skipped)
     manager = run.namespace["manager"]
     assert isinstance(manager, SessionManager)
     assert (manager.location, manager.session_dir, manager.storage) == (redis_url, None, "chunks")
+    worker = run.namespace["worker"]
+    assert isinstance(worker, SessionManager) and worker.prefix_cache is not None
+    assert worker.prefix_cache.path == pathlib.Path("local-chunks")
+    assert (tmp_path / "local-chunks").is_dir()

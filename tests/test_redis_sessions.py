@@ -16,6 +16,7 @@ import pytest
 from llama_sessions import (
     InvalidParameterError,
     Model,
+    PrefixCache,
     RemoteStoreError,
     SessionManager,
     SessionNotFoundError,
@@ -24,7 +25,7 @@ from llama_sessions import (
 )
 from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer
 
-from conftest import assert_same_output
+from conftest import assert_same_output, require_tool
 from server_process import running_server
 
 WORKER = pathlib.Path(__file__).with_name("manager_worker.py")
@@ -110,6 +111,71 @@ def test_workers_share_the_kv_chunks_of_what_their_sessions_share(model: Model, 
         worker_a.chat("a", "And for size 4?", 8, temperature=0),
     )
     assert answer_a
+
+
+def redis_cli(redis_url: str, *args: str) -> list[str]:
+    cli = require_tool("redis-cli", "Debian's redis-server brings it (redis-tools)")
+    done = subprocess.run([cli, "-u", redis_url, *args], capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_a_local_tier_keeps_the_chunks_a_worker_read_and_the_remote_store_stays_the_truth(
+    model: Model, redis_url: str, tmp_path: pathlib.Path
+) -> None:
+    system = "You answer questions about a library. " + " ".join(
+        f"Shelf {i} holds books of topic {i}." for i in range(70)
+    )
+    writer = open_manager(model, redis_url)
+    writer.create_session("a", system)
+    writer.chat("a", "Which shelf holds topic 5?", 8, temperature=0)
+    tokens = writer.load("a").tokens
+    remote_chunks = redis_cli(redis_url, "--scan", "--pattern", "llama-sessions:c:*")
+    assert len(remote_chunks) >= 2
+
+    local_dir = tmp_path / "local-tier"
+    reader = SessionManager(
+        model,
+        redis_url,
+        n_ctx=N_CTX,
+        n_batch=N_BATCH,
+        n_threads=N_THREADS,
+        prefix_cache=PrefixCache(local_dir),
+    )
+    assert reader.prefix_cache is not None and reader.prefix_cache.path == local_dir
+    assert reader.load("a").tokens == tokens
+    local_files = sorted(p.name for p in local_dir.glob("*.kvchunk"))
+    assert local_files == sorted(f"{key.removeprefix('llama-sessions:c:')}.kvchunk" for key in remote_chunks)
+
+    # A damaged local copy is dropped and read again from Redis: nothing is recomputed.
+    damaged = local_dir / local_files[0]
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x00")
+    again = SessionManager(
+        model,
+        redis_url,
+        n_ctx=N_CTX,
+        n_batch=N_BATCH,
+        n_threads=N_THREADS,
+        prefix_cache=PrefixCache(local_dir),
+    )
+    assert again.load("a").tokens == tokens
+    assert again.stats["recomputed_tokens"] == 0
+
+    # With the chunks gone from Redis, the local tier alone restores the session exactly.
+    redis_cli(redis_url, "del", *remote_chunks)
+    local_only = SessionManager(
+        model,
+        redis_url,
+        n_ctx=N_CTX,
+        n_batch=N_BATCH,
+        n_threads=N_THREADS,
+        prefix_cache=PrefixCache(local_dir),
+    )
+    assert local_only.load("a").tokens == tokens
+    assert local_only.stats["recomputed_tokens"] == 0
+    # Without it, a worker decodes those tokens again (never trusting what is missing).
+    bare = open_manager(model, redis_url)
+    assert bare.load("a").tokens == tokens
+    assert bare.stats["recomputed_tokens"] > 0
 
 
 def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(

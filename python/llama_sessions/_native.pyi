@@ -692,8 +692,10 @@ class SessionManager:
     in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
     runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
     raises SessionConflictError and writes nothing). With ``storage="chunks"`` (the default) their KV
-    chunks are in the same Redis, shared by every worker and never evicted by one. ``"file://DIR"`` is the
-    directory DIR. RemoteStoreError when the server cannot be reached.
+    chunks are in the same Redis, shared by every worker and never evicted by one; a ``prefix_cache`` given
+    then is this worker's local tier in front of them (chunks read from Redis are kept there, within its
+    ``max_bytes``). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be
+    reached.
 
     ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
     ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by

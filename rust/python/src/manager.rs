@@ -35,8 +35,10 @@ use crate::session::{metadata_from_py, PySessionInfo};
 /// in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
 /// runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
 /// raises SessionConflictError and writes nothing). With ``storage="chunks"`` (the default) their KV
-/// chunks are in the same Redis, shared by every worker and never evicted by one. ``"file://DIR"`` is the
-/// directory DIR. RemoteStoreError when the server cannot be reached.
+/// chunks are in the same Redis, shared by every worker and never evicted by one; a ``prefix_cache`` given
+/// then is this worker's local tier in front of them (chunks read from Redis are kept there, within its
+/// ``max_bytes``). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be
+/// reached.
 ///
 /// ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
 /// ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
@@ -297,6 +299,11 @@ impl PySessionManager {
         // The stores first: a remote location holds the sessions' KV chunks too, beside them.
         let (store, remote_chunks) = native(py, |_| location.open_with_chunks())?;
         let prefix_cache = match (prefix_cache, &location, remote_chunks) {
+            // A cache given for remote sessions is their local tier, in front of the shared chunks.
+            (Some(local), Location::Url(_), Some(chunks)) if chunked => Some(Py::new(
+                py,
+                PyPrefixCache::tiered(py, local.get(), chunks)?,
+            )?),
             (Some(cache), _, _) => Some(cache),
             (None, Location::Directory(dir), _) if chunked => {
                 Some(Py::new(py, PyPrefixCache::in_dir(py, dir.join("chunks"))?)?)

@@ -65,6 +65,16 @@ impl PyPrefixCache {
         Ok(PyPrefixCache { inner })
     }
 
+    /// `local` as the local tier in front of the chunks of a remote store (see `PrefixCache::tiered`).
+    pub(crate) fn tiered(
+        py: Python<'_>,
+        local: &PyPrefixCache,
+        chunks: Arc<dyn SessionStore>,
+    ) -> PyResult<Self> {
+        let inner = native(py, |_| PrefixCache::tiered(&local.inner, chunks))?;
+        Ok(PyPrefixCache { inner })
+    }
+
     /// The cache of a SessionManager's chunked storage in a remote store (its KV chunks, shared by the
     /// workers): never evicted by a worker, since a chunk may be named by a session another worker saved.
     pub(crate) fn in_store(py: Python<'_>, chunks: Arc<dyn SessionStore>) -> PyResult<Self> {

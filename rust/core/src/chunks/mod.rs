@@ -20,7 +20,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use key::{ChunkKey, ChunkScope};
-pub use store::{CacheStats, ChunkStore, GcReport, MemoryChunkStore, StoreChunkStore};
+pub use store::{
+    CacheStats, ChunkStore, GcReport, MemoryChunkStore, StoreChunkStore, TieredChunkStore,
+};
 
 use crate::error::{Error, Result};
 
@@ -104,6 +106,20 @@ impl PrefixCache {
     ) -> Result<PrefixCache> {
         let store = StoreChunkStore::open(store, max_bytes)?;
         PrefixCache::new(Arc::new(store), chunk_tokens, namespace)
+    }
+
+    /// A cache of the chunks in the shared `store`, with `local` (its chunk length and namespace, and its
+    /// chunks) as a local tier in front of it ([`TieredChunkStore`]): chunks read from `store` are kept in
+    /// `local`, within its bound; `store` keeps every chunk.
+    pub fn tiered(
+        local: &PrefixCache,
+        store: Arc<dyn crate::store::SessionStore>,
+    ) -> Result<PrefixCache> {
+        let remote = StoreChunkStore::open(store, u64::MAX)?;
+        let tiers = TieredChunkStore::new(Arc::clone(&local.store), Arc::new(remote));
+        let mut cache = PrefixCache::new(Arc::new(tiers), local.chunk_tokens, &local.namespace)?;
+        cache.dir = local.dir.clone();
+        Ok(cache)
     }
 
     /// The chunk store.

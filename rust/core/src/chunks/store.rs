@@ -487,6 +487,94 @@ impl ChunkStore for StoreChunkStore {
     }
 }
 
+/// A local tier in front of a shared store: chunks read from `remote` are kept in `local` (bounded, evicted
+/// least recently used first) once their bytes pass the integrity check, and chunks written go to both. The
+/// remote store is the truth: a chunk is content-addressed and never changes, so a local copy cannot be
+/// outdated, and a local copy that fails its check is removed and the chunk read from the remote store.
+/// Pins (chunks stored sessions name) apply to the remote store; the local tier evicts freely.
+#[derive(Debug)]
+pub struct TieredChunkStore {
+    local: Arc<dyn ChunkStore>,
+    remote: Arc<dyn ChunkStore>,
+}
+
+impl TieredChunkStore {
+    /// `local` in front of `remote`.
+    pub fn new(local: Arc<dyn ChunkStore>, remote: Arc<dyn ChunkStore>) -> TieredChunkStore {
+        TieredChunkStore { local, remote }
+    }
+}
+
+impl ChunkStore for TieredChunkStore {
+    fn get(&self, key: &ChunkKey, max_len: usize) -> Result<Option<Vec<u8>>> {
+        if let Some(bytes) = self.local.get(key, max_len)? {
+            if check_integrity(&bytes, key).is_ok() {
+                self.local.record_hit();
+                return Ok(Some(bytes));
+            }
+            // A local copy damaged since it was kept: dropped, and the chunk read again from the truth
+            // (the reader would otherwise end the restored chain here and decode the rest again).
+            self.local.remove_corrupt(key)?;
+        }
+        let fetched = self.remote.get(key, max_len)?;
+        if let Some(bytes) = &fetched {
+            // Only sound bytes are kept: a damaged remote value is left for the reader to reject and remove.
+            if check_integrity(bytes, key).is_ok() {
+                self.local.put(key, bytes)?;
+            }
+        }
+        Ok(fetched)
+    }
+
+    fn contains(&self, key: &ChunkKey) -> bool {
+        self.local.contains(key) || self.remote.contains(key)
+    }
+
+    fn put(&self, key: &ChunkKey, bytes: &[u8]) -> Result<()> {
+        self.remote.put(key, bytes)?;
+        self.local.put(key, bytes)
+    }
+
+    fn remove_corrupt(&self, key: &ChunkKey) -> Result<()> {
+        if self.local.contains(key) {
+            self.local.remove_corrupt(key)
+        } else {
+            self.remote.remove_corrupt(key)
+        }
+    }
+
+    fn record_hit(&self) {
+        self.remote.record_hit();
+    }
+
+    /// The shared store's counts (this process's lookups through the tiers).
+    fn stats(&self) -> CacheStats {
+        self.remote.stats()
+    }
+
+    /// The local tier's: the shared store is not this worker's to collect.
+    fn gc(&self) -> Result<GcReport> {
+        self.local.gc()
+    }
+
+    /// The local tier's: the shared store is not this worker's to clear.
+    fn clear(&self) -> Result<u64> {
+        self.local.clear()
+    }
+
+    fn pin(&self, keys: &[ChunkKey]) {
+        self.remote.pin(keys);
+    }
+
+    fn unpin(&self, keys: &[ChunkKey]) {
+        self.remote.unpin(keys);
+    }
+
+    fn is_persistent(&self) -> bool {
+        self.remote.is_persistent()
+    }
+}
+
 /// The directory of a chunk store's files, for messages.
 pub fn chunk_path(dir: &Path, key: &ChunkKey) -> PathBuf {
     dir.join(format!("{}{CHUNK_SUFFIX}", key.to_hex()))
