@@ -138,11 +138,25 @@ def save_and_load(model: Model, root: Path, runs: int) -> dict[str, Any]:
     }
 
 
-def replay(model: Model, root: Path, chats: int) -> dict[str, Any]:
+def replay_workload() -> tuple[list[str], list[str]]:
+    """The replay's three system prompts (about 1,000 to 1,700 tokens; the exact counts do not matter here,
+    they are recorded) and four documents."""
     words = long_text().split()
-    # About 1,000 to 1,700 tokens (the exact counts do not matter here; they are recorded).
     systems = [" ".join(words[start : start + n]) for start, n in ((1200, 480), (1800, 690), (2600, 900))]
     documents = [" ".join(words[3600 + 500 * d : 3600 + 500 * d + 380]) for d in range(4)]
+    return systems, documents
+
+
+def replay_chat(i: int, systems: list[str], documents: list[str]) -> tuple[str, str]:
+    """Chat ``i`` of the replay: its system prompt and its message (a document pasted into every other
+    one)."""
+    question = f"Question {i}: what does the text say about item {i * 7 % 101}?"
+    message = f"{documents[(i // 3) % 4]}\n\n{question}" if i % 2 == 0 else question
+    return systems[i % 3], message
+
+
+def replay(model: Model, root: Path, chats: int) -> dict[str, Any]:
+    systems, documents = replay_workload()
     directory = root / "replay"
     manager = SessionManager(model, directory, n_ctx=N_CTX, n_threads=THREADS, max_live=4)
     cache = manager.prefix_cache
@@ -150,9 +164,7 @@ def replay(model: Model, root: Path, chats: int) -> dict[str, Any]:
     decoded = held = 0
     started = time.perf_counter()
     for i in range(chats):
-        system = systems[i % 3]
-        question = f"Question {i}: what does the text say about item {i * 7 % 101}?"
-        message = f"{documents[(i // 3) % 4]}\n\n{question}" if i % 2 == 0 else question
+        system, message = replay_chat(i, systems, documents)
         manager.create_session(f"c{i}", system)
         manager.chat(f"c{i}", message, 8, temperature=0.0)
         stats = manager.load(f"c{i}").last_stats

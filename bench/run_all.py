@@ -854,6 +854,21 @@ def render_stores(r: dict[str, Any]) -> list[str]:
         rows,
         "rrrrrr",
     )
+    replay = r.get("replay")
+    if replay:
+        out += [
+            "",
+            "**Two workers, one Redis:** the replay of `bench/chunked_sessions.py`, "
+            f"{replay['chats']} one-turn chats (three system prompts, four documents pasted into half the "
+            "messages), chat i on worker i % 2, each "
+            f"worker a SessionManager on the Redis with a 256 MB local tier: {replay['chunk_hits']} of "
+            f"{replay['chunk_lookups']} chunk lookups hit ({replay['hit_rate']:.1%}; "
+            f"{replay['local_tier_hits']} from the local tiers), "
+            f"{replay['prompt_tokens_held'] - replay['prompt_tokens_decoded']:,} of "
+            f"{replay['prompt_tokens_held']:,} prompt tokens restored rather than decoded, "
+            f"{mb(replay['bytes_to_redis'])} MB sent to Redis and {mb(replay['bytes_from_redis'])} MB read "
+            f"from it, in {replay['seconds']:.0f} s.",
+        ]
     return [*out, "", busy_note(r), ""]
 
 

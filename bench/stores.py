@@ -7,20 +7,27 @@ the session's lease). Load: `load(id)` in a fresh manager, the session read, ver
 Both stores keep sessions whole (`storage="files"`), so the bytes moved are the same. Median of 5 runs
 after a warm-up.
 
-Run: python bench/stores.py
+Then the chunk store's replay of 200 one-turn chats (bench/chunked_sessions.py) on two workers (managers)
+sharing the Redis, chat i on worker i % 2, each with a local tier: chunk hit rate, prompt tokens restored
+rather than decoded, and the bytes sent to and read from Redis.
+
+Run: python bench/stores.py [--chats 200]
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import RUNS, THREADS, build_prompt, environment, summary, work_dir, write_result
-from llama_sessions import Context, Model, SessionManager, default_model_path
+from chunked_sessions import replay_chat, replay_workload
+from llama_sessions import Context, Model, PrefixCache, SessionManager, default_model_path
 
 SIZES = (500, 2000, 4000)
 N_CTX = 4096
@@ -77,7 +84,63 @@ def measure(model: Model, location: str, session: str, context: Context) -> dict
     return {"save": summary(saves), "load": summary(loads[1:]), "bytes": size}
 
 
+def redis_traffic(redis_url: str) -> dict[str, int]:
+    """Bytes the Redis server has received and sent since it started (INFO stats)."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise SystemExit("stores.py needs redis-cli (Debian's redis-tools, which redis-server brings)")
+    info = subprocess.run([cli, "-u", redis_url, "INFO", "stats"], capture_output=True, text=True, check=True)
+    fields = dict(line.split(":", 1) for line in info.stdout.splitlines() if ":" in line)
+    return {"received": int(fields["total_net_input_bytes"]), "sent": int(fields["total_net_output_bytes"])}
+
+
+def replay_on_two_workers(model: Model, redis_url: str, root: Path, chats: int) -> dict[str, Any]:
+    """The chunk store's replay (bench/chunked_sessions.py) on two workers sharing one Redis, chat i on worker
+    i % 2, each worker with a local tier of 256 MB: chunk hits, prompt tokens restored rather than decoded,
+    and the bytes that went to and came from Redis."""
+    systems, documents = replay_workload()
+    locals_ = [PrefixCache(root / f"local-{w}", max_bytes=256 * 2**20) for w in range(2)]
+    workers = [
+        SessionManager(model, redis_url, n_ctx=N_CTX, n_threads=THREADS, max_live=4, prefix_cache=local)
+        for local in locals_
+    ]
+    before = redis_traffic(redis_url)
+    decoded = held = 0
+    started = time.perf_counter()
+    for i in range(chats):
+        worker = workers[i % 2]
+        system, message = replay_chat(i, systems, documents)
+        worker.create_session(f"c{i}", system)
+        worker.chat(f"c{i}", message, 8, temperature=0.0)
+        stats = worker.load(f"c{i}").last_stats
+        assert stats is not None
+        decoded += stats.prompt_tokens
+        held += stats.context_tokens
+    seconds = time.perf_counter() - started
+    after = redis_traffic(redis_url)
+    shared = [w.prefix_cache.stats() for w in workers if w.prefix_cache is not None]
+    local = [cache.stats() for cache in locals_]
+    hits = sum(s["hits"] for s in shared)
+    lookups = hits + sum(s["misses"] for s in shared)
+    return {
+        "chats": chats,
+        "seconds": seconds,
+        "chunk_hits": hits,
+        "chunk_lookups": lookups,
+        "hit_rate": hits / lookups if lookups else 0.0,
+        "local_tier_hits": sum(s["hits"] for s in local),
+        "prompt_tokens_held": held,
+        "prompt_tokens_decoded": decoded,
+        "bytes_to_redis": after["received"] - before["received"],
+        "bytes_from_redis": after["sent"] - before["sent"],
+        "manager_stats": [w.stats for w in workers],
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chats", type=int, default=200, help="chats of the two-worker replay")
+    args = parser.parse_args()
     env = environment()
     model = Model.load(default_model_path())
     redis, redis_url = start_redis()
@@ -93,12 +156,20 @@ def main() -> None:
                 row[name] = measure(model, location, f"s{n}", context)
             print(row, flush=True)
             rows.append(row)
+        replayed = replay_on_two_workers(model, redis_url, root / "replay", args.chats)
+        print(replayed, flush=True)
     finally:
         redis.kill()
         redis.wait()
     write_result(
         "stores",
-        {"environment": env, "command": COMMAND, "config": {"n_ctx": N_CTX, "runs": RUNS}, "rows": rows},
+        {
+            "environment": env,
+            "command": COMMAND,
+            "config": {"n_ctx": N_CTX, "runs": RUNS},
+            "rows": rows,
+            "replay": replayed,
+        },
     )
 
 
