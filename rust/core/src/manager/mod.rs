@@ -690,7 +690,8 @@ impl SessionManager {
     fn outdated_and_unchanged(&self, session: &ManagedSession) -> Result<bool> {
         let stored = stored_version(self.store.as_ref(), &session.id)?;
         let record = lock(&session.record);
-        if stored == Some(record.stored_version()) {
+        // Version 0: the stored bytes are damaged. The live copy stays, and its next save repairs them.
+        if stored == Some(record.stored_version()) || stored == Some(0) {
             return Ok(false);
         }
         let context = lock(&session.context);
