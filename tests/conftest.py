@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -128,19 +129,27 @@ def run_cli(*args: str, model_path: pathlib.Path) -> subprocess.CompletedProcess
     )
 
 
-@pytest.fixture
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``redis-server`` on loopback for one test (installed by scripts/common.sh), as a store URL."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def running_redis(workdir: pathlib.Path, *tls: str) -> Iterator[int]:
+    """A real ``redis-server`` on loopback (installed by scripts/common.sh), with the ``tls`` options given
+    (then its port is the TLS port and it has no plain one); yields the port."""
     import socket
     import time
 
     executable = require_tool("redis-server", "the Redis session store's tests run a real server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    ports = ["--port", "0", "--tls-port", str(port), *tls] if tls else ["--port", str(port)]
     server = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [executable, *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -150,6 +159,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+                    if tls:
+                        break
                     connection.sendall(b"PING\r\n")
                     if connection.recv(16).startswith(b"+PONG"):
                         break
@@ -157,7 +168,145 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield port
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.fixture
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` on loopback for one test (installed by scripts/common.sh), as a store URL."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture
+def rediss_url(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real ``redis-server`` on loopback that speaks only TLS, with a certificate from a test authority
+    that ``SSL_CERT_FILE`` names (as a user names their own), as a ``rediss://`` store URL."""
+    workdir = tmp_path_factory.mktemp("rediss")
+    authority, certificate, key = write_test_certificates(workdir)
+    monkeypatch.setenv("SSL_CERT_FILE", str(authority))
+    tls = [
+        "--tls-cert-file",
+        str(certificate),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(authority),
+    ]
+    with running_redis(workdir, *tls, "--tls-auth-clients", "no") as port:
+        yield f"rediss://127.0.0.1:{port}/0"
+
+
+def write_test_certificates(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """A certificate authority, and a server certificate for 127.0.0.1 and localhost that it signed, with
+    its key: PEM files (authority, certificate, key) in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
+
+    def build(subject: str, issuer: str, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid[0])
+            .not_valid_after(valid[1])
+        )
+
+    authority_key = ec.generate_private_key(ec.SECP256R1())
+    authority = (
+        build("llama-sessions test authority", "llama-sessions test authority", authority_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(authority_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = (
+        build("localhost", "llama-sessions test authority", server_key.public_key())
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(authority_key, hashes.SHA256())
+    )
+    paths = (directory / "authority.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(authority.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+#: Where tests/s3_server.py serves, once per test session: (endpoint, bucket).
+S3_BUCKET = "sessions"
+S3_CREDENTIALS = "region=us-east-1&access_key_id=test&secret_access_key=test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server on loopback for the test session (moto's, installed by the test extra; see
+    tests/s3_server.py), with the bucket ``S3_BUCKET``; yields its endpoint."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError as e:
+        fail_in_ci_or_skip(f"moto is not installed ({e}); pip install '.[test]' installs it")
+    port = free_port()
+    script = pathlib.Path(__file__).with_name("s3_server.py")
+    server = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--bucket", S3_BUCKET],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().startswith("ready"), (
+            "moto did not start"
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A store URL in the test S3 bucket, under a prefix of this test's own (endpoint and credentials as
+    options in the URL, so that worker processes need no environment)."""
+    import uuid
+
+    prefix = f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
+    return f"s3://{S3_BUCKET}/{prefix}?endpoint={s3_endpoint}&allow_http=true&{S3_CREDENTIALS}"
+
+
+@pytest.fixture(params=["redis", "s3"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """Each remote store in turn: a Redis server, then an S3 bucket."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url

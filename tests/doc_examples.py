@@ -38,6 +38,7 @@ SKIPPED_COMMANDS = {
     "maturin build": "builds a wheel (minutes)",
     "-m venv": "creates the benchmarks' environment",
     "pip install": "installs llama-cpp-python for the benchmarks, or the server's extra (minutes)",
+    "tests/s3_server.py": "runs an S3 server until stopped: the tests start it on a free port",
     "llama-sessions serve": "runs until stopped: tests/test_docs_server.py starts the server and runs the "
     "page's other blocks against it",
 }

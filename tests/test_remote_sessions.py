@@ -1,10 +1,12 @@
-"""Sessions in Redis: SessionManager and the server on a real ``redis-server`` started on loopback, several
-workers (processes) sharing it."""
+"""Sessions in remote stores: SessionManager and the server on a real ``redis-server`` (plain and TLS) and a
+real S3 API server, started on loopback, several workers (processes) sharing each. Tests taking
+``store_url`` run once on each store."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ from llama_sessions import (
 )
 from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer
 
-from conftest import assert_same_output, require_tool
+from conftest import S3_BUCKET, assert_same_output, require_tool
 from server_process import running_server
 
 WORKER = pathlib.Path(__file__).with_name("manager_worker.py")
@@ -33,9 +35,18 @@ SYS = "You are a helpful assistant who answers in one sentence."
 QUESTIONS = ["Name a color.", "Name an animal.", "Name a city."]
 
 
-def open_manager(model: Model, location: str, *, autosave: bool = True) -> SessionManager:
+def open_manager(
+    model: Model, location: str, *, autosave: bool = True, prefix_cache: PrefixCache | None = None
+) -> SessionManager:
     return SessionManager(
-        model, location, autosave=autosave, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=N_THREADS, max_live=4
+        model,
+        location,
+        autosave=autosave,
+        n_ctx=N_CTX,
+        n_batch=N_BATCH,
+        n_threads=N_THREADS,
+        max_live=4,
+        prefix_cache=prefix_cache,
     )
 
 
@@ -49,22 +60,22 @@ def run_worker(*args: str) -> dict[str, Any]:
 
 
 def test_a_conversation_continues_in_another_process_as_if_it_had_stayed(
-    model: Model, model_path: pathlib.Path, redis_url: str, tmp_path: pathlib.Path
+    model: Model, model_path: pathlib.Path, store_url: str, tmp_path: pathlib.Path
 ) -> None:
     # The reference stays in one manager, on a local directory.
     alone = open_manager(model, str(tmp_path / "alone"))
     alone.create_session("u", SYS)
     answers = [alone.chat("u", q, 8, temperature=0) for q in QUESTIONS]
 
-    worker_a = open_manager(model, redis_url)
+    worker_a = open_manager(model, store_url)
     assert worker_a.session_dir is None
-    assert worker_a.location == redis_url
+    assert worker_a.location == store_url.split("?")[0]
     assert worker_a.storage == "chunks"
     assert worker_a.prefix_cache is not None and worker_a.prefix_cache.path is None
     worker_a.create_session("u", SYS)
     assert [worker_a.chat("u", q, 8, temperature=0) for q in QUESTIONS[:2]] == answers[:2]
 
-    resumed = run_worker("chat", str(model_path), redis_url, "u", QUESTIONS[2])
+    resumed = run_worker("chat", str(model_path), store_url, "u", QUESTIONS[2])
     assert resumed["history_before"] == alone.history("u")[:4]
     assert_same_output(resumed["text"], answers[2])
     assert resumed["tokens"] == alone.load("u").tokens
@@ -74,26 +85,26 @@ def test_a_conversation_continues_in_another_process_as_if_it_had_stayed(
     # version, as if the conversation had never left it.
     fourth = worker_a.chat("u", "Name a fruit.", 8, temperature=0)
     assert_same_output(fourth, alone.chat("u", "Name a fruit.", 8, temperature=0))
-    fresh = open_manager(model, redis_url)
+    fresh = open_manager(model, store_url)
     assert fresh.history("u") == alone.history("u")
     assert fresh.load("u").tokens == alone.load("u").tokens
-    assert [s.id for s in list_sessions(redis_url)] == ["u"]
+    assert [s.id for s in list_sessions(store_url)] == ["u"]
     cli = [sys.executable, "-m", "llama_sessions", "sessions"]
-    listed = subprocess.run([*cli, "list", "--dir", redis_url], capture_output=True, text=True, check=True)
+    listed = subprocess.run([*cli, "list", "--dir", store_url], capture_output=True, text=True, check=True)
     assert listed.stdout.splitlines()[1].split()[:3] == ["u", str(len(alone.load("u").tokens)), "8"]
-    subprocess.run([*cli, "delete", "u", "--dir", redis_url], capture_output=True, text=True, check=True)
-    assert list_sessions(redis_url) == []
+    subprocess.run([*cli, "delete", "u", "--dir", store_url], capture_output=True, text=True, check=True)
+    assert list_sessions(store_url) == []
     with pytest.raises(SessionNotFoundError):
-        delete_session(redis_url, "u")
+        delete_session(store_url, "u")
 
 
-def test_workers_share_the_kv_chunks_of_what_their_sessions_share(model: Model, redis_url: str) -> None:
+def test_workers_share_the_kv_chunks_of_what_their_sessions_share(model: Model, store_url: str) -> None:
     """A long system prompt one worker computed is restored by another from the chunks in Redis, and each
     session restores byte for byte what it saved."""
     system = "You answer questions about a harbour. " + " ".join(
         f"Pier {i} is for boats of size {i}." for i in range(60)
     )
-    worker_a, worker_b = open_manager(model, redis_url), open_manager(model, redis_url)
+    worker_a, worker_b = open_manager(model, store_url), open_manager(model, store_url)
     worker_a.create_session("a", system)
     answer_a = worker_a.chat("a", "Which pier is for size 3?", 8, temperature=0)
     created = worker_b.create_session("b", system).last_stats
@@ -103,7 +114,7 @@ def test_workers_share_the_kv_chunks_of_what_their_sessions_share(model: Model, 
     assert created.prompt_tokens == created.context_tokens % 256
     assert worker_b.prefix_cache is not None and worker_b.prefix_cache.stats()["hits"] >= 2
     # A third worker continues session "a" exactly from its manifest and the shared chunks.
-    worker_c = open_manager(model, redis_url)
+    worker_c = open_manager(model, store_url)
     assert worker_c.load("a").tokens == worker_a.load("a").tokens
     assert worker_c.stats["recomputed_tokens"] == 0
     assert_same_output(
@@ -133,14 +144,7 @@ def test_a_local_tier_keeps_the_chunks_a_worker_read_and_the_remote_store_stays_
     assert len(remote_chunks) >= 2
 
     local_dir = tmp_path / "local-tier"
-    reader = SessionManager(
-        model,
-        redis_url,
-        n_ctx=N_CTX,
-        n_batch=N_BATCH,
-        n_threads=N_THREADS,
-        prefix_cache=PrefixCache(local_dir),
-    )
+    reader = open_manager(model, redis_url, prefix_cache=PrefixCache(local_dir))
     assert reader.prefix_cache is not None and reader.prefix_cache.path == local_dir
     assert reader.load("a").tokens == tokens
     local_files = sorted(p.name for p in local_dir.glob("*.kvchunk"))
@@ -149,27 +153,13 @@ def test_a_local_tier_keeps_the_chunks_a_worker_read_and_the_remote_store_stays_
     # A damaged local copy is dropped and read again from Redis: nothing is recomputed.
     damaged = local_dir / local_files[0]
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x00")
-    again = SessionManager(
-        model,
-        redis_url,
-        n_ctx=N_CTX,
-        n_batch=N_BATCH,
-        n_threads=N_THREADS,
-        prefix_cache=PrefixCache(local_dir),
-    )
+    again = open_manager(model, redis_url, prefix_cache=PrefixCache(local_dir))
     assert again.load("a").tokens == tokens
     assert again.stats["recomputed_tokens"] == 0
 
     # With the chunks gone from Redis, the local tier alone restores the session exactly.
     redis_cli(redis_url, "del", *remote_chunks)
-    local_only = SessionManager(
-        model,
-        redis_url,
-        n_ctx=N_CTX,
-        n_batch=N_BATCH,
-        n_threads=N_THREADS,
-        prefix_cache=PrefixCache(local_dir),
-    )
+    local_only = open_manager(model, redis_url, prefix_cache=PrefixCache(local_dir))
     assert local_only.load("a").tokens == tokens
     assert local_only.stats["recomputed_tokens"] == 0
     # Without it, a worker decodes those tokens again (never trusting what is missing).
@@ -179,11 +169,11 @@ def test_a_local_tier_keeps_the_chunks_a_worker_read_and_the_remote_store_stays_
 
 
 def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(
-    model: Model, model_path: pathlib.Path, redis_url: str
+    model: Model, model_path: pathlib.Path, store_url: str
 ) -> None:
     turns, seconds = 2, 60.0
-    open_manager(model, redis_url).create_session("shared", SYS)
-    command = [sys.executable, str(WORKER), "hammer", str(model_path), redis_url, "shared"]
+    open_manager(model, store_url).create_session("shared", SYS)
+    command = [sys.executable, str(WORKER), "hammer", str(model_path), store_url, "shared"]
     processes = [
         subprocess.Popen(
             [*command, f"p{i}", str(turns), str(seconds)],
@@ -199,7 +189,7 @@ def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(
     def thread(name: str) -> None:
         import time
 
-        results[name] = hammer(model, redis_url, "shared", name, turns, time.monotonic() + seconds)
+        results[name] = hammer(model, store_url, "shared", name, turns, time.monotonic() + seconds)
 
     try:
         for p in processes:
@@ -227,15 +217,15 @@ def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(
     saved = [message for result in results.values() for message in result["saved"]]
     assert len(saved) == len(set(saved)) == 4 * turns
     assert sum(result["conflicts"] for result in results.values()) >= 1, results
-    history = open_manager(model, redis_url).history("shared")
+    history = open_manager(model, store_url).history("shared")
     assert sorted(h["content"] for h in history[::2]) == sorted(saved)
     assert [h["role"] for h in history] == ["user", "assistant"] * len(saved)
 
 
 def test_a_worker_killed_mid_turn_leaves_the_last_acknowledged_turn(
-    model: Model, model_path: pathlib.Path, redis_url: str
+    model: Model, model_path: pathlib.Path, store_url: str
 ) -> None:
-    manager = open_manager(model, redis_url)
+    manager = open_manager(model, store_url)
     manager.create_session("k", SYS)
     answer = manager.chat("k", QUESTIONS[0], 8, temperature=0)
     acknowledged = manager.history("k")
@@ -249,14 +239,14 @@ def test_a_worker_killed_mid_turn_leaves_the_last_acknowledged_turn(
         "    pass\n"
     )
     worker = subprocess.Popen(
-        [sys.executable, "-c", script, str(model_path), redis_url], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, str(model_path), store_url], stdout=subprocess.PIPE, text=True
     )
     try:
         assert worker.stdout is not None and worker.stdout.readline() != ""
     finally:
         worker.kill()
         worker.wait()
-    after = open_manager(model, redis_url)
+    after = open_manager(model, store_url)
     assert (
         after.history("k")
         == acknowledged
@@ -278,19 +268,32 @@ def test_an_unreachable_or_unsupported_store_is_a_typed_error(model: Model) -> N
         SessionManager(model, f"redis://:hunter2@127.0.0.1:{port}/0")
     assert isinstance(unreachable.value, ConnectionError)
     assert f"127.0.0.1:{port}" in str(unreachable.value) and "hunter2" not in str(unreachable.value)
-    with pytest.raises(InvalidParameterError, match="s3:// URL"):
-        SessionManager(model, "s3://bucket/prefix")
+    with pytest.raises(RemoteStoreError, match="cannot connect on s3://bucket/prefix: ") as no_s3:
+        SessionManager(
+            model,
+            f"s3://bucket/prefix?endpoint=http://127.0.0.1:{port}&allow_http=true&region=us-east-1"
+            "&access_key_id=AKIA&secret_access_key=hunter2",
+        )
+    assert "hunter2" not in str(no_s3.value)
+    for url, found in [
+        ("s3://bucket/p?colour=blue", 'found the unknown option "colour"'),
+        ("s3://AKIA:hunter2@bucket/p", "found credentials or a port before the bucket"),
+        ("ftp://host/dir", "found a ftp:// URL"),
+    ]:
+        with pytest.raises(InvalidParameterError, match=re.escape(found)) as refused:
+            SessionManager(model, url)
+        assert "hunter2" not in str(refused.value)
 
 
-def test_two_servers_on_one_redis_serve_one_conversation(
-    model_path: pathlib.Path, redis_url: str, tmp_path: pathlib.Path
+def test_two_servers_on_one_store_serve_one_conversation(
+    model_path: pathlib.Path, store_url: str, tmp_path: pathlib.Path
 ) -> None:
     """Two workers behind one endpoint: a conversation started on worker A continues on worker B, token
     for token as on one worker."""
     log = tmp_path / "servers.log"
     with (
-        running_server(redis_url, model_path, "--model-name", "m", log=log) as a,
-        running_server(redis_url, model_path, "--model-name", "m", log=log) as b,
+        running_server(store_url, model_path, "--model-name", "m", log=log) as a,
+        running_server(store_url, model_path, "--model-name", "m", log=log) as b,
     ):
         workers = {
             name: openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
@@ -314,3 +317,56 @@ def test_two_servers_on_one_redis_serve_one_conversation(
         assert_same_output(turn("b", "moved", second), turn("a", "stayed", second))
         status, session = b.json("GET", "/v1/sessions/moved")
         assert status == 200 and len(session["messages"]) == 5
+
+
+def test_sessions_travel_over_tls_to_a_server_whose_authority_ssl_cert_file_names(
+    model: Model, model_path: pathlib.Path, rediss_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = open_manager(model, rediss_url)
+    assert worker.location == rediss_url
+    worker.create_session("u", SYS)
+    first = worker.chat("u", QUESTIONS[0], 8, temperature=0)
+    resumed = run_worker("chat", str(model_path), rediss_url, "u", QUESTIONS[1])
+    assert resumed["history_before"] == [
+        {"role": "user", "content": QUESTIONS[0]},
+        {"role": "assistant", "content": first},
+    ]
+    assert_same_output(resumed["text"], worker.chat("u", QUESTIONS[1], 8, temperature=0))
+    # Without the authority, the server's certificate is refused: nothing is sent in the clear instead.
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(
+        RemoteStoreError, match=re.escape("cannot connect on rediss://127.0.0.1:")
+    ) as untrusted:
+        open_manager(model, rediss_url)
+    assert "certificate" in str(untrusted.value).lower()
+    with pytest.raises(RemoteStoreError):
+        open_manager(model, rediss_url.replace("rediss://", "redis://"))
+
+
+def test_an_s3_store_keeps_sessions_and_chunks_as_objects_under_its_prefix_and_no_lease_behind(
+    model: Model, s3_url: str, s3_endpoint: str
+) -> None:
+    import boto3
+
+    system = "You answer questions about a garden. " + " ".join(
+        f"Bed {i} grows plant {i}." for i in range(60)
+    )
+    manager = open_manager(model, s3_url)
+    manager.create_session("u v", system)
+    manager.chat("u v", QUESTIONS[0], 8, temperature=0)
+    prefix = s3_url.split("?")[0].removeprefix(f"s3://{S3_BUCKET}/")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    listed = s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=f"{prefix}/")
+    keys = [o["Key"].removeprefix(f"{prefix}/") for o in listed.get("Contents", [])]
+    assert "v/u v" in keys
+    chunks = [k for k in keys if k.startswith("c/")]
+    assert len(chunks) >= 1 and all(len(k) == len("c/") + 64 for k in chunks), chunks
+    assert sorted(keys) == sorted(["v/u v", *chunks])
+    # The session object is the manifest a worker loads: another manager restores it exactly.
+    assert open_manager(model, s3_url).load("u v").tokens == manager.load("u v").tokens

@@ -688,14 +688,18 @@ class SessionManager:
     ``params`` changed by the overrides. At most ``max_live`` sessions stay loaded (a session leaving
     memory is saved first if it changed, with or without autosave).
 
-    ``session_dir`` may also be a store URL: ``"redis://[:PASSWORD@]HOST[:PORT][/DB]"`` keeps the sessions
-    in Redis (or Valkey), shared by every worker that opens the same URL: a session's lock is a lease that
-    runs out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
+    ``session_dir`` may also be a store URL shared by every worker that opens it:
+    ``"redis://[:PASSWORD@]HOST[:PORT][/DB]"`` (Redis or Valkey; ``rediss://`` over TLS, the server's
+    certificate checked against the system's authorities or those in ``$SSL_CERT_FILE``), or
+    ``"s3://BUCKET[/PREFIX][?OPTION=VALUE&...]"`` (S3-compatible object storage that supports conditional
+    writes; endpoint, region and credentials from the ``AWS_*`` environment variables or the URL's
+    options, such as ``endpoint``, ``region``, ``allow_http``). A session's lock there is a lease that runs
+    out after 30 seconds if its worker dies, and every save is version-checked under it (a lost race
     raises SessionConflictError and writes nothing). With ``storage="chunks"`` (the default) their KV
-    chunks are in the same Redis, shared by every worker and never evicted by one; a ``prefix_cache`` given
-    then is this worker's local tier in front of them (chunks read from Redis are kept there, within its
-    ``max_bytes``). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the server cannot be
-    reached.
+    chunks are in the same store, shared by every worker and never evicted by one; a ``prefix_cache``
+    given then is this worker's local tier in front of them (chunks read from the store are kept there,
+    within its ``max_bytes``). ``"file://DIR"`` is the directory DIR. RemoteStoreError when the store
+    cannot be reached; InvalidParameterError for a URL that is not one.
 
     ``autosave`` (default True): every turn that changes a session (chat, stream_chat once the stream
     ends, revert, trim_history) saves it before returning. With ``autosave=False`` sessions are saved by
@@ -760,7 +764,7 @@ class SessionManager:
         """The directory of the session files; None for a remote store (see ``location``)."""
     @property
     def location(self) -> str:
-        """Where the sessions are: the directory, or the remote store's URL without its password."""
+        """Where the sessions are: the directory, or the remote store's URL (no password, no options)."""
     @property
     def params(self) -> ContextParams:
         """The parameters of every session's context."""

@@ -31,6 +31,7 @@ pub mod manager;
 mod model;
 mod params;
 pub mod redis_store;
+pub mod s3_store;
 mod sampling;
 mod session;
 pub mod session_format;
@@ -56,6 +57,7 @@ pub use manager::{
 pub use model::{ChatMessage, MemoryKind, Model, ModelParams};
 pub use params::{default_threads, ContextParams, KvType, MAX_SEQUENCES};
 pub use redis_store::RedisStore;
+pub use s3_store::S3Store;
 pub use sampling::{SamplingParams, DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 pub use session::{
     inspect_session, inspect_session_bytes, params_from_record, Loaded, Metadata, SessionFormat,

@@ -44,7 +44,9 @@ end
 return redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 ";
 
-/// A [`SessionStore`] in a Redis database: `redis://[:PASSWORD@]HOST[:PORT][/DB]`.
+/// A [`SessionStore`] in a Redis database: `redis://[:PASSWORD@]HOST[:PORT][/DB]`, or `rediss://...` over
+/// TLS (the server's certificate checked against the system's roots, or those in the file named by
+/// `SSL_CERT_FILE`).
 pub struct RedisStore {
     client: redis::Client,
     /// What the keys of this store's values start with after [`KEY_PREFIX`]: "v" (sessions) or "c" (KV
@@ -77,7 +79,12 @@ impl RedisStore {
             reason: e.to_string(),
         })?;
         let info = client.get_connection_info();
-        let name = format!("redis://{}/{}", info.addr(), info.redis_settings().db());
+        let scheme = if url.starts_with("rediss://") {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let name = format!("{scheme}://{}/{}", info.addr(), info.redis_settings().db());
         let store = RedisStore {
             client,
             values: "v",
@@ -168,7 +175,7 @@ impl RedisStore {
 }
 
 /// `url` without its password, for messages.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://{}", &url[..scheme], &url[at + 1..])
@@ -178,7 +185,7 @@ fn redact(url: &str) -> String {
 }
 
 /// A token no other lease holder has: this process, this moment and a counter, hashed.
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -325,8 +325,9 @@ mod tests {
     }
 }
 
-/// The store at `location`: `redis://[:PASSWORD@]HOST[:PORT][/DB]` (Redis or Valkey), `file://DIR`, or a
-/// plain path of a directory. [`Error::InvalidParameter`] for a scheme this build does not support.
+/// The store at `location`: `redis://[:PASSWORD@]HOST[:PORT][/DB]` or `rediss://...` (Redis or Valkey,
+/// `rediss` over TLS), `s3://BUCKET[/PREFIX][?OPTION=VALUE&...]` (S3-compatible object storage),
+/// `file://DIR`, or a plain path of a directory. [`Error::InvalidParameter`] for another scheme.
 pub fn open_store(location: &str) -> Result<std::sync::Arc<dyn SessionStore>> {
     Ok(open_store_with_chunks(location)?.0)
 }
@@ -341,15 +342,20 @@ pub fn open_store_with_chunks(
     Option<std::sync::Arc<dyn SessionStore>>,
 )> {
     match location.split_once("://") {
-        Some(("redis", _)) => {
+        Some(("redis" | "rediss", _)) => {
             let store = crate::RedisStore::open(location)?;
+            let chunks = store.chunks();
+            Ok((std::sync::Arc::new(store), Some(std::sync::Arc::new(chunks))))
+        }
+        Some(("s3", _)) => {
+            let store = crate::S3Store::open(location)?;
             let chunks = store.chunks();
             Ok((std::sync::Arc::new(store), Some(std::sync::Arc::new(chunks))))
         }
         Some(("file", dir)) => Ok((std::sync::Arc::new(DirectoryStore::open(dir)?), None)),
         Some((scheme, _)) => Err(Error::invalid(
             "session_dir",
-            "a directory, file://DIR or redis://HOST:PORT/DB (rediss:// and s3:// are not supported yet)",
+            "a directory, file://DIR, redis://HOST:PORT/DB, rediss://HOST:PORT/DB or s3://BUCKET/PREFIX",
             format!("a {scheme}:// URL"),
         )),
         None => Ok((std::sync::Arc::new(DirectoryStore::open(location)?), None)),

@@ -1,5 +1,8 @@
 //! Shared setup: the real test model, loaded once per test binary.
 
+#[allow(dead_code)]
+pub mod remote;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

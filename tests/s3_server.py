@@ -1,0 +1,78 @@
+"""An S3 API server on loopback for the tests (Python's and the Rust core's): moto's, in server mode.
+
+Why moto: it is on PyPI (so the project's setup installs it with the test extra, like every other test
+dependency), it runs here without a network or a container, and it implements the conditional writes the
+store relies on (``If-None-Match: *`` and ``If-Match: <ETag>`` on PutObject, answering 412). MinIO is
+not packaged for Debian or PyPI; the S3 server crates on crates.io implement less of the API.
+
+One change to moto's own ``moto_server``: requests are handled one at a time (a lock around the
+application), because moto checks a precondition and then writes without a lock between them, where
+Amazon S3 does both atomically. Connections are still served by threads, so a client's keep-alive
+connection never blocks another's.
+
+    python tests/s3_server.py --port 9000 --bucket sessions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import make_server
+from werkzeug.test import Client
+
+#: The path that answers the bytes received and sent so far, for the benchmarks (not an S3 request).
+TRAFFIC_PATH = "/_llama_sessions_traffic"
+
+
+def serialized(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """``app``, answering one request at a time (its whole response computed under one lock), counting the
+    bytes of the requests' and responses' bodies."""
+    lock = threading.Lock()
+    traffic = {"received": 0, "sent": 0, "requests": 0}
+
+    def handle(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with lock:
+            if environ.get("PATH_INFO") == TRAFFIC_PATH:
+                start_response("200 OK", [("Content-Type", "application/json")])
+                return [json.dumps(traffic).encode()]
+            body = list(app(environ, start_response))
+            traffic["requests"] += 1
+            traffic["received"] += int(environ.get("CONTENT_LENGTH") or 0)
+            traffic["sent"] += sum(len(chunk) for chunk in body)
+            return body
+
+    return handle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bucket", action="append", default=[], help="a bucket to create (repeatable)")
+    args = parser.parse_args()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    os.environ.setdefault("MOTO_PORT", str(args.port))
+    app = serialized(DomainDispatcherApplication(create_backend_app))
+    client = Client(app)
+    for bucket in args.bucket:
+        created = client.put(f"/{bucket}", headers={"Host": f"{args.host}:{args.port}"})
+        if created.status_code != 200:
+            raise SystemExit(f"cannot create bucket {bucket!r}: {created.status_code} {created.get_data()!r}")
+    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    print(f"ready on http://{args.host}:{args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
