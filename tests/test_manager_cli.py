@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from llama_sessions import list_sessions
+from llama_sessions import Context, Model, list_sessions
 
 from conftest import run_cli
 
@@ -73,3 +73,22 @@ def test_sessions_rejects_hostile_ids(tmp_path: pathlib.Path, model_path: pathli
     listed = run_cli("sessions", "list", "--dir", str(tmp_path), model_path=model_path)
     assert listed.returncode == 0
     assert "x                        unreadable: " in listed.stdout
+
+
+def test_a_header_larger_than_the_first_read_is_listed_whole(tmp_path: pathlib.Path, model: Model) -> None:
+    """Reading a stored header takes one read of 16 KiB, and a second one only for a larger header: a session
+    whose metadata alone is 40 KB is listed with all of it, and one of a few hundred bytes too."""
+    ctx = Context(model, n_ctx=256)
+    ctx.generate("Hello there.", max_tokens=0)
+    notes = "n" * 40_000
+    (tmp_path / "sessions").mkdir()
+    ctx.save_session(tmp_path / "sessions" / "big.session", metadata={"notes": notes})
+    ctx.save_session(tmp_path / "sessions" / "small.session", metadata={"notes": "short"})
+    big, small = list_sessions(tmp_path / "sessions")
+    assert (big.id, big.error, big.token_count, big.metadata) == (
+        "big",
+        None,
+        len(ctx.tokens),
+        {"notes": notes},
+    )
+    assert (small.id, small.error, small.metadata) == ("small", None, {"notes": "short"})

@@ -329,14 +329,22 @@ pub fn list_stored_sessions(store: &dyn SessionStore) -> Result<Vec<ListedSessio
     Ok(out)
 }
 
+/// How much of a session the first read of its header takes: the prelude and, for all but sessions with a
+/// long history, the whole header, so that reading a header (before every turn, on a remote store a
+/// request) is one read, not two.
+const HEADER_FIRST_READ: usize = 16 * 1024;
+
 pub(super) fn read_stored_header(store: &dyn SessionStore, key: &str) -> Result<SessionHeader> {
     let origin = store
         .location(key)
         .map_or_else(|| key.to_owned(), |p| p.display().to_string());
-    let prelude = store
-        .get_prefix(key, format::PRELUDE_LEN)?
+    let first = store
+        .get_prefix(key, HEADER_FIRST_READ.max(format::PRELUDE_LEN))?
         .ok_or_else(|| Error::SessionNotFound { id: key.to_owned() })?;
-    let end = format::header_end(&prelude, &origin)?;
+    let end = format::header_end(&first, &origin)?;
+    if end <= first.len() {
+        return format::read_header(&first, &origin);
+    }
     let prefix = store.get_prefix(key, end)?.unwrap_or_default();
     format::read_header(&prefix, &origin)
 }
