@@ -826,48 +826,63 @@ def render_server(r: dict[str, Any]) -> list[str]:
 
 def render_stores(r: dict[str, Any]) -> list[str]:
     out = [
-        "## 12. Session stores: a local directory and Redis",
+        "## 12. Session stores: a local directory, Redis and S3",
         "",
         f"`{r['command']}`: a Context that read N tokens (f16, n_ctx {r['config']['n_ctx']}) saved with "
-        "`SessionManager.save(id, context)` (version-checked, atomic: a file with fsync, or a Redis string "
-        "written under the session's lease) and loaded with `load(id)` in a fresh manager (read, verified, "
-        "restored), through a manager on a directory and one on Redis (a `redis-server` on loopback, started "
-        f"by the script); both store sessions whole. Medians of {r['config']['runs']} runs after a warm-up, "
-        "ms.",
+        "`SessionManager.save(id, context)` (version-checked, atomic: a file with fsync, a Redis string "
+        "written under the session's lease, or an S3 object replaced only if its ETag is still the one read) "
+        "and loaded with `load(id)` in a fresh manager (read, verified, restored), through a manager on a "
+        "directory, one on Redis (a `redis-server` on loopback) and one on S3 (moto's S3 server on loopback, "
+        "`tests/s3_server.py`: an in-memory Python server, so its column shows what the protocol costs on "
+        "this machine, not a cloud's latency), each started by the script; all store sessions whole. "
+        f"Medians of {r['config']['runs']} runs after a warm-up, ms.",
         "",
     ]
     rows = []
     for x in r["rows"]:
-        d, k = x["directory"], x["redis"]
+        d, k, s3 = x["directory"], x["redis"], x["s3"]
         rows.append(
             [
                 str(x["tokens"]),
                 mb(d["bytes"]),
                 ms(d["save"]["median"]),
                 ms(k["save"]["median"]),
+                ms(s3["save"]["median"]),
                 ms(d["load"]["median"]),
                 ms(k["load"]["median"]),
+                ms(s3["load"]["median"]),
             ]
         )
     out += table(
-        ["tokens", "session MB", "save, directory", "save, Redis", "load, directory", "load, Redis"],
+        [
+            "tokens",
+            "session MB",
+            "save, directory",
+            "save, Redis",
+            "save, S3",
+            "load, directory",
+            "load, Redis",
+            "load, S3",
+        ],
         rows,
-        "rrrrrr",
+        "rrrrrrrr",
     )
-    replay = r.get("replay")
-    if replay:
+    for name, title in (("redis", "Redis"), ("s3", "S3")):
+        replay = r["replays"].get(name)
+        if not replay:
+            continue
         out += [
             "",
-            "**Two workers, one Redis:** the replay of `bench/chunked_sessions.py`, "
+            f"**Two workers, one {title}:** the replay of `bench/chunked_sessions.py`, "
             f"{replay['chats']} one-turn chats (three system prompts, four documents pasted into half the "
             "messages), chat i on worker i % 2, each "
-            f"worker a SessionManager on the Redis with a 256 MB local tier: {replay['chunk_hits']} of "
+            f"worker a SessionManager on the store with a 256 MB local tier: {replay['chunk_hits']} of "
             f"{replay['chunk_lookups']} chunk lookups hit ({replay['hit_rate']:.1%}; "
             f"{replay['local_tier_hits']} from the local tiers), "
             f"{replay['prompt_tokens_held'] - replay['prompt_tokens_decoded']:,} of "
             f"{replay['prompt_tokens_held']:,} prompt tokens restored rather than decoded, "
-            f"{mb(replay['bytes_to_redis'])} MB sent to Redis and {mb(replay['bytes_from_redis'])} MB read "
-            f"from it, in {replay['seconds']:.0f} s.",
+            f"{mb(replay['bytes_to_store'])} MB sent to the store and {mb(replay['bytes_from_store'])} MB "
+            f"read from it, in {replay['seconds']:.0f} s.",
         ]
     return [*out, "", busy_note(r), ""]
 
@@ -894,6 +909,12 @@ def render_breakdown(r: dict[str, Any]) -> list[str]:
     return [*out, busy_note(r), ""]
 
 
+def machine_cpu(result: dict[str, Any]) -> str:
+    """The CPU a result was measured on: its model and SIMD flags."""
+    m = result["environment"]["machine"]
+    return f"{m['cpu_model']} ({', '.join(m['cpu_flags'])})"
+
+
 def render(results: dict[str, Any]) -> str:
     lines = ["# Benchmarks", ""]
     ours = {k: r for k, r in results.items() if k in MODULES and "environment" in r}
@@ -909,6 +930,15 @@ def render(results: dict[str, Any]) -> str:
             "",
         ]
     if any_result:
+        main_cpu = machine_cpu(any_result)
+        elsewhere = {k: machine_cpu(r) for k, r in ours.items() if machine_cpu(r) != main_cpu}
+        if elsewhere:
+            lines += [
+                "**Warning: some results come from another machine** than the one described below ("
+                + ", ".join(f"{k}: {cpu}" for k, cpu in elsewhere.items())
+                + "): compare their figures with each other, not with other sections'.",
+                "",
+            ]
         env = any_result["environment"]
         m, v, b = env["machine"], dict(env["versions"]), env["build_flags"]
         # The version of the bench environment's llama-cpp-python, from any run that found it.

@@ -1,15 +1,18 @@
 """Session stores: save and load of 500, 2,000 and 4,000-token sessions through a SessionManager on a local
-directory and on Redis (a real `redis-server` on loopback, started here).
+directory, on Redis (a real `redis-server` on loopback, started here) and on S3 (moto's S3 server on
+loopback, tests/s3_server.py, started here: an in-memory Python server, so its figures show the protocol's
+cost on this machine, not a cloud's latency).
 
 Each session is a Context that read a prompt of N tokens (f16 KV cache, n_ctx 4096). Save: `save(id,
 context)`, a version-checked atomic write of the whole session (a file with fsync, or a Redis string under
-the session's lease). Load: `load(id)` in a fresh manager, the session read, verified and restored.
+the session's lease, or an S3 object replaced only if its ETag is still the one read). Load: `load(id)` in a
+fresh manager, the session read, verified and restored.
 Both stores keep sessions whole (`storage="files"`), so the bytes moved are the same. Median of 5 runs
 after a warm-up.
 
 Then the chunk store's replay of 200 one-turn chats (bench/chunked_sessions.py) on two workers (managers)
-sharing the Redis, chat i on worker i % 2, each with a local tier: chunk hit rate, prompt tokens restored
-rather than decoded, and the bytes sent to and read from Redis.
+sharing the Redis, then the S3 bucket, chat i on worker i % 2, each with a local tier: chunk hit rate,
+prompt tokens restored rather than decoded, and the bytes sent to and read from the store.
 
 Run: python bench/stores.py [--chats 200]
 """
@@ -17,13 +20,16 @@ Run: python bench/stores.py [--chats 200]
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from _common import RUNS, THREADS, build_prompt, environment, summary, work_dir, write_result
 from chunked_sessions import replay_chat, replay_workload
@@ -61,6 +67,34 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.05)
 
 
+S3_SERVER = Path(__file__).resolve().parent.parent / "tests" / "s3_server.py"
+
+
+def start_s3() -> tuple[subprocess.Popen[str], str, str]:
+    """moto's S3 server on loopback with the bucket "bench": the process, a store URL and the endpoint."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(S3_SERVER), "--port", str(port), "--bucket", "bench"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    if not server.stdout.readline().startswith("ready"):
+        raise SystemExit("the S3 server did not start (pip install '.[test]' installs moto)")
+    endpoint = f"http://127.0.0.1:{port}"
+    options = "allow_http=true&region=us-east-1&access_key_id=bench&secret_access_key=bench"
+    return server, f"s3://bench/stores?endpoint={endpoint}&{options}", endpoint
+
+
+def s3_traffic(endpoint: str) -> dict[str, int]:
+    """Bytes of request and response bodies the S3 server has seen since it started."""
+    with urllib.request.urlopen(f"{endpoint}/_llama_sessions_traffic") as answer:
+        counted: dict[str, int] = json.load(answer)
+    return counted
+
+
 def manager(model: Model, location: str) -> SessionManager:
     return SessionManager(model, location, n_ctx=N_CTX, n_threads=THREADS, storage="files", max_live=2)
 
@@ -94,17 +128,19 @@ def redis_traffic(redis_url: str) -> dict[str, int]:
     return {"received": int(fields["total_net_input_bytes"]), "sent": int(fields["total_net_output_bytes"])}
 
 
-def replay_on_two_workers(model: Model, redis_url: str, root: Path, chats: int) -> dict[str, Any]:
-    """The chunk store's replay (bench/chunked_sessions.py) on two workers sharing one Redis, chat i on worker
-    i % 2, each worker with a local tier of 256 MB: chunk hits, prompt tokens restored rather than decoded,
-    and the bytes that went to and came from Redis."""
+def replay_on_two_workers(
+    model: Model, location: str, traffic: Callable[[], dict[str, int]], root: Path, chats: int
+) -> dict[str, Any]:
+    """The chunk store's replay (bench/chunked_sessions.py) on two workers sharing one store, chat i on
+    worker i % 2, each worker with a local tier of 256 MB: chunk hits, prompt tokens restored rather than
+    decoded, and the bytes that went to and came from the store."""
     systems, documents = replay_workload()
     locals_ = [PrefixCache(root / f"local-{w}", max_bytes=256 * 2**20) for w in range(2)]
     workers = [
-        SessionManager(model, redis_url, n_ctx=N_CTX, n_threads=THREADS, max_live=4, prefix_cache=local)
+        SessionManager(model, location, n_ctx=N_CTX, n_threads=THREADS, max_live=4, prefix_cache=local)
         for local in locals_
     ]
-    before = redis_traffic(redis_url)
+    before = traffic()
     decoded = held = 0
     started = time.perf_counter()
     for i in range(chats):
@@ -117,7 +153,7 @@ def replay_on_two_workers(model: Model, redis_url: str, root: Path, chats: int) 
         decoded += stats.prompt_tokens
         held += stats.context_tokens
     seconds = time.perf_counter() - started
-    after = redis_traffic(redis_url)
+    after = traffic()
     shared = [w.prefix_cache.stats() for w in workers if w.prefix_cache is not None]
     local = [cache.stats() for cache in locals_]
     hits = sum(s["hits"] for s in shared)
@@ -131,8 +167,8 @@ def replay_on_two_workers(model: Model, redis_url: str, root: Path, chats: int) 
         "local_tier_hits": sum(s["hits"] for s in local),
         "prompt_tokens_held": held,
         "prompt_tokens_decoded": decoded,
-        "bytes_to_redis": after["received"] - before["received"],
-        "bytes_from_redis": after["sent"] - before["sent"],
+        "bytes_to_store": after["received"] - before["received"],
+        "bytes_from_store": after["sent"] - before["sent"],
         "manager_stats": [w.stats for w in workers],
     }
 
@@ -144,23 +180,37 @@ def main() -> None:
     env = environment()
     model = Model.load(default_model_path())
     redis, redis_url = start_redis()
+    s3, s3_url, s3_endpoint = start_s3()
     root = work_dir() / "stores"
     shutil.rmtree(root, ignore_errors=True)
     rows = []
+    replays = {}
     try:
         for n in SIZES:
             context = Context(model, n_ctx=N_CTX, n_threads=THREADS)
             context.generate(build_prompt(model, n), max_tokens=0)
             row: dict[str, Any] = {"tokens": len(context.tokens)}
-            for name, location in (("directory", str(root / "sessions")), ("redis", redis_url)):
+            for name, location in (
+                ("directory", str(root / "sessions")),
+                ("redis", redis_url),
+                ("s3", s3_url),
+            ):
                 row[name] = measure(model, location, f"s{n}", context)
             print(row, flush=True)
             rows.append(row)
-        replayed = replay_on_two_workers(model, redis_url, root / "replay", args.chats)
-        print(replayed, flush=True)
+        stores: dict[str, tuple[str, Callable[[], dict[str, int]]]] = {
+            "redis": (redis_url, lambda: redis_traffic(redis_url)),
+            "s3": (s3_url.replace("/stores?", "/replay?"), lambda: s3_traffic(s3_endpoint)),
+        }
+        for name, (location, traffic) in stores.items():
+            replays[name] = replay_on_two_workers(
+                model, location, traffic, root / f"replay-{name}", args.chats
+            )
+            print(name, replays[name], flush=True)
     finally:
-        redis.kill()
-        redis.wait()
+        for server in (redis, s3):
+            server.kill()
+            server.wait()
     write_result(
         "stores",
         {
@@ -168,7 +218,7 @@ def main() -> None:
             "command": COMMAND,
             "config": {"n_ctx": N_CTX, "runs": RUNS},
             "rows": rows,
-            "replay": replayed,
+            "replays": replays,
         },
     )
 

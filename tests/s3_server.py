@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -59,7 +60,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bucket", action="append", default=[], help="a bucket to create (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     args = parser.parse_args()
+    if not args.verbose:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     os.environ.setdefault("MOTO_PORT", str(args.port))

@@ -573,7 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     sessions_parser.add_argument("action", choices=["list", "show", "delete"])
     sessions_parser.add_argument("session_id", nargs="?", help="needed by show and delete; optional for list")
     sessions_parser.add_argument(
-        "--dir", default="sessions", help="session directory or redis://HOST:PORT/DB (default ./sessions)"
+        "--dir",
+        default="sessions",
+        help="session directory, redis://HOST:PORT/DB, rediss://... or s3://BUCKET/PREFIX "
+        "(default ./sessions)",
     )
     sessions_parser.set_defaults(run=sessions)
     cache_parser = commands.add_parser(
@@ -624,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--sessions",
         default="sessions",
-        help="session directory, or redis://[:PASSWORD@]HOST:PORT/DB shared by several servers (default "
-        "./sessions)",
+        help="session directory, or a store several servers share: redis://[:PASSWORD@]HOST:PORT/DB, "
+        "rediss://... (TLS) or s3://BUCKET/PREFIX[?endpoint=...] (default ./sessions)",
     )
     serve_parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
