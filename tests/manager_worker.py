@@ -83,6 +83,61 @@ def hammer(
     return {"name": name, "saved": saved, "conflicts": conflicts, "attempts": attempts}
 
 
+def hammer_together(
+    model: Model, model_path: str, location: str, session_id: str, processes: int, threads: int, turns: int
+) -> dict[str, dict[str, Any]]:
+    """``processes`` worker processes (``p0``, ``p1``...) and ``threads`` threads of this process (``t0``...)
+    run ``hammer`` on one session at once, started together once every process is ready (60 seconds at
+    most each). Returns each one's result by name; a thread that raised has ``{"error": ...}``."""
+    import subprocess
+    import threading
+
+    seconds = 60.0
+    command = [sys.executable, __file__, "hammer", model_path, location, session_id]
+    workers = [
+        subprocess.Popen(
+            [*command, f"p{i}", str(turns), str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    results: dict[str, dict[str, Any]] = {}
+
+    def thread(name: str) -> None:
+        try:
+            results[name] = hammer(model, location, session_id, name, turns, time.monotonic() + seconds)
+        except BaseException as e:  # reported by the test
+            results[name] = {"error": repr(e)}
+
+    try:
+        for p in workers:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        started = [threading.Thread(target=thread, args=(f"t{i}",), daemon=True) for i in range(threads)]
+        for t in started:
+            t.start()
+        for p in workers:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in workers:
+            out, err = p.communicate(timeout=seconds + 60)
+            assert p.returncode == 0, err
+            result = json.loads(out)
+            results[result["name"]] = result
+        for t in started:
+            t.join(timeout=seconds + 60)
+            assert not t.is_alive(), "a hammer thread is stuck"
+    finally:
+        for p in workers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
 def main(argv: list[str]) -> None:
     command, model_path, session_dir, session_id = argv[1:5]
     model = Model.load(model_path)

@@ -26,7 +26,7 @@ from llama_sessions import (
     SessionNotFoundError,
     inspect_session,
 )
-from manager_worker import HAMMER_TOKENS, N_BATCH, N_CTX, N_THREADS, hammer, open_manager
+from manager_worker import HAMMER_TOKENS, N_BATCH, N_CTX, N_THREADS, hammer_together, open_manager
 
 from conftest import assert_same_output
 
@@ -251,65 +251,15 @@ def test_eviction_saves_and_a_reload_restores_exactly(model: Model, tmp_path: pa
 # 5. Processes and threads on one directory
 
 
-def hammer_thread(
-    model: Model, session_dir: str, name: str, turns: int, seconds: float, out: dict[str, Any]
-) -> None:
-    try:
-        out[name] = hammer(model, session_dir, "shared", name, turns, time.monotonic() + seconds)
-    except BaseException as e:  # reported by the test
-        out[name] = {"error": repr(e)}
-
-
 def test_processes_and_threads_saving_one_session_lose_no_turn(
     model: Model, model_path: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    turns, seconds = 2, 60.0
+    turns = 2
     session_dir = tmp_path / "shared-dir"
     open_manager(model, str(session_dir)).create_session("shared", SYS)
-
-    command = [sys.executable, str(WORKER), "hammer", str(model_path), str(session_dir), "shared"]
-    processes = [
-        subprocess.Popen(
-            [*command, f"p{i}", str(turns), str(seconds)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results: dict[str, Any] = {}
-    try:
-        for p in processes:
-            assert p.stdout is not None
-            assert p.stdout.readline() == "ready\n"
-        threads = [
-            threading.Thread(
-                target=hammer_thread,
-                args=(model, str(session_dir), f"t{i}", turns, seconds, results),
-                daemon=True,
-            )
-            for i in range(3)
-        ]
-        for t in threads:
-            t.start()
-        for p in processes:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        for p in processes:
-            out, err = p.communicate(timeout=seconds + 60)
-            assert p.returncode == 0, err
-            result = json.loads(out)
-            results[result["name"]] = result
-        for t in threads:
-            t.join(timeout=seconds + 60)
-            assert not t.is_alive(), "a hammer thread is stuck"
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = hammer_together(
+        model, str(model_path), str(session_dir), "shared", processes=2, threads=3, turns=turns
+    )
 
     assert sorted(results) == ["p0", "p1", "t0", "t1", "t2"]
     for name, result in results.items():

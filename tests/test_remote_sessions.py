@@ -9,7 +9,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import openai
@@ -25,7 +24,7 @@ from llama_sessions import (
     delete_session,
     list_sessions,
 )
-from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer
+from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer_together
 
 from conftest import S3_BUCKET, assert_same_output, require_tool
 from server_process import running_server
@@ -171,48 +170,11 @@ def test_a_local_tier_keeps_the_chunks_a_worker_read_and_the_remote_store_stays_
 def test_processes_and_threads_on_one_session_lose_and_duplicate_no_turn(
     model: Model, model_path: pathlib.Path, store_url: str
 ) -> None:
-    turns, seconds = 2, 60.0
+    turns = 2
     open_manager(model, store_url).create_session("shared", SYS)
-    command = [sys.executable, str(WORKER), "hammer", str(model_path), store_url, "shared"]
-    processes = [
-        subprocess.Popen(
-            [*command, f"p{i}", str(turns), str(seconds)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results: dict[str, Any] = {}
-
-    def thread(name: str) -> None:
-        import time
-
-        results[name] = hammer(model, store_url, "shared", name, turns, time.monotonic() + seconds)
-
-    try:
-        for p in processes:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        threads = [threading.Thread(target=thread, args=(f"t{i}",)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for p in processes:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        for p in processes:
-            out, err = p.communicate(timeout=seconds + 60)
-            assert p.returncode == 0, err
-            result = json.loads(out)
-            results[result["name"]] = result
-        for t in threads:
-            t.join(timeout=seconds + 60)
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = hammer_together(
+        model, str(model_path), store_url, "shared", processes=2, threads=2, turns=turns
+    )
     assert sorted(results) == ["p0", "p1", "t0", "t1"]
     saved = [message for result in results.values() for message in result["saved"]]
     assert len(saved) == len(set(saved)) == 4 * turns

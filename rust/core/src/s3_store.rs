@@ -305,6 +305,32 @@ impl S3Store {
         }
     }
 
+    /// The value a read found (or `None` for an absent one), remembering its version for the fence if this
+    /// store holds the key's lease; the read's other failures as they are.
+    fn settle_read(
+        &self,
+        key: &str,
+        read: object_store::Result<(object_store::ObjectMeta, bytes::Bytes)>,
+    ) -> object_store::Result<Option<Vec<u8>>> {
+        match read {
+            Ok((meta, bytes)) => {
+                self.saw(
+                    key,
+                    Some(UpdateVersion {
+                        e_tag: meta.e_tag,
+                        version: meta.version,
+                    }),
+                );
+                Ok(Some(bytes.to_vec()))
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                self.saw(key, None);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The lease's content: the holder's token and when it expires (milliseconds since the epoch, by the
     /// holder's clock).
     fn lease_content(&self, token: &str) -> String {
@@ -328,11 +354,7 @@ impl S3Store {
             Err(e) => return Err(self.error("lock", e)),
         }
         let options = GetOptions::new().with_range(Some(GetRange::Bounded(0..LEASE_READ_LIMIT)));
-        let current = self.run_raw("lock", async {
-            let result = self.store.get_opts(&path, options).await?;
-            let meta = result.meta.clone();
-            Ok((meta, result.bytes().await?))
-        })?;
+        let current = self.run_raw("lock", read_object(&self.store, &path, options))?;
         let (meta, content) = match current {
             Ok(current) => current,
             // Released since: try again at once.
@@ -379,6 +401,17 @@ impl S3Store {
             Err(e) => Err(self.error("lock", e)),
         }
     }
+}
+
+/// The object at `path` (the part `options` ask for) with what describes it.
+async fn read_object(
+    store: &AmazonS3,
+    path: &ObjectPath,
+    options: GetOptions,
+) -> object_store::Result<(object_store::ObjectMeta, bytes::Bytes)> {
+    let result = store.get_opts(path, options).await?;
+    let meta = result.meta.clone();
+    Ok((meta, result.bytes().await?))
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -456,28 +489,10 @@ impl StoreLock for S3Lease {}
 
 impl SessionStore for S3Store {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let read = self.run_raw("read", async {
-            let result = self.store.get(&self.value_path(key)).await?;
-            let meta = result.meta.clone();
-            Ok((meta, result.bytes().await?))
-        })?;
-        match read {
-            Ok((meta, bytes)) => {
-                self.saw(
-                    key,
-                    Some(UpdateVersion {
-                        e_tag: meta.e_tag,
-                        version: meta.version,
-                    }),
-                );
-                Ok(Some(bytes.to_vec()))
-            }
-            Err(object_store::Error::NotFound { .. }) => {
-                self.saw(key, None);
-                Ok(None)
-            }
-            Err(e) => Err(self.error("read", e)),
-        }
+        let path = self.value_path(key);
+        let read = self.run_raw("read", read_object(&self.store, &path, GetOptions::new()))?;
+        self.settle_read(key, read)
+            .map_err(|e| self.error("read", e))
     }
 
     fn get_prefix(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
@@ -489,43 +504,17 @@ impl SessionStore for S3Store {
         } else {
             let end = u64::try_from(len).unwrap_or(u64::MAX);
             let options = GetOptions::new().with_range(Some(GetRange::Bounded(0..end)));
-            self.run_raw("read", async {
-                let result = self.store.get_opts(&path, options).await?;
-                let meta = result.meta.clone();
-                Ok((meta, result.bytes().await?))
-            })?
+            self.run_raw("read", read_object(&self.store, &path, options))?
         };
-        match read {
-            Ok((meta, bytes)) => {
-                self.saw(
-                    key,
-                    Some(UpdateVersion {
-                        e_tag: meta.e_tag,
-                        version: meta.version,
-                    }),
-                );
-                Ok(Some(bytes.to_vec()))
-            }
-            Err(object_store::Error::NotFound { .. }) => {
-                self.saw(key, None);
-                Ok(None)
-            }
-            Err(e) => {
-                // S3 refuses any range of an empty object (416): that is an empty prefix, not a failure.
-                match self.run_raw("read", self.store.head(&path))? {
-                    Ok(meta) if meta.size == 0 => {
-                        self.saw(
-                            key,
-                            Some(UpdateVersion {
-                                e_tag: meta.e_tag,
-                                version: meta.version,
-                            }),
-                        );
-                        Ok(Some(Vec::new()))
-                    }
-                    _ => Err(self.error("read", e)),
-                }
-            }
+        match self.settle_read(key, read) {
+            Ok(value) => Ok(value),
+            // S3 refuses any range of an empty object (416): that is an empty prefix, not a failure.
+            Err(e) => match self.run_raw("read", self.store.head(&path))? {
+                Ok(meta) if meta.size == 0 => self
+                    .settle_read(key, Ok((meta, bytes::Bytes::new())))
+                    .map_err(|e| self.error("read", e)),
+                _ => Err(self.error("read", e)),
+            },
         }
     }
 
