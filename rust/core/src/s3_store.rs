@@ -64,10 +64,19 @@ fn runtime() -> std::result::Result<&'static tokio::runtime::Runtime, String> {
 }
 
 /// What a lease holder knows of its key's value: the version it last read or wrote, which its next write
-/// must still find (`None`: there was no value).
+/// must still find (`None`: there was no value). The holder is the thread that took the lease (a save
+/// locks, reads and writes on one thread): only its reads move the fence, so that another thread of the
+/// process reading the key meanwhile cannot make the holder's write replace a version it never read.
 struct HeldLease {
     token: String,
+    holder: std::thread::ThreadId,
     value: Option<UpdateVersion>,
+}
+
+impl HeldLease {
+    fn held_here(&self) -> bool {
+        self.holder == std::thread::current().id()
+    }
 }
 
 /// A [`SessionStore`] in an S3 bucket: `s3://BUCKET[/PREFIX][?OPTION=VALUE&...]`.
@@ -298,9 +307,12 @@ impl S3Store {
         self.path_in("lock", key)
     }
 
-    /// Remembers the version of `key`'s value just seen, if this store holds its lease.
+    /// Remembers the version of `key`'s value just seen, if this thread holds its lease.
     fn saw(&self, key: &str, version: Option<UpdateVersion>) {
-        if let Some(held) = lock(&self.leases).get_mut(key) {
+        if let Some(held) = lock(&self.leases)
+            .get_mut(key)
+            .filter(|held| held.held_here())
+        {
             held.value = version;
         }
     }
@@ -521,7 +533,10 @@ impl SessionStore for S3Store {
     fn put(&self, key: &str, value: &[u8]) -> Result<()> {
         let path = self.value_path(key);
         let payload = PutPayload::from(bytes::Bytes::copy_from_slice(value));
-        let fence = lock(&self.leases).get(key).map(|held| held.value.clone());
+        let fence = lock(&self.leases)
+            .get(key)
+            .filter(|held| held.held_here())
+            .map(|held| held.value.clone());
         let Some(expected) = fence else {
             self.run("write", self.store.put(&path, payload))?;
             return Ok(());
@@ -614,7 +629,14 @@ impl SessionStore for S3Store {
             token: token.clone(),
         };
         let value = self.value_version(key)?;
-        lock(&self.leases).insert(key.to_owned(), HeldLease { token, value });
+        lock(&self.leases).insert(
+            key.to_owned(),
+            HeldLease {
+                token,
+                holder: std::thread::current().id(),
+                value,
+            },
+        );
         Ok(Box::new(lease))
     }
 

@@ -157,6 +157,23 @@ fn a_value_written_by_someone_without_the_lease_is_not_overwritten() {
         intruder.get("ada").unwrap().as_deref(),
         Some(&b"version 2, not leased"[..])
     );
+    // Another thread of the holder's process reading the key meanwhile does not move the holder's fence: its
+    // write still finds the version it read replaced.
+    let _lease = holder.lock("cy").unwrap();
+    assert_eq!(holder.get("cy").unwrap(), None);
+    intruder.put("cy", b"written without the lease").unwrap();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            assert_eq!(
+                holder.get("cy").unwrap().as_deref(),
+                Some(&b"written without the lease"[..])
+            )
+        });
+    });
+    assert!(matches!(
+        holder.put("cy", b"from the holder"),
+        Err(Error::RemoteStore { op: "write", .. })
+    ));
     // A key created by someone else while the holder saw none is not overwritten either.
     let _other = holder.lock("bob").unwrap();
     assert_eq!(holder.get("bob").unwrap(), None);
