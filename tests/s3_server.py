@@ -35,9 +35,12 @@ from werkzeug.test import Client
 TRAFFIC_PATH = "/_llama_sessions_traffic"
 
 
-def serialized(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+def serialized(
+    app: Callable[..., Iterable[bytes]], ignore_conditions: bool = False
+) -> Callable[..., Iterable[bytes]]:
     """``app``, answering one request at a time (its whole response computed under one lock), counting the
-    bytes of the requests' and responses' bodies."""
+    bytes of the requests' and responses' bodies; with ``ignore_conditions``, as a store without conditional
+    writes does (their headers dropped)."""
     lock = threading.Lock()
     traffic = {"received": 0, "sent": 0, "requests": 0}
 
@@ -46,6 +49,9 @@ def serialized(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[by
             if environ.get("PATH_INFO") == TRAFFIC_PATH:
                 start_response("200 OK", [("Content-Type", "application/json")])
                 return [json.dumps(traffic).encode()]
+            if ignore_conditions:
+                environ.pop("HTTP_IF_MATCH", None)
+                environ.pop("HTTP_IF_NONE_MATCH", None)
             body = list(app(environ, start_response))
             traffic["requests"] += 1
             traffic["received"] += int(environ.get("CONTENT_LENGTH") or 0)
@@ -61,13 +67,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bucket", action="append", default=[], help="a bucket to create (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    parser.add_argument(
+        "--ignore-conditions",
+        action="store_true",
+        help="ignore If-Match and If-None-Match, as a store without conditional writes does (for a test)",
+    )
     args = parser.parse_args()
     if not args.verbose:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     os.environ.setdefault("MOTO_PORT", str(args.port))
-    app = serialized(DomainDispatcherApplication(create_backend_app))
+    app = serialized(DomainDispatcherApplication(create_backend_app), args.ignore_conditions)
     client = Client(app)
     for bucket in args.bucket:
         created = client.put(f"/{bucket}", headers={"Host": f"{args.host}:{args.port}"})

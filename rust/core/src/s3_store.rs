@@ -226,7 +226,59 @@ impl S3Store {
             }
             return Err(store.error("connect", reason));
         }
+        store.check_conditional_writes()?;
         Ok(store)
+    }
+
+    /// Checks that the store honours conditional writes, which leases and fenced writes rely on: a store
+    /// that ignored them would let two workers hold one lease and overwrite each other's turns silently.
+    /// Writes, rewrites and deletes one probe object (a name no session id can have: ids never start with
+    /// a dot).
+    fn check_conditional_writes(&self) -> Result<()> {
+        let path = self.path_in(
+            "lock",
+            &format!(".probe-{}", crate::redis_store::new_token()),
+        );
+        let put = |mode: PutMode| {
+            self.run_raw(
+                "connect",
+                self.store
+                    .put_opts(&path, PutPayload::from("probe"), PutOptions::from(mode)),
+            )
+        };
+        let created = put(PutMode::Create)?.map_err(|e| self.error("connect", e))?;
+        let again = put(PutMode::Create)?;
+        let stale = put(PutMode::Update(UpdateVersion {
+            e_tag: Some("\"0123456789abcdef0123456789abcdef\"".to_owned()),
+            version: None,
+        }))?;
+        let current = put(PutMode::Update(UpdateVersion {
+            e_tag: created.e_tag,
+            version: created.version,
+        }))?;
+        let _ = self.run_raw("connect", self.store.delete(&path))?;
+        let ignores = |what: &str| {
+            self.error(
+                "connect",
+                format!(
+                    "this store does not honour conditional writes ({what}); leases and version checks \
+                     rely on them, so it cannot be shared safely (Amazon S3, MinIO and Cloudflare R2 honour \
+                     them)"
+                ),
+            )
+        };
+        match again {
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Ok(_) => return Err(ignores("If-None-Match: * replaced an existing object")),
+            Err(e) => return Err(self.error("connect", e)),
+        }
+        match stale {
+            Err(object_store::Error::Precondition { .. }) => {}
+            Ok(_) => return Err(ignores("If-Match replaced an object whose ETag differed")),
+            Err(e) => return Err(self.error("connect", e)),
+        }
+        current.map_err(|e| self.error("connect", e))?;
+        Ok(())
     }
 
     /// A store of KV chunks in the same bucket (objects `PREFIX/c/<hex>`), apart from the sessions: what

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -24,6 +25,11 @@ struct S3Server {
 
 impl S3Server {
     fn start() -> Option<S3Server> {
+        S3Server::start_with(&[])
+    }
+
+    /// A server started with the extra `options` of tests/s3_server.py.
+    fn start_with(options: &[&str]) -> Option<S3Server> {
         let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
         let importable = Command::new(&python)
@@ -47,19 +53,21 @@ impl S3Server {
             .expect("a free port")
             .port();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/s3_server.py");
-        let child = Command::new(&python)
+        let mut child = Command::new(&python)
             .arg(script)
             .args(["--port", &port.to_string(), "--bucket", BUCKET])
-            .stdout(Stdio::null())
+            .args(options)
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("the S3 server starts");
+        // It prints "ready ..." once it listens, with its bucket made.
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut ready)
+            .expect("the S3 server's output");
         let server = S3Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while S3Store::open(&server.url("probe")).is_err() {
-            assert!(Instant::now() < deadline, "the S3 server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(ready.starts_with("ready"), "the S3 server did not start");
         Some(server)
     }
 
@@ -258,4 +266,20 @@ fn two_managers_on_one_bucket_continue_each_others_sessions_exactly() {
     let reloaded = remote::two_managers_continue_each_others_sessions_exactly(&server.url("chat"));
     drop(server);
     remote::without_the_server_calls_fail_with_remote_store(&reloaded);
+}
+
+#[test]
+fn a_store_that_ignores_conditional_writes_is_refused_at_open() {
+    let Some(server) = S3Server::start_with(&["--ignore-conditions"]) else {
+        return;
+    };
+    match open_store(&server.url("unsafe")) {
+        Err(e @ Error::RemoteStore { op: "connect", .. }) => assert!(
+            e.to_string().contains(
+                "does not honour conditional writes (If-None-Match: * replaced an existing object)"
+            ),
+            "{e}"
+        ),
+        other => panic!("expected RemoteStore, got {other:?}"),
+    }
 }
