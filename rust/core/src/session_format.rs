@@ -370,6 +370,29 @@ fn parse_prelude(bytes: &[u8], origin: &str) -> Result<Prelude> {
     })
 }
 
+/// What a session's prelude announces: enough for a reader to bound what it reads next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnouncedLengths {
+    /// Where the header ends: the prelude and the header.
+    pub header_end: usize,
+    /// Bytes of llama.cpp state after the header.
+    pub state_len: u64,
+    /// The most bytes the whole session can have (a signed one: the MAC included).
+    pub max_len: usize,
+}
+
+/// The lengths the prelude at the start of `bytes` announces, after its check (the rest of `bytes`, if any,
+/// is not looked at).
+pub fn announced_lengths(bytes: &[u8], origin: &str) -> Result<AnnouncedLengths> {
+    let prelude = parse_prelude(bytes, origin)?;
+    let header_end = PRELUDE_LEN + prelude.header_len;
+    Ok(AnnouncedLengths {
+        header_end,
+        state_len: (prelude.unsigned_len - header_end - CHECKSUM_LEN) as u64,
+        max_len: prelude.unsigned_len + MAC_LEN,
+    })
+}
+
 /// [`open`], with checksums already computed by the caller while it read the bytes.
 pub fn open_with_checksum(
     bytes: &[u8],

@@ -398,3 +398,93 @@ fn saving_a_stored_session_that_is_not_live_changes_nothing() {
         Err(Error::SessionNotFound { .. })
     ));
 }
+
+/// A directory store that records the reads asked of it: (key, bytes asked; `usize::MAX` for a whole value).
+#[derive(Debug)]
+struct ReadRecordingStore {
+    inner: DirectoryStore,
+    reads: Mutex<Vec<(String, usize)>>,
+}
+
+impl SessionStore for ReadRecordingStore {
+    fn get(&self, key: &str) -> llama_sessions::Result<Option<Vec<u8>>> {
+        self.reads
+            .lock()
+            .unwrap()
+            .push((key.to_owned(), usize::MAX));
+        self.inner.get(key)
+    }
+    fn get_prefix(&self, key: &str, len: usize) -> llama_sessions::Result<Option<Vec<u8>>> {
+        self.reads.lock().unwrap().push((key.to_owned(), len));
+        self.inner.get_prefix(key, len)
+    }
+    fn put(&self, key: &str, value: &[u8]) -> llama_sessions::Result<()> {
+        self.inner.put(key, value)
+    }
+    fn delete(&self, key: &str) -> llama_sessions::Result<bool> {
+        self.inner.delete(key)
+    }
+    fn list(&self) -> llama_sessions::Result<Vec<StoreEntry>> {
+        self.inner.list()
+    }
+    fn lock(&self, key: &str) -> llama_sessions::Result<Box<dyn StoreLock>> {
+        self.inner.lock(key)
+    }
+    fn location(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.inner.location(key)
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+#[test]
+fn a_stored_value_announcing_more_state_than_a_context_holds_is_refused_unread() {
+    let store = Arc::new(ReadRecordingStore {
+        inner: DirectoryStore::open(temp_dir("bounded-reads")).unwrap(),
+        reads: Mutex::new(Vec::new()),
+    });
+    // A real session of this manager's parameters, then the same bytes whose prelude (its check made
+    // anew, as a hostile writer would) announces a terabyte of state.
+    let mut context = Context::new(model(), params()).unwrap();
+    context
+        .generate(0, SYSTEM, greedy(0), &mut NeverInterrupt)
+        .unwrap();
+    let honest = context.snapshot(None, &Metadata::new(), None).unwrap();
+    assert!(
+        honest.len() > 16 * 1024,
+        "a value larger than the first read"
+    );
+    let mut hostile = honest.clone();
+    hostile[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let check = xxhash_rust::xxh3::xxh3_64(&hostile[..24]);
+    hostile[24..32].copy_from_slice(&check.to_le_bytes());
+    store.put("honest", &honest).unwrap();
+    store.put("hostile", &hostile).unwrap();
+    let manager = manager(store.clone(), 2, false);
+
+    match manager.load("hostile") {
+        Err(Error::SessionCorrupt { reason, .. }) => {
+            assert!(
+                reason.contains("announces 1099511627776 bytes of state"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected SessionCorrupt, got {:?}", other.map(|_| ())),
+    }
+    // Only the first 16 KiB were asked for: the announced terabyte was never read.
+    let asked: Vec<(String, usize)> = store.reads.lock().unwrap().drain(..).collect();
+    assert_eq!(asked, [("hostile".to_owned(), 16 * 1024)]);
+
+    // An honest value is read whole, asked for no more than its prelude announces (and a byte).
+    let loaded = manager.load("honest").unwrap();
+    assert_eq!(tokens_of(loaded.context()), tokens_of(&Mutex::new(context)));
+    let asked: Vec<(String, usize)> = store.reads.lock().unwrap().drain(..).collect();
+    assert_eq!(
+        asked,
+        [
+            ("honest".to_owned(), 16 * 1024),
+            ("honest".to_owned(), honest.len() + 32 + 1)
+        ]
+    );
+}

@@ -332,6 +332,15 @@ impl Context {
         n_ctx * llama.n_layer() as usize * (row(self.params.type_k) + row(self.params.type_v))
     }
 
+    /// The most bytes of llama.cpp state a session restored into this context can hold: twice its KV cache
+    /// (the cells' own records, a few bytes each, and per-layer headers come on top of their K and V rows),
+    /// and a mebibyte. What a reader allows before it reads a stored state.
+    pub(crate) fn state_bytes_bound(&self) -> usize {
+        self.kv_cache_bytes()
+            .saturating_mul(2)
+            .saturating_add(1 << 20)
+    }
+
     /// The tokens held by sequence `seq`, in position order.
     pub fn tokens(&self, seq: SeqId) -> Result<&[LlamaToken]> {
         self.check_seq(seq)?;

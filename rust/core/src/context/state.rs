@@ -321,7 +321,7 @@ impl Context {
     }
 
     /// Compares a verified header with this context; the first difference found decides the error.
-    fn check_compatible(&self, header: &SessionHeader, origin: &str) -> Result<()> {
+    pub(crate) fn check_compatible(&self, header: &SessionHeader, origin: &str) -> Result<()> {
         if header.llama_cpp_build != format::LLAMA_CPP_BUILD {
             return Err(Error::SessionVersion {
                 origin: origin.to_owned(),

@@ -270,13 +270,11 @@ impl<'m> SessionTurn<'m> {
         validate_label(label)?;
         let session = Arc::clone(self.session());
         let key = checkpoint_key(&session.id, label);
-        let bytes = self
-            .manager
-            .store
-            .get(&key)?
-            .ok_or_else(|| Error::SessionNotFound { id: key.clone() })?;
         let mut record = lock(&session.record);
         let mut context = lock(&session.context);
+        let bytes =
+            super::records::read_session_value(self.manager.store.as_ref(), &key, &key, &context)?
+                .ok_or_else(|| Error::SessionNotFound { id: key.clone() })?;
         let info = context.restore_named(&bytes, None, &key, self.manager.key())?;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         record.manager.history = manager.history;

@@ -465,11 +465,10 @@ impl SessionManager {
             .store
             .location(id)
             .map_or_else(|| id.to_owned(), |p| p.display().to_string());
-        let bytes = self
-            .store
-            .get(id)?
-            .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let mut context = self.new_context()?;
+        let bytes = records::read_session_value(self.store.as_ref(), id, &origin, &context)
+            .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?
+            .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let info = context
             .restore_named(&bytes, None, &origin, self.key.as_ref())
             .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?;
