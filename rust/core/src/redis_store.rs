@@ -33,16 +33,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
-/// The first `ARGV[1]` bytes of `KEYS[1]`, or nil when it does not exist (GETRANGE alone cannot tell).
-const PREFIX: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return false
-end
-if tonumber(ARGV[1]) == 0 then
-  return ''
-end
-return redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-";
 
 /// A [`SessionStore`] in a Redis database: `redis://[:PASSWORD@]HOST[:PORT][/DB]`, or `rediss://...` over
 /// TLS (the server's certificate checked against the system's roots, or those in the file named by
@@ -248,12 +238,27 @@ impl SessionStore for RedisStore {
     }
 
     fn get_prefix(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
-        self.command("read", |c| {
-            redis::Script::new(PREFIX)
-                .key(self.value_key(key))
-                .arg(len)
-                .invoke::<Option<Vec<u8>>>(c)
-        })
+        let stored = self.value_key(key);
+        if len == 0 {
+            let exists: bool =
+                self.command("read", |c| redis::cmd("EXISTS").arg(&stored).query(c))?;
+            return Ok(exists.then(Vec::new));
+        }
+        // EXISTS and GETRANGE in one transaction (GETRANGE alone cannot tell an absent key from an empty
+        // value); both native commands, so a large prefix is copied once, not through a script's strings.
+        let last = i64::try_from(len - 1).unwrap_or(i64::MAX);
+        let (exists, prefix): (bool, Vec<u8>) = self.command("read", |c| {
+            redis::pipe()
+                .atomic()
+                .cmd("EXISTS")
+                .arg(&stored)
+                .cmd("GETRANGE")
+                .arg(&stored)
+                .arg(0)
+                .arg(last)
+                .query(c)
+        })?;
+        Ok(exists.then_some(prefix))
     }
 
     fn put(&self, key: &str, value: &[u8]) -> Result<()> {

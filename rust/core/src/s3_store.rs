@@ -478,6 +478,36 @@ async fn read_object(
     Ok((meta, result.bytes().await?))
 }
 
+/// The first `limit` bytes of the object at `path` (fewer if it is shorter), with what describes it. A short
+/// prefix is a ranged GET; a long one (a whole session, bounded) a plain GET whose body is read only up to
+/// `limit` (a server slicing a range out of a large object may copy it, and the bound holds either way).
+async fn read_object_prefix(
+    store: &AmazonS3,
+    path: &ObjectPath,
+    limit: usize,
+) -> object_store::Result<(object_store::ObjectMeta, bytes::Bytes)> {
+    const RANGED_UP_TO: usize = 1 << 20;
+    let options = if limit <= RANGED_UP_TO {
+        let end = u64::try_from(limit).unwrap_or(u64::MAX);
+        GetOptions::new().with_range(Some(GetRange::Bounded(0..end)))
+    } else {
+        GetOptions::new()
+    };
+    let result = store.get_opts(path, options).await?;
+    let meta = result.meta.clone();
+    let expected = usize::try_from(meta.size).unwrap_or(usize::MAX).min(limit);
+    let mut out = Vec::with_capacity(expected);
+    let mut body = result.into_stream();
+    while out.len() < limit {
+        let Some(piece) = body.try_next().await? else {
+            break;
+        };
+        let take = piece.len().min(limit - out.len());
+        out.extend_from_slice(&piece[..take]);
+    }
+    Ok((meta, bytes::Bytes::from(out)))
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -566,9 +596,7 @@ impl SessionStore for S3Store {
                 Ok((self.store.head(&path).await?, bytes::Bytes::new()))
             })?
         } else {
-            let end = u64::try_from(len).unwrap_or(u64::MAX);
-            let options = GetOptions::new().with_range(Some(GetRange::Bounded(0..end)));
-            self.run_raw("read", read_object(&self.store, &path, options))?
+            self.run_raw("read", read_object_prefix(&self.store, &path, len))?
         };
         match self.settle_read(key, read) {
             Ok(value) => Ok(value),
