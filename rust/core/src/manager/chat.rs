@@ -272,9 +272,14 @@ impl<'m> SessionTurn<'m> {
         let key = checkpoint_key(&session.id, label);
         let mut record = lock(&session.record);
         let mut context = lock(&session.context);
-        let bytes =
-            super::records::read_session_value(self.manager.store.as_ref(), &key, &key, &context)?
-                .ok_or_else(|| Error::SessionNotFound { id: key.clone() })?;
+        let bytes = super::records::read_session_value(
+            self.manager.store.as_ref(),
+            &key,
+            &key,
+            &context,
+            self.manager.key().is_some(),
+        )?
+        .ok_or_else(|| Error::SessionNotFound { id: key.clone() })?;
         let info = context.restore_named(&bytes, None, &key, self.manager.key())?;
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         record.manager.history = manager.history;

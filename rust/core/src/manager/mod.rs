@@ -466,7 +466,8 @@ impl SessionManager {
             .location(id)
             .map_or_else(|| id.to_owned(), |p| p.display().to_string());
         let mut context = self.new_context()?;
-        let bytes = records::read_session_value(self.store.as_ref(), id, &origin, &context)
+        let signed = self.key.is_some();
+        let bytes = records::read_session_value(self.store.as_ref(), id, &origin, &context, signed)
             .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
         let info = context

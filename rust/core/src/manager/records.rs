@@ -335,16 +335,18 @@ pub fn list_stored_sessions(store: &dyn SessionStore) -> Result<Vec<ListedSessio
 const HEADER_FIRST_READ: usize = 16 * 1024;
 
 /// The stored value of session or checkpoint `key` (None if there is none), read so that its size is bounded
-/// before it is allocated: the prelude and the header come first, the header is checked against `context`
-/// (the check a restore makes, so a session saved with other parameters gets the same error), and a state
-/// larger than `context` can hold is refused as corrupt; only then is the rest read, no more than the
-/// prelude announces (and a byte, for the restore to see trailing bytes). A value replaced by one of another
-/// length between the reads is read again.
+/// before it is allocated: the prelude comes first, then (for an unsigned session: `signed` false) the
+/// header, checked against `context` (the check a restore makes, so a session saved with other parameters
+/// gets the same error); a state larger than `context` can hold is refused as corrupt. Only then is the
+/// rest read, no more than the prelude announces (and a byte, for the restore to see trailing bytes). A
+/// signed session's header is not parsed before its MAC is verified, by the restore. A value replaced by
+/// one of another length between the reads is read again.
 pub(super) fn read_session_value(
     store: &dyn SessionStore,
     key: &str,
     origin: &str,
     context: &Context,
+    signed: bool,
 ) -> Result<Option<Vec<u8>>> {
     let mut attempts = 0;
     loop {
@@ -356,22 +358,24 @@ pub(super) fn read_session_value(
             return Ok(Some(first)); // The whole value.
         }
         let announced = format::announced_lengths(&first, origin)?;
-        let header = if announced.header_end <= first.len() {
-            format::read_header(&first, origin)?
-        } else {
-            let prefix = store
-                .get_prefix(key, announced.header_end)?
-                .unwrap_or_default();
-            format::read_header(&prefix, origin)?
-        };
-        context.check_compatible(&header, origin)?;
+        if !signed {
+            let header = if announced.header_end <= first.len() {
+                format::read_header(&first, origin)?
+            } else {
+                let prefix = store
+                    .get_prefix(key, announced.header_end)?
+                    .unwrap_or_default();
+                format::read_header(&prefix, origin)?
+            };
+            context.check_compatible(&header, origin)?;
+        }
         let most = context.state_bytes_bound() as u64;
         if announced.state_len > most {
             return Err(Error::SessionCorrupt {
                 origin: origin.to_owned(),
                 reason: format!(
-                    "its prelude announces {} bytes of state, and a context with its parameters holds at \
-                     most {most}: it was not read",
+                    "its prelude announces {} bytes of state, and a context with this manager's \
+                     parameters holds at most {most}: it was not read",
                     announced.state_len
                 ),
             });
