@@ -252,10 +252,7 @@ impl S3Store {
             e_tag: Some("\"0123456789abcdef0123456789abcdef\"".to_owned()),
             version: None,
         }))?;
-        let current = put(PutMode::Update(UpdateVersion {
-            e_tag: created.e_tag,
-            version: created.version,
-        }))?;
+        let current = put(PutMode::Update(UpdateVersion::from(created)))?;
         let _ = self.run_raw("connect", self.store.delete(&path))?;
         let ignores = |what: &str| {
             self.error(
@@ -378,13 +375,7 @@ impl S3Store {
     ) -> object_store::Result<Option<Vec<u8>>> {
         match read {
             Ok((meta, bytes)) => {
-                self.saw(
-                    key,
-                    Some(UpdateVersion {
-                        e_tag: meta.e_tag,
-                        version: meta.version,
-                    }),
-                );
+                self.saw(key, Some(version_of(meta)));
                 Ok(Some(bytes.to_vec()))
             }
             Err(object_store::Error::NotFound { .. }) => {
@@ -434,10 +425,7 @@ impl S3Store {
             return Ok(false);
         }
         // Expired: replace exactly the version read, so that one of several takers wins.
-        let replace = PutOptions::from(PutMode::Update(UpdateVersion {
-            e_tag: meta.e_tag,
-            version: meta.version,
-        }));
+        let replace = PutOptions::from(PutMode::Update(version_of(meta)));
         let replaced = self.run_raw(
             "lock",
             self.store
@@ -457,10 +445,7 @@ impl S3Store {
     /// The version of `key`'s value now (`None`: there is none).
     fn value_version(&self, key: &str) -> Result<Option<UpdateVersion>> {
         match self.run_raw("lock", self.store.head(&self.value_path(key)))? {
-            Ok(meta) => Ok(Some(UpdateVersion {
-                e_tag: meta.e_tag,
-                version: meta.version,
-            })),
+            Ok(meta) => Ok(Some(version_of(meta))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error("lock", e)),
         }
@@ -506,6 +491,14 @@ async fn read_object_prefix(
         out.extend_from_slice(&piece[..take]);
     }
     Ok((meta, bytes::Bytes::from(out)))
+}
+
+/// The version an object's description names, for a conditional write that must find it.
+fn version_of(meta: object_store::ObjectMeta) -> UpdateVersion {
+    UpdateVersion {
+        e_tag: meta.e_tag,
+        version: meta.version,
+    }
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -633,10 +626,7 @@ impl SessionStore for S3Store {
             Ok(written) => {
                 self.saw(
                     key,
-                    Some(UpdateVersion {
-                        e_tag: written.e_tag,
-                        version: written.version,
-                    }),
+                    Some(UpdateVersion::from(written)),
                 );
                 Ok(())
             }

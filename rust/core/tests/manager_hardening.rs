@@ -54,13 +54,15 @@ fn stored_history_len(store: &dyn SessionStore, id: &str) -> usize {
 }
 
 /// A directory store that can hold one key's write until the test lets it go, and that records, for every
-/// key lock taken, whether a watched context was held at that moment.
+/// key lock taken, whether a watched context was held at that moment, and every read asked of it.
 #[derive(Debug)]
 struct InstrumentedStore {
     inner: DirectoryStore,
     held_write: Mutex<Option<HeldWrite>>,
     watched: Mutex<Option<Arc<Mutex<Context>>>>,
     key_locks: Mutex<Vec<(String, bool)>>,
+    /// (key, bytes asked; `usize::MAX` for a whole value), in order.
+    reads: Mutex<Vec<(String, usize)>>,
 }
 
 #[derive(Debug)]
@@ -77,6 +79,7 @@ impl InstrumentedStore {
             held_write: Mutex::new(None),
             watched: Mutex::new(None),
             key_locks: Mutex::new(Vec::new()),
+            reads: Mutex::new(Vec::new()),
         })
     }
 
@@ -104,10 +107,15 @@ impl InstrumentedStore {
 
 impl SessionStore for InstrumentedStore {
     fn get(&self, key: &str) -> llama_sessions::Result<Option<Vec<u8>>> {
+        self.reads
+            .lock()
+            .unwrap()
+            .push((key.to_owned(), usize::MAX));
         self.inner.get(key)
     }
 
     fn get_prefix(&self, key: &str, len: usize) -> llama_sessions::Result<Option<Vec<u8>>> {
+        self.reads.lock().unwrap().push((key.to_owned(), len));
         self.inner.get_prefix(key, len)
     }
 
@@ -399,51 +407,9 @@ fn saving_a_stored_session_that_is_not_live_changes_nothing() {
     ));
 }
 
-/// A directory store that records the reads asked of it: (key, bytes asked; `usize::MAX` for a whole value).
-#[derive(Debug)]
-struct ReadRecordingStore {
-    inner: DirectoryStore,
-    reads: Mutex<Vec<(String, usize)>>,
-}
-
-impl SessionStore for ReadRecordingStore {
-    fn get(&self, key: &str) -> llama_sessions::Result<Option<Vec<u8>>> {
-        self.reads
-            .lock()
-            .unwrap()
-            .push((key.to_owned(), usize::MAX));
-        self.inner.get(key)
-    }
-    fn get_prefix(&self, key: &str, len: usize) -> llama_sessions::Result<Option<Vec<u8>>> {
-        self.reads.lock().unwrap().push((key.to_owned(), len));
-        self.inner.get_prefix(key, len)
-    }
-    fn put(&self, key: &str, value: &[u8]) -> llama_sessions::Result<()> {
-        self.inner.put(key, value)
-    }
-    fn delete(&self, key: &str) -> llama_sessions::Result<bool> {
-        self.inner.delete(key)
-    }
-    fn list(&self) -> llama_sessions::Result<Vec<StoreEntry>> {
-        self.inner.list()
-    }
-    fn lock(&self, key: &str) -> llama_sessions::Result<Box<dyn StoreLock>> {
-        self.inner.lock(key)
-    }
-    fn location(&self, key: &str) -> Option<std::path::PathBuf> {
-        self.inner.location(key)
-    }
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-}
-
 #[test]
 fn a_stored_value_announcing_more_state_than_a_context_holds_is_refused_unread() {
-    let store = Arc::new(ReadRecordingStore {
-        inner: DirectoryStore::open(temp_dir("bounded-reads")).unwrap(),
-        reads: Mutex::new(Vec::new()),
-    });
+    let store = InstrumentedStore::open("bounded-reads");
     // A real session of this manager's parameters, then the same bytes whose prelude (its check made
     // anew, as a hostile writer would) announces a terabyte of state.
     let mut context = Context::new(model(), params()).unwrap();
