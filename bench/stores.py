@@ -72,17 +72,16 @@ S3_SERVER = Path(__file__).resolve().parent.parent / "tests" / "s3_server.py"
 
 def start_s3() -> tuple[subprocess.Popen[str], str, str]:
     """moto's S3 server on loopback with the bucket "bench": the process, a store URL and the endpoint."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, str(S3_SERVER), "--port", str(port), "--bucket", "bench"],
+        [sys.executable, str(S3_SERVER), "--port", "0", "--bucket", "bench"],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert server.stdout is not None
-    if not server.stdout.readline().startswith("ready"):
+    ready = server.stdout.readline()  # "ready on http://127.0.0.1:PORT", with the port it bound
+    if not ready.startswith("ready on http://127.0.0.1:"):
         raise SystemExit("the S3 server did not start (pip install '.[test]' installs moto)")
+    port = int(ready.strip().rsplit(":", 1)[1])
     endpoint = f"http://127.0.0.1:{port}"
     options = "allow_http=true&region=us-east-1&access_key_id=bench&secret_access_key=bench"
     return server, f"s3://bench/stores?endpoint={endpoint}&{options}", endpoint

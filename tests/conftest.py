@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -277,18 +278,23 @@ def s3_endpoint() -> Iterator[str]:
         import moto.server  # noqa: F401
     except ImportError as e:
         fail_in_ci_or_skip(f"moto is not installed ({e}); pip install '.[test]' installs it")
-    port = free_port()
     script = pathlib.Path(__file__).with_name("s3_server.py")
+    # Port 0: the server binds a free port and names it in its ready line, so nothing takes it in between.
     server = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--bucket", S3_BUCKET],
+        [sys.executable, str(script), "--port", "0", "--bucket", S3_BUCKET],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert server.stdout is not None and server.stdout.readline().startswith("ready"), (
-            "moto did not start"
-        )
+        assert server.stdout is not None and server.stderr is not None
+        ready = server.stdout.readline()
+        if not ready.startswith("ready on http://127.0.0.1:"):
+            server.kill()
+            raise AssertionError(f"the S3 server did not start: {ready!r}\n{server.stderr.read()}")
+        port = int(ready.strip().rsplit(":", 1)[1])
+        # Drained rather than left in a pipe that would fill and block the server.
+        threading.Thread(target=server.stderr.read, daemon=True).start()
         yield f"http://127.0.0.1:{port}"
     finally:
         server.kill()

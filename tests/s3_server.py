@@ -11,6 +11,9 @@ Amazon S3 does both atomically. Connections are still served by threads, so a cl
 connection never blocks another's.
 
     python tests/s3_server.py --port 9000 --bucket sessions
+
+With ``--port 0`` the system picks a free port: the ``ready on http://HOST:PORT`` line it prints once it
+listens names it, so that a test never races another process for a port it chose beforehand.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def serialized(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="0: a free port, named by the ready line")
     parser.add_argument("--bucket", action="append", default=[], help="a bucket to create (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     parser.add_argument(
@@ -77,15 +80,16 @@ def main() -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    os.environ.setdefault("MOTO_PORT", str(args.port))
     app = serialized(DomainDispatcherApplication(create_backend_app), args.ignore_conditions)
+    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    port = server.server_port
+    os.environ.setdefault("MOTO_PORT", str(port))
     client = Client(app)
     for bucket in args.bucket:
-        created = client.put(f"/{bucket}", headers={"Host": f"{args.host}:{args.port}"})
+        created = client.put(f"/{bucket}", headers={"Host": f"{args.host}:{port}"})
         if created.status_code != 200:
             raise SystemExit(f"cannot create bucket {bucket!r}: {created.status_code} {created.get_data()!r}")
-    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
-    print(f"ready on http://{args.host}:{args.port}", flush=True)
+    print(f"ready on http://{args.host}:{port}", flush=True)
     server.serve_forever()
 
 

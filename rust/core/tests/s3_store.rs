@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -48,27 +48,43 @@ impl S3Server {
             );
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/s3_server.py");
+        // The checkout the tests run in, found when they run (cargo sets it), not where they were compiled.
+        let root = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+        let script = root.join("../../tests/s3_server.py");
+        // Port 0: the server binds a free port and names it, so no other process can take it in between.
         let mut child = Command::new(&python)
-            .arg(script)
-            .args(["--port", &port.to_string(), "--bucket", BUCKET])
+            .arg(&script)
+            .args(["--port", "0", "--bucket", BUCKET])
             .args(options)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("the S3 server starts");
-        // It prints "ready ..." once it listens, with its bucket made.
+        // It prints "ready on http://127.0.0.1:PORT" once it listens, with its bucket made.
         let mut ready = String::new();
         BufReader::new(child.stdout.take().expect("piped"))
             .read_line(&mut ready)
             .expect("the S3 server's output");
-        let server = S3Server { child, port };
-        assert!(ready.starts_with("ready"), "the S3 server did not start");
-        Some(server)
+        let port = ready
+            .trim_end()
+            .strip_prefix("ready on http://127.0.0.1:")
+            .and_then(|port| port.parse::<u16>().ok());
+        let Some(port) = port else {
+            // It exited before listening: say why, from its stderr.
+            let mut why = String::new();
+            let _ = child.stderr.take().expect("piped").read_to_string(&mut why);
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the S3 server ({python} {}) did not start: {ready:?}\n{why}",
+                script.display()
+            );
+        };
+        // Drained rather than left in a pipe that would fill and block the server.
+        let mut stderr = child.stderr.take().expect("piped");
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Some(S3Server { child, port })
     }
 
     /// The store under `prefix` in the test bucket; credentials come from the URL's options, so that the
