@@ -668,6 +668,7 @@ def render_chunk_agreement(r: dict[str, Any]) -> list[str]:
 SYSTEM_NAMES = {
     "contexts": "one context per session",
     "batched": "batching=True",
+    "shared": "batching=True, kv_cells",
     "llama_cpp_python": "llama-cpp-python, one at a time",
 }
 
@@ -680,7 +681,9 @@ def render_batching(r: dict[str, Any]) -> list[str]:
         f"`{r['command']}`: concurrent chats, each a {c['system_tokens']}-token system prompt restored, then "
         f"{c['turns']} turns of at most {c['max_tokens']} greedy tokens, all starting together, through a "
         "SessionManager with one context per session, one with `batching=True` (one shared context, one "
-        "decode per step), and llama-cpp-python serving the same requests one at a time (a chat's first "
+        "decode per step, a KV stream of n_ctx cells per session), the same with `kv_cells` "
+        f"({c.get('cells_per_chat', '?')} per chat: the sessions share one cache), and llama-cpp-python "
+        "serving the same requests one at a time (a chat's first "
         "request waits for the chats served before it). Aggregate: all chats' tokens / wall time; per chat: "
         "the median of a chat's tokens / its own duration; time to first token over every turn; KV: bytes "
         f"allocated for the live sessions (n_ctx {c['n_ctx']} each) against the bytes of the tokens they "
@@ -730,14 +733,18 @@ def render_batching(r: dict[str, Any]) -> list[str]:
         )
         out += [
             "",
-            f"At {c['target_chats']} chats the three systems ran in turn, {repeats} times; each row is its "
+            f"At {c['target_chats']} chats the systems ran in turn, {repeats} times; each row is its "
             f"median run (aggregate tokens/s of every run, in order: {spread}).",
         ]
     out += [
         "",
-        "The KV cache of a batching manager is `max_live` streams of `n_ctx` cells (llama.cpp's split cache: "
-        "each session's state stays byte for byte a context of its own's), so it allocates what one context "
-        "per session allocates; what it saves is one compute buffer and one thread pool for all sessions.",
+        "The KV cache of a batching manager is `max_live` streams of `n_ctx` cells (llama.cpp's split "
+        "cache), so it allocates what one context per session allocates; what it saves is one compute "
+        "buffer and one thread pool for all sessions. With `kv_cells` the sessions share one cache of that "
+        "many cells (llama.cpp's unified cache) and memory follows what they hold, but each token's "
+        "attention walks every cell in use, masked to its own session's: each step costs more as the cache "
+        "fills. Either "
+        "way each session's state is byte for byte a context of its own's.",
         "",
     ]
     return out

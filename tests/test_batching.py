@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
-from llama_sessions import InvalidParameterError, Model, SessionManager
+from llama_sessions import ContextFullError, InvalidParameterError, KvBudgetFullError, Model, SessionManager
 
 SYSTEM = "You are a helpful assistant who answers in full sentences."
 QUESTIONS = [
@@ -101,3 +102,68 @@ def test_eviction_frees_sequences_and_a_held_context_keeps_working(model: Model,
 def test_batching_needs_a_batch_that_holds_every_session(model: Model, tmp_path: Path) -> None:
     with pytest.raises(InvalidParameterError, match="n_batch >= max_live"):
         manager(model, tmp_path, n_batch=2, max_live=4, batching=True)
+
+
+LONG_SYSTEM = SYSTEM + "\n" + "\n".join(f"Rule {i}: answer clearly and stay polite." for i in range(22))
+
+
+def test_shared_kv_cells_are_all_the_sessions_allocate_and_idle_sessions_make_room(
+    model: Model, tmp_path: Path
+) -> None:
+    shared = manager(model, tmp_path / "shared", max_live=3, n_ctx=512, batching=True, kv_cells=600)
+    assert shared.kv_cells == 768  # rounded up to a multiple of 256, as llama.cpp allocates
+    per_session = manager(model, tmp_path / "streams", max_live=3, n_ctx=512, batching=True)
+    assert per_session.kv_cells is None
+    # The same cells cost the same bytes: 768 shared against 3 x 512.
+    assert shared.live_kv_bytes() * 2 == per_session.live_kv_bytes()
+
+    for sid in ("a", "b"):
+        shared.create_session(sid, LONG_SYSTEM)
+        shared.chat(sid, QUESTIONS[0], max_tokens=16, temperature=0.0)
+    held = len(shared.load("b").tokens)  # ("b" is now the most recently used)
+    assert 2 * held <= 768 < 3 * held, held
+    assert shared.stats["evictions"] == 0
+    # A third session needs the cells of the least recently used idle one: "a" is saved and evicted.
+    shared.create_session("c", LONG_SYSTEM)
+    assert shared.live_sessions() == ["b", "c"]
+    assert shared.stats["evictions"] == 1
+    # It comes back from its file as it was, and continues as a manager without batching does (on a copy
+    # of the files, so that neither manager sees the other's turn).
+    shutil.copytree(tmp_path / "shared", tmp_path / "copy")
+    plain = manager(model, tmp_path / "copy", n_ctx=512)
+    assert plain.load("a").tokens == shared.load("a").tokens
+    assert shared.chat("a", "And then?", max_tokens=8, temperature=0.0) == plain.chat(
+        "a", "And then?", max_tokens=8, temperature=0.0
+    )
+
+    # Sessions in turns are never evicted: with two turns open, a new session does not fit (a ContextFullError
+    # of its own kind: the server answers it 503, not 400).
+    assert issubclass(KvBudgetFullError, ContextFullError)
+    streams = [shared.stream_chat(sid, "Go on.", max_tokens=16, temperature=0.0) for sid in ("b", "c")]
+    with pytest.raises(KvBudgetFullError, match=r"^the shared KV cache is full: \d+ more cells needed"):
+        shared.create_session("d", LONG_SYSTEM)
+    assert not shared.exists("d")
+    for stream in streams:
+        assert "".join(stream)
+    shared.create_session("d", LONG_SYSTEM)
+    assert "d" in shared.live_sessions()
+
+
+def test_kv_cells_are_checked(model: Model, tmp_path: Path) -> None:
+    with pytest.raises(InvalidParameterError) as without:
+        manager(model, tmp_path, kv_cells=600)
+    assert str(without.value) == (
+        "invalid kv_cells: expected None without batching=True (the cells shared by a batching manager's "
+        "sessions), found 600"
+    )
+    for cells in (0, 4 * 1024 + 1):
+        with pytest.raises(InvalidParameterError) as wrong:
+            manager(model, tmp_path, batching=True, kv_cells=cells)
+        assert str(wrong.value) == (
+            "invalid kv_cells: expected 1 <= kv_cells <= max_live * n_ctx = 4096 (more cells than every "
+            f"sequence can hold would never be used), found {cells}"
+        )
+    with pytest.raises(InvalidParameterError, match="0 < kv_cells < 2"):
+        manager(model, tmp_path, batching=True, kv_cells=-1)
+    with pytest.raises(TypeError):
+        manager(model, tmp_path, batching=True, kv_cells="600")

@@ -53,7 +53,10 @@ def test_the_multi_user_backend_example_runs(
     assert isinstance(batched, SessionManager) and batched.batching
     assert sorted(run.namespace["answers"]) == ["ada", "bob"] and all(run.namespace["answers"].values())
     assert batched.stats["batch_steps"] > 0
-    capsys.readouterr()
+    shared = run.namespace["shared"]
+    assert isinstance(shared, SessionManager)
+    assert (shared.kv_cells, shared.live_kv_bytes()) == (2048, 2048 * 23_040)
+    assert capsys.readouterr().out.endswith("True ['ada', 'bob'] True\n2048 45\n")
     run.run_rest()  # the command line: create, resume, list, show, export, collect, delete "bob"
     created, resumed, listed, shown, exported, collected, deleted = run.commands
     assert "created   bob" in created.stderr and "resumed   bob: " in resumed.stderr

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from llama_sessions import Context, Model
+from llama_sessions import Context, ContextFullError, KvBudgetFullError, Model
+from llama_sessions.server.errors import from_library_error
 
 from conftest import assert_same_output
 from server_process import ServerProcess, running_server
@@ -354,6 +355,8 @@ def test_sessions_that_share_a_system_prompt_read_it_once(server: ServerProcess,
     [
         (["--api-key", "short"], "an API key must be at least 16 printable ASCII characters"),
         (["--port", "70000"], "expected a port from 1 to 65535"),
+        (["--no-batching", "--kv-cells", "512"], "--kv-cells are the cells the batched sessions share"),
+        (["--kv-cells", "0"], "expected a whole number of at least 1, got 0"),
         (["--api-key-file", "EMPTY"], "holds no API key"),
     ],
 )
@@ -374,3 +377,14 @@ def test_a_refused_command_line_exits_2_before_loading_anything(
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_full_shared_kv_cache_is_a_503_the_client_may_retry() -> None:
+    """The sessions of other requests hold the cells: not the request's fault (400), the server's capacity."""
+    error = from_library_error(
+        KvBudgetFullError("the shared KV cache is full: 30 more cells needed but only 12 of kv_cells=256")
+    )
+    assert (error.status, error.code, error.error_type) == (503, "kv_cache_full", "server_error")
+    assert error.message.endswith("The server is at capacity; retry when other requests have ended")
+    too_long = from_library_error(ContextFullError("context full: the conversation needs 900 tokens"))
+    assert (too_long.status, too_long.code) == (400, "context_length_exceeded")

@@ -734,6 +734,13 @@ class SessionManager:
     at most 128 tokens per step while others generate. Each session's Context and its files stay exactly
     what they are without batching. Models whose memory is not one plain KV cache keep a context per
     session. See docs/manager.md.
+
+    ``kv_cells`` (with ``batching=True``): the live sessions share one KV cache of this many cells (rounded up
+    to a multiple of 256) instead of ``n_ctx`` cells each, so memory follows what they hold. A turn reserves
+    the cells of its conversation and ``max_tokens`` before it starts, and when the cache is full the least
+    recently used idle session is saved and evicted to make room; ContextFullError when the sessions in
+    turns hold the rest. Each token's attention then walks every cell in use, so steps are slower than with
+    a stream per session (docs/benchmarks.md measures both).
     """
 
     def __new__(
@@ -755,6 +762,7 @@ class SessionManager:
         prefix_cache: PrefixCache | None = None,
         storage: SessionStorage = "chunks",
         batching: bool = False,
+        kv_cells: int | None = None,
     ) -> SessionManager: ...
     @property
     def model(self) -> Model:
@@ -772,6 +780,11 @@ class SessionManager:
     def batching(self) -> bool:
         """Whether the live sessions run as sequences of one context, decoded together (``batching=True``, for
         a model whose memory is one plain KV cache).
+        """
+    @property
+    def kv_cells(self) -> int | None:
+        """The KV cells the live sessions share (``kv_cells``, rounded up as allocated); None when each has
+        ``n_ctx`` cells of its own.
         """
     @property
     def storage(self) -> SessionStorage:

@@ -660,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one llama.cpp context per live session instead of one shared context decoding them together",
     )
     serve_parser.add_argument(
+        "--kv-cells",
+        type=_positive_int,
+        help="KV cells (tokens) the live sessions share, whatever --max-live is; idle sessions are evicted "
+        "for room (default: n-ctx cells per live session, each its own; faster, more memory)",
+    )
+    serve_parser.add_argument(
         "--default-max-tokens",
         type=_positive_int,
         default=512,

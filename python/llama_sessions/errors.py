@@ -19,6 +19,7 @@ __all__ = [
     "DecodeError",
     "InternalError",
     "InvalidParameterError",
+    "KvBudgetFullError",
     "LlamaSessionsError",
     "ModelFetchError",
     "ModelLoadError",
@@ -68,6 +69,14 @@ class ContextFullError(LlamaSessionsError):
     """The prompt does not fit in the space left in the context.
 
     Raised before anything is decoded: the context is unchanged and stays usable.
+    """
+
+
+class KvBudgetFullError(ContextFullError):
+    """A batching SessionManager with ``kv_cells``: the KV cells its live sessions share are held by sessions
+    in turns (or whose Context a caller holds), so this call's session has no room until one of those ends.
+
+    Raised before anything is decoded, nothing changed: retry when a turn has ended, or raise ``kv_cells``.
     """
 
 

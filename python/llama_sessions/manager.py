@@ -76,6 +76,7 @@ class SessionManager(_NativeSessionManager):
         prefix_cache: PrefixCache | None = None,
         storage: SessionStorage = "chunks",
         batching: bool = False,
+        kv_cells: int | None = None,
     ) -> None:
         # The native __new__ built the manager from these arguments; here it only joins the watch for
         # unsaved sessions when it does not save them itself.

@@ -9,6 +9,7 @@ from ..errors import (
     ChatTemplateError,
     ContextFullError,
     InvalidParameterError,
+    KvBudgetFullError,
     LlamaSessionsError,
     SessionBusyError,
     SessionConflictError,
@@ -60,6 +61,14 @@ def from_library_error(error: LlamaSessionsError, *, hidden_prefix: str = "") ->
     which says what was expected and what was found, with ``hidden_prefix`` (the namespace a client's session
     ids are stored under) taken out."""
     message = str(error).replace(hidden_prefix, "") if hidden_prefix else str(error)
+    if isinstance(error, KvBudgetFullError):
+        # Not the request's fault: the sessions in other requests hold the server's KV cells for now.
+        return ApiError(
+            503,
+            f"{message}. The server is at capacity; retry when other requests have ended",
+            error_type="server_error",
+            code="kv_cache_full",
+        )
     if isinstance(error, ContextFullError):
         return ApiError(400, message, param="messages", code="context_length_exceeded")
     if isinstance(error, (InvalidParameterError, TokenizeError)):

@@ -38,6 +38,13 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(args: argparse.Namespace, model_path: Path) -> int:
+    if args.kv_cells is not None and args.no_batching:
+        print(
+            "llama-sessions: --kv-cells are the cells the batched sessions share: drop --no-batching, or "
+            "--kv-cells",
+            file=sys.stderr,
+        )
+        return 2
     keys = api_keys(args)
     if args.api_key_file and not keys:
         print(f"llama-sessions: {args.api_key_file} holds no API key", file=sys.stderr)
@@ -61,6 +68,7 @@ def serve(args: argparse.Namespace, model_path: Path) -> int:
         n_threads=args.threads,
         max_live=args.max_live,
         batching=not args.no_batching,
+        kv_cells=args.kv_cells,
         # A request's conversation is the client's: refuse one that does not fit rather than cut it.
         overflow="error",
     )
@@ -75,7 +83,8 @@ def serve(args: argparse.Namespace, model_path: Path) -> int:
     print(
         f"llama-sessions: serving {model_id!r} on http://{args.host}:{args.port}/v1 (sessions in "
         f"{args.sessions}, {len(keys)} API key{'s' if len(keys) != 1 else ''}, n_ctx {manager.params.n_ctx}, "
-        f"{'batching ' if manager.batching else ''}{manager.max_live} live sessions)",
+        f"{'batching ' if manager.batching else ''}{manager.max_live} live sessions"
+        f"{f' sharing {manager.kv_cells} KV cells' if manager.kv_cells else ''})",
         file=sys.stderr,
         flush=True,
     )

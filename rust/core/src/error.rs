@@ -55,6 +55,27 @@ pub enum Error {
         n_seq_max: u32,
     },
 
+    /// The KV cells a pool's sequences share ([`crate::PoolMemory::Shared`], a batching manager's `kv_cells`)
+    /// are all held or reserved by other sequences: nothing was decoded. A manager first evicts idle sessions
+    /// to make room; it raises this only when the rest are in turns (or a caller holds their contexts).
+    #[error(
+        "the shared KV cache is full: {requested} more cells needed but only {available} of kv_cells={budget} \
+         are free ({held} held by this sequence, the rest by {sequences} others: live sessions in turns, or \
+         whose context a caller holds); raise kv_cells, or lower max_live or max_tokens"
+    )]
+    KvBudgetFull {
+        /// Cells the call needed beyond what its sequence holds or reserved.
+        requested: usize,
+        /// Cells no sequence holds or reserved.
+        available: usize,
+        /// Cells this sequence holds or reserved.
+        held: usize,
+        /// Cells all sequences share.
+        budget: usize,
+        /// Other sequences holding cells.
+        sequences: usize,
+    },
+
     /// A manager's chat turn does not fit: its conversation (system prompt, the history kept, the new message)
     /// plus the `max_tokens` reserved for the answer exceed what a sequence holds. Raised before the turn
     /// starts: nothing changed.

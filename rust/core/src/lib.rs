@@ -47,7 +47,9 @@ pub use context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, ManifestSnapshot,
     NeverInterrupt, SeqId, SequenceCopy, StopReason, MAX_CHECKPOINTS,
 };
-pub use engine::{ContextPool, Engine, PoolStats, TurnStream, DEFAULT_PROMPT_TOKENS_PER_STEP};
+pub use engine::{
+    ContextPool, Engine, PoolMemory, PoolStats, TurnStream, DEFAULT_PROMPT_TOKENS_PER_STEP,
+};
 pub use error::{Error, ParamMismatch, ParamValue, Result, CONTEXT_MISMATCH_ADVICE};
 pub use llama_cpp_2::token::LlamaToken;
 pub use manager::{

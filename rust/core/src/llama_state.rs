@@ -749,6 +749,145 @@ impl Reader<'_> {
     }
 }
 
+/// llama.cpp's state of sequence `from_seq` of a unified KV cache (one stream for every sequence), as a context
+/// with `to_seq` alone in its cache writes it: sequence id `to_seq`, and the cells in position order with their
+/// K and V rows moved along.
+///
+/// A unified cache places each batch's tokens in the first free cells, so once other sequences have freed
+/// cells a sequence's later positions may sit before its earlier ones; its state lists cells in cell order.
+/// A context of its own holds positions `0..n` in cells `0..n`, and a state in that order is what sessions
+/// store (byte for byte the same as a plain Context's) and what the checked restore accepts. Every cell must
+/// list `from_seq` alone, with distinct positions; `cell_ext_bytes` is the per-cell extension of the model.
+/// The row sizes are read from the state itself, each bounded by its length.
+pub fn into_position_order(
+    state: &[u8],
+    cell_ext_bytes: usize,
+    from_seq: i32,
+    to_seq: i32,
+) -> Result<Vec<u8>, String> {
+    let mut r = Reader {
+        bytes: state,
+        at: 0,
+    };
+    let mut out = Vec::with_capacity(state.len());
+    let magic = r.u32("the state's magic")?;
+    if magic != IO_MAGIC {
+        return Err(format!(
+            "the state's magic is {magic:#010x}, expected {IO_MAGIC:#010x}"
+        ));
+    }
+    let saved = r.i32("the saved sequence id")?;
+    if saved != from_seq {
+        return Err(format!(
+            "the state belongs to sequence {saved}, expected {from_seq}"
+        ));
+    }
+    let n_stream = r.u32("the stream count")?;
+    if n_stream != 1 {
+        return Err(format!(
+            "the state has {n_stream} KV streams, a unified cache has 1"
+        ));
+    }
+    out.extend_from_slice(&IO_MAGIC.to_le_bytes());
+    out.extend_from_slice(&to_seq.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    let cells = r.u32("the cell count")? as usize;
+    out.extend_from_slice(&(cells as u32).to_le_bytes());
+    if cells == 0 {
+        return finish(r, out);
+    }
+    // Each cell record: position, sequence-id count (1), extension, the sequence id.
+    let record = 12 + cell_ext_bytes;
+    let records = r.take(
+        cells
+            .checked_mul(record)
+            .ok_or("the cell records cannot be addressed")?,
+        "the cell records",
+    )?;
+    let mut order: Vec<(i32, usize)> = Vec::with_capacity(cells);
+    for (i, cell) in records.chunks_exact(record).enumerate() {
+        let word = |at: usize| i32::from_le_bytes(cell[at..at + 4].try_into().expect("4 bytes"));
+        if word(4) != 1 || word(8 + cell_ext_bytes) != from_seq {
+            return Err(format!(
+                "cell {i} does not belong to sequence {from_seq} alone"
+            ));
+        }
+        order.push((word(0), i));
+    }
+    order.sort_unstable();
+    if let Some(pair) = order.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(format!("two cells hold position {}", pair[0].0));
+    }
+    let order: Vec<usize> = order.into_iter().map(|(_, i)| i).collect();
+    for &i in &order {
+        let cell = &records[i * record..(i + 1) * record];
+        out.extend_from_slice(&cell[..record - 4]);
+        out.extend_from_slice(&to_seq.to_le_bytes());
+    }
+    let v_trans = r.u32("the V transposition flag")?;
+    let n_layer = r.u32("the layer count")?;
+    out.extend_from_slice(&v_trans.to_le_bytes());
+    out.extend_from_slice(&n_layer.to_le_bytes());
+    out.extend_from_slice(r.take(8, "the K/V rotations")?);
+    // Rows (one per cell) of K for every layer, then of V: moved whole, in the new order.
+    let permute = |r: &mut Reader<'_>, out: &mut Vec<u8>, what: &str| -> Result<(), String> {
+        let row =
+            usize::try_from(r.u64(what)?).map_err(|_| format!("{what} cannot be addressed"))?;
+        out.extend_from_slice(&(row as u64).to_le_bytes());
+        let rows = r.take(
+            cells
+                .checked_mul(row)
+                .ok_or_else(|| format!("{what} cannot be addressed"))?,
+            what,
+        )?;
+        for &i in &order {
+            out.extend_from_slice(&rows[i * row..(i + 1) * row]);
+        }
+        Ok(())
+    };
+    for _ in 0..n_layer {
+        out.extend_from_slice(r.take(4, "a layer's K type")?);
+        permute(&mut r, &mut out, "a layer's K rows")?;
+    }
+    for _ in 0..n_layer {
+        out.extend_from_slice(r.take(4, "a layer's V type")?);
+        if v_trans == 0 {
+            permute(&mut r, &mut out, "a layer's V rows")?;
+            continue;
+        }
+        // Transposed: for each of `width` values, one element per cell.
+        let element = r.u32("a layer's V element size")? as usize;
+        let width = r.u32("a layer's V width")? as usize;
+        out.extend_from_slice(&(element as u32).to_le_bytes());
+        out.extend_from_slice(&(width as u32).to_le_bytes());
+        let column = cells
+            .checked_mul(element)
+            .ok_or("a layer's V columns cannot be addressed")?;
+        let values = r.take(
+            column
+                .checked_mul(width)
+                .ok_or("a layer's V columns cannot be addressed")?,
+            "a layer's V columns",
+        )?;
+        for run in values.chunks_exact(column) {
+            for &i in &order {
+                out.extend_from_slice(&run[i * element..(i + 1) * element]);
+            }
+        }
+    }
+    finish(r, out)
+}
+
+fn finish(r: Reader<'_>, out: Vec<u8>) -> Result<Vec<u8>, String> {
+    if r.at != r.bytes.len() {
+        return Err(format!(
+            "{} bytes follow the end of the state",
+            r.bytes.len() - r.at
+        ));
+    }
+    Ok(out)
+}
+
 /// Builds a well-formed state for `layout` (payload bytes all `fill`): what the tests and the fuzzer's
 /// structure-aware mutator start from.
 pub fn synthesize(layout: &StateLayout, seq: u32, token_count: usize, fill: u8) -> Vec<u8> {
@@ -824,6 +963,105 @@ mod tests {
             saved_seq,
             token_count,
         }
+    }
+
+    /// A state of `seq` whose cells hold `positions` in that (cell) order, each cell's payload bytes its
+    /// position (K rows, V rows or V elements), so that where a row went can be read back.
+    fn scattered(layout: &StateLayout, seq: u32, positions: &[u8]) -> Vec<u8> {
+        let mut state = synthesize(layout, seq, positions.len(), 0);
+        // Cell records start after magic, sequence id, stream count and cell count.
+        let records = 16;
+        for (i, &p) in positions.iter().enumerate() {
+            state[records + i * 12..records + i * 12 + 4]
+                .copy_from_slice(&u32::from(p).to_le_bytes());
+        }
+        let mut at = records + positions.len() * 12 + 16;
+        for l in &layout.layers {
+            at += 12;
+            for &p in positions {
+                state[at..at + l.k_row_bytes as usize].fill(p);
+                at += l.k_row_bytes as usize;
+            }
+        }
+        for l in &layout.layers {
+            if layout.v_trans {
+                at += 12;
+                for _ in 0..l.v_width {
+                    for &p in positions {
+                        state[at..at + l.v_element_bytes as usize].fill(p);
+                        at += l.v_element_bytes as usize;
+                    }
+                }
+            } else {
+                at += 12;
+                for &p in positions {
+                    state[at..at + l.v_row_bytes as usize].fill(p);
+                    at += l.v_row_bytes as usize;
+                }
+            }
+        }
+        assert_eq!(at, state.len());
+        state
+    }
+
+    #[test]
+    fn a_unified_caches_scattered_cells_come_out_in_position_order_with_their_rows() {
+        for v_trans in [false, true] {
+            let layout = layout(v_trans, 1);
+            let state = scattered(&layout, 3, &[2, 0, 3, 1]);
+            let ordered = into_position_order(&state, 0, 3, 0).unwrap();
+            assert_eq!(
+                ordered,
+                scattered(&layout, 0, &[0, 1, 2, 3]),
+                "v_trans {v_trans}"
+            );
+            // Back into the cache under another id: already in order, only the id changes.
+            assert_eq!(
+                into_position_order(&ordered, 0, 0, 5).unwrap(),
+                scattered(&layout, 5, &[0, 1, 2, 3])
+            );
+            check_sequence_state(&ordered, &layout, expected(0, 4)).unwrap();
+        }
+        let empty = synthesize(&layout(false, 1), 2, 0, 0);
+        assert_eq!(
+            into_position_order(&empty, 0, 2, 0).unwrap(),
+            synthesize(&layout(false, 1), 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_put_in_order_is_refused() {
+        let layout = layout(true, 1);
+        let state = scattered(&layout, 1, &[1, 0]);
+        let refused = |bytes: &[u8], from: i32| into_position_order(bytes, 0, from, 0).unwrap_err();
+        assert_eq!(
+            refused(&state, 2),
+            "the state belongs to sequence 1, expected 2"
+        );
+        assert_eq!(
+            refused(&scattered(&layout, 1, &[1, 1]), 1),
+            "two cells hold position 1"
+        );
+        let mut shared = state.clone();
+        shared[16 + 4..16 + 8].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(
+            refused(&shared, 1),
+            "cell 0 does not belong to sequence 1 alone"
+        );
+        let mut longer = state.clone();
+        longer.push(0);
+        assert_eq!(refused(&longer, 1), "1 bytes follow the end of the state");
+        assert!(refused(&state[..state.len() - 1], 1).contains("the state ends at byte"));
+        // A huge announced row size is refused by the length, never allocated.
+        let mut huge = state.clone();
+        let k_row = 16 + 2 * 12 + 16 + 4;
+        huge[k_row..k_row + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(refused(&huge, 1).contains("K rows"));
+        let streams = synthesize(&self::layout(true, 2), 1, 2, 0);
+        assert_eq!(
+            refused(&streams, 1),
+            "the state has 2 KV streams, a unified cache has 1"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pyo3::import_exception!(llama_sessions.errors, ModelLoadError);
 pyo3::import_exception!(llama_sessions.errors, InvalidParameterError);
 pyo3::import_exception!(llama_sessions.errors, ContextCreateError);
 pyo3::import_exception!(llama_sessions.errors, ContextFullError);
+pyo3::import_exception!(llama_sessions.errors, KvBudgetFullError);
 pyo3::import_exception!(llama_sessions.errors, TokenizeError);
 pyo3::import_exception!(llama_sessions.errors, DecodeError);
 pyo3::import_exception!(llama_sessions.errors, ChatTemplateError);
@@ -98,6 +99,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::ContextFull { .. } | Error::ChatOverflow { .. } => {
             ContextFullError::new_err(message)
         }
+        Error::KvBudgetFull { .. } => KvBudgetFullError::new_err(message),
         Error::Tokenize(_) => TokenizeError::new_err(message),
         Error::Decode { .. } => DecodeError::new_err(message),
         Error::ChatTemplate(_) => ChatTemplateError::new_err(message),

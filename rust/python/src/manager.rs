@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use llama_sessions::{
-    ChatTurn, DirectoryStore, Error, ListedSession, OverflowPolicy, SessionManager, SessionStore,
-    TurnWait,
+    ChatTurn, DirectoryStore, Error, ListedSession, OverflowPolicy, PoolMemory, SessionManager,
+    SessionStore, TurnWait,
 };
 use llama_sessions::{DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING};
 use pyo3::prelude::*;
@@ -77,6 +77,13 @@ use crate::session::{metadata_from_py, PySessionInfo};
 /// at most 128 tokens per step while others generate. Each session's Context and its files stay exactly
 /// what they are without batching. Models whose memory is not one plain KV cache keep a context per
 /// session. See docs/manager.md.
+///
+/// ``kv_cells`` (with ``batching=True``): the live sessions share one KV cache of this many cells (rounded up
+/// to a multiple of 256) instead of ``n_ctx`` cells each, so memory follows what they hold. A turn reserves
+/// the cells of its conversation and ``max_tokens`` before it starts, and when the cache is full the least
+/// recently used idle session is saved and evicted to make room; ContextFullError when the sessions in
+/// turns hold the rest. Each token's attention then walks every cell in use, so steps are slower than with
+/// a stream per session (docs/benchmarks.md measures both).
 #[pyclass(
     name = "SessionManager",
     module = "llama_sessions._native",
@@ -262,8 +269,8 @@ impl PySessionManager {
     /// Creates a manager of the sessions in `session_dir` (created if missing).
     #[new]
     #[pyo3(
-        signature = (model, session_dir = None, params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks", batching = false),
-        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None, storage='chunks', batching=False)"
+        signature = (model, session_dir = None, params = None, *, max_live = 8, autosave = true, overflow = "drop_oldest", n_ctx = None, n_batch = None, n_threads = None, type_k = None, type_v = None, flash_attn = None, secret_key = None, prefix_cache = None, storage = "chunks", batching = false, kv_cells = None),
+        text_signature = "(model, session_dir='./sessions', params=None, *, max_live=8, autosave=True, overflow='drop_oldest', n_ctx=None, n_batch=None, n_threads=None, type_k=None, type_v=None, flash_attn=None, secret_key=None, prefix_cache=None, storage='chunks', batching=False, kv_cells=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -284,7 +291,20 @@ impl PySessionManager {
         prefix_cache: Option<Py<PyPrefixCache>>,
         storage: &str,
         batching: bool,
+        kv_cells: Option<i64>,
     ) -> PyResult<Self> {
+        let memory = match kv_cells {
+            None => PoolMemory::PerSequence,
+            Some(_) if !batching => return Err(to_py(Error::invalid(
+                "kv_cells",
+                "None without batching=True (the cells shared by a batching manager's sessions)",
+                kv_cells.unwrap_or_default(),
+            ))),
+            Some(cells) => PoolMemory::Shared {
+                cells: u32::try_from(cells)
+                    .map_err(|_| to_py(Error::invalid("kv_cells", "0 < kv_cells < 2^32", cells)))?,
+            },
+        };
         let location = match session_dir {
             None => Location::Directory(PathBuf::from("./sessions")),
             Some(given) => Location::from_py(&given)?,
@@ -343,7 +363,7 @@ impl PySessionManager {
                 None => manager,
             };
             if batching {
-                manager.with_batching(llama_sessions::DEFAULT_PROMPT_TOKENS_PER_STEP)
+                manager.with_batching_memory(llama_sessions::DEFAULT_PROMPT_TOKENS_PER_STEP, memory)
             } else {
                 Ok(manager)
             }
@@ -393,6 +413,14 @@ impl PySessionManager {
     #[getter]
     fn batching(&self) -> bool {
         self.inner.pool().is_some()
+    }
+
+    /// The KV cells the live sessions share (``kv_cells``, rounded up as allocated); None when each has
+    /// ``n_ctx`` cells of its own.
+    #[getter]
+    fn kv_cells(&self) -> Option<usize> {
+        let pool = self.inner.pool()?;
+        pool.free_cells().map(|_| pool.cells())
     }
 
     /// How sessions are stored: "chunks" (manifests naming chunks in prefix_cache) or "files".

@@ -22,14 +22,19 @@ pub(super) enum LayoutPlan {
     },
 }
 
-/// How the context learns its layout: see [`LayoutPlan`].
-pub(super) fn plan(model: &Model, params: &ContextParams, max_cells: usize) -> LayoutPlan {
-    let kind = model.memory_kind();
-    let cell_ext_bytes = if uses_multi_position_rope(model) {
+/// Bytes of llama.cpp's per-cell extension in `model`'s KV state records (M-RoPE positions and token).
+pub(crate) fn cell_ext_bytes(model: &Model) -> usize {
+    if uses_multi_position_rope(model) {
         12
     } else {
         0
-    };
+    }
+}
+
+/// How the context learns its layout: see [`LayoutPlan`].
+pub(super) fn plan(model: &Model, params: &ContextParams, max_cells: usize) -> LayoutPlan {
+    let kind = model.memory_kind();
+    let cell_ext_bytes = cell_ext_bytes(model);
     match kind {
         MemoryKind::Attention => {
             LayoutPlan::Ready(state_layout(model, params, max_cells).map(MemoryLayout::Attention))
@@ -134,11 +139,7 @@ fn state_layout(
     };
     Ok(StateLayout {
         n_stream: params.n_seq_max,
-        cell_ext_bytes: if uses_multi_position_rope(model) {
-            12
-        } else {
-            0
-        },
+        cell_ext_bytes: cell_ext_bytes(model),
         v_trans: !params.flash_attn,
         n_rot_k,
         n_rot_v,

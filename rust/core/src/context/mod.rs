@@ -39,6 +39,7 @@ use checkpoints::Checkpoint;
 pub use checkpoints::MAX_CHECKPOINTS;
 use generation::Generator;
 use handle::LlamaHandle;
+pub(crate) use layout::cell_ext_bytes;
 pub use manifest::ManifestSnapshot;
 pub use prefix::SequenceCopy;
 
@@ -324,12 +325,37 @@ impl Context {
             Ok(MemoryLayout::Recurrent(r)) => return recurrent(r),
             Ok(MemoryLayout::Attention(_)) | Err(_) => {}
         }
-        let llama = &self.model.inner.llama;
-        let heads = llama.n_head().max(1) as usize;
-        let width = (llama.n_embd().max(0) as usize) * llama.n_head_kv() as usize / heads;
-        let row = |t: crate::params::KvType| t.row_bytes(width);
         let n_ctx = self.capacity_per_sequence * self.sequences.len();
-        n_ctx * llama.n_layer() as usize * (row(self.params.type_k) + row(self.params.type_v))
+        n_ctx * kv_bytes_per_cell(&self.model, &self.params)
+    }
+
+    /// For a Context of a [`crate::ContextPool`] whose sequences share their cells: makes this one hold or
+    /// reserve `cells` cells (a turn reserves what it may decode before it starts); [`Error::KvBudgetFull`]
+    /// if the other sequences hold the rest. Nothing to do for any other Context.
+    pub(crate) fn reserve_pool_cells(&self, cells: usize) -> Result<()> {
+        match self.llama.pooled() {
+            Some(pooled) => pooled.reserve_cells(cells),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this Context is a sequence of a [`crate::ContextPool`].
+    pub fn is_pooled(&self) -> bool {
+        self.llama.pooled().is_some()
+    }
+
+    /// Whether this Context holds or reserved cells of a pool's shared cache (evicting its session frees them).
+    pub(crate) fn holds_pool_cells(&self) -> bool {
+        self.llama
+            .pooled()
+            .is_some_and(|pooled| pooled.reserved_cells() > 0)
+    }
+
+    /// Gives back what [`Context::reserve_pool_cells`] reserved beyond the tokens this Context holds.
+    pub(crate) fn release_pool_cells(&self) {
+        if let Some(pooled) = self.llama.pooled() {
+            pooled.release_cells(self.sequences[0].len());
+        }
     }
 
     /// The most bytes of llama.cpp state a session restored into this context can hold: twice its KV cache
@@ -722,6 +748,14 @@ impl Context {
                 origin: origin.to_owned(),
                 reason: format!("sequence {saved_seq}: {e}"),
             })?;
+        let pooled_state = match self.llama.pooled() {
+            Some(pooled) => {
+                // A pool's shared cache has the cells for it before anything changes here.
+                pooled.reserve_cells(tokens.len())?;
+                Some(pooled.to_pool_streams(state)?)
+            }
+            None => None,
+        };
         self.epoch += 1;
         self.last_logits = None;
         if scope == StateScope::Whole {
@@ -730,10 +764,6 @@ impl Context {
         }
         clear_recent_log();
         let llama_seq = self.llama.seq(seq);
-        let pooled_state = match self.llama.pooled() {
-            Some(pooled) => Some(pooled.to_pool_streams(state)?),
-            None => None,
-        };
         let state = pooled_state.as_deref().unwrap_or(state);
         // SAFETY: llama.cpp's sequence-state reader is bounded by the slice length, but it trusts the cell
         // records (a negative position stays in the cache for good; several sequence ids or positions out of
@@ -1074,11 +1104,31 @@ fn sample_from_logits(
     Ok(token)
 }
 
+/// Bytes of one KV cell (K and V of every layer) of a plain attention cache of `model` with `params`.
+pub(crate) fn kv_bytes_per_cell(model: &Model, params: &ContextParams) -> usize {
+    let llama = &model.inner.llama;
+    let heads = llama.n_head().max(1) as usize;
+    let width = (llama.n_embd().max(0) as usize) * llama.n_head_kv() as usize / heads;
+    let row = |t: crate::params::KvType| t.row_bytes(width);
+    llama.n_layer() as usize * (row(params.type_k) + row(params.type_v))
+}
+
 /// A llama.cpp context over `model` with `params` (validated by the caller).
 pub(crate) fn create_cell(model: &Model, params: &ContextParams) -> Result<ContextCell> {
+    create_cell_with(model, params, false)
+}
+
+/// As [`create_cell`]; with `unified`, the sequences share one KV cache of `n_ctx` cells instead of a stream
+/// of `n_ctx / n_seq_max` cells each (a pool's shared cache: the Context API never makes one itself, as its
+/// states and room checks are per stream).
+pub(crate) fn create_cell_with(
+    model: &Model,
+    params: &ContextParams,
+    unified: bool,
+) -> Result<ContextCell> {
     let backend = backend()?;
     clear_recent_log();
-    let llama_params = params.to_llama();
+    let llama_params = params.to_llama().with_kv_unified(unified);
     let _creating = CONTEXT_CREATION
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

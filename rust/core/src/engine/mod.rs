@@ -36,7 +36,7 @@ use crate::params::ContextParams;
 use crate::session::{Metadata, SessionInfo};
 use crate::signing::SessionKey;
 pub(crate) use pool::PooledSequence;
-pub use pool::{ContextPool, PoolStats, DEFAULT_PROMPT_TOKENS_PER_STEP};
+pub use pool::{ContextPool, PoolMemory, PoolStats, DEFAULT_PROMPT_TOKENS_PER_STEP};
 use scheduler::Scheduler;
 pub use stream::TurnStream;
 

@@ -11,9 +11,13 @@
 //! request that did not fit stays queued and goes on in the next step; its Context waits until all its
 //! tokens are in.
 //!
-//! Memory: each sequence is its own KV stream of the session's `n_ctx` cells (llama.cpp's split cache), so a
-//! pooled Context's states are byte for byte those of a plain Context with the same parameters. llama.cpp
-//! puts sequences with consecutive ids in one micro-batch, so the pool hands out the lowest free id first.
+//! Memory ([`PoolMemory`]): either each sequence is its own KV stream of the session's `n_ctx` cells
+//! (llama.cpp's split cache), or all sequences share one cache of a cell budget (llama.cpp's unified cache),
+//! which a ledger here divides: a sequence holds or reserves cells before it decodes into them, so one
+//! sequence's growth never fails another's decode midway. Either way a pooled Context's states are byte for
+//! byte those of a plain Context with the same parameters (a unified cache's are put back in position order,
+//! [`crate::llama_state::into_position_order`]). llama.cpp puts sequences with consecutive ids in one
+//! micro-batch, so the pool hands out the lowest free id first.
 
 use std::collections::BTreeSet;
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -43,6 +47,53 @@ pub(crate) const GATHER: Duration = Duration::from_millis(3);
 /// cache's stream count; a cell count per stream follows.
 const SEQ_AT: usize = 4;
 const STREAMS_AT: usize = 8;
+
+/// How a pool's sequences hold their KV cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolMemory {
+    /// Each sequence has a stream of its own of `n_ctx` cells, allocated whether used or not (llama.cpp's
+    /// split cache): the fastest, as each token attends its own sequence's cells only.
+    #[default]
+    PerSequence,
+    /// All sequences share `cells` cells (llama.cpp's unified cache): memory follows what the sequences
+    /// hold, up to this budget, and no sequence holds more than `n_ctx`. Each token's attention walks every
+    /// cell in use, masked to its own sequence's, so a step costs more as the cache fills.
+    Shared {
+        /// Cells all sequences share.
+        cells: u32,
+    },
+}
+
+/// The cells each sequence of a shared cache holds or reserved (its tokens, and what a turn reserved for
+/// those to come): every decode and restore reserves first, so the sum never exceeds the budget and
+/// llama.cpp always finds the cells a reserved decode needs.
+struct Ledger {
+    budget: usize,
+    reserved: Vec<usize>,
+}
+
+impl Ledger {
+    /// Makes `seq` hold or reserve at least `cells`, or says why it cannot.
+    fn reserve(&mut self, seq: i32, cells: usize) -> Result<()> {
+        let mine = self.reserved[seq as usize];
+        if cells <= mine {
+            return Ok(());
+        }
+        let used: usize = self.reserved.iter().sum();
+        let available = self.budget - used;
+        if cells - mine > available {
+            return Err(Error::KvBudgetFull {
+                requested: cells - mine,
+                available,
+                held: mine,
+                budget: self.budget,
+                sequences: self.reserved.iter().filter(|&&r| r > 0).count() - usize::from(mine > 0),
+            });
+        }
+        self.reserved[seq as usize] = cells;
+        Ok(())
+    }
+}
 
 /// What a decode request gets back: its logits buffer holding the logits of its last token (when asked for),
 /// or why it failed.
@@ -90,6 +141,10 @@ pub(crate) struct PoolShared {
     sequences: u32,
     /// The shared context's threads (which compute lane its decodes take, see `crate::compute`).
     n_threads: u32,
+    /// For a shared cache ([`PoolMemory::Shared`]): who holds its cells.
+    ledger: Option<Mutex<Ledger>>,
+    /// Bytes of the per-cell extension of the model's cache records (for reordering a shared cache's states).
+    cell_ext_bytes: usize,
 }
 
 /// Counters of a pool's decoder (for tests and benchmarks).
@@ -149,6 +204,25 @@ impl ContextPool {
         sequences: u32,
         prompt_tokens_per_step: usize,
     ) -> Result<ContextPool> {
+        ContextPool::with_memory(
+            model,
+            params,
+            sequences,
+            prompt_tokens_per_step,
+            PoolMemory::PerSequence,
+        )
+    }
+
+    /// As [`ContextPool::new`], with the sequences' cells laid out as `memory` says. With
+    /// [`PoolMemory::Shared`], a decode or restore that would take the cache past its budget fails with
+    /// [`Error::KvBudgetFull`] before llama.cpp sees it (the Context is unchanged).
+    pub fn with_memory(
+        model: &Model,
+        params: ContextParams,
+        sequences: u32,
+        prompt_tokens_per_step: usize,
+        memory: PoolMemory,
+    ) -> Result<ContextPool> {
         params.validate(model)?;
         if model.memory_kind() != MemoryKind::Attention {
             return Err(Error::invalid(
@@ -166,17 +240,36 @@ impl ContextPool {
             ));
         }
         let one = params.allocated();
-        let total = ContextParams {
-            n_ctx: one.n_ctx.checked_mul(sequences).ok_or_else(|| {
+        let cells = match memory {
+            PoolMemory::PerSequence => one.n_ctx.checked_mul(sequences).ok_or_else(|| {
                 Error::invalid(
                     "max_live",
                     format!("max_live * n_ctx below 2^32 (n_ctx={})", one.n_ctx),
                     sequences,
                 )
             })?,
+            // llama.cpp rounds a context's cells up to a multiple of 256; so does the budget.
+            PoolMemory::Shared { cells } => {
+                let most = one.n_ctx.saturating_mul(sequences);
+                if cells == 0 || cells > most {
+                    return Err(Error::invalid(
+                        "kv_cells",
+                        format!(
+                            "1 <= kv_cells <= max_live * n_ctx = {most} (more cells than every sequence can \
+                             hold would never be used)"
+                        ),
+                        cells,
+                    ));
+                }
+                cells.next_multiple_of(256).min(most)
+            }
+        };
+        let total = ContextParams {
+            n_ctx: cells,
             n_seq_max: sequences,
             ..params.clone()
         };
+        let unified = matches!(memory, PoolMemory::Shared { .. });
         // Each sequence's n_ctx was checked against the model above; the total is their sum.
         if !(1..=crate::params::MAX_SEQUENCES).contains(&sequences) {
             return Err(Error::invalid(
@@ -192,7 +285,7 @@ impl ContextPool {
                 params.n_batch,
             ));
         }
-        let cell = crate::context::create_cell(model, &total)?;
+        let cell = crate::context::create_cell_with(model, &total, unified)?;
         let (n_ctx, n_batch) = {
             let llama = cell.borrow_dependent();
             (
@@ -200,10 +293,24 @@ impl ContextPool {
                 llama.n_batch().min(llama.n_ubatch()) as usize,
             )
         };
-        let params = ContextParams {
-            n_ctx: n_ctx / sequences,
-            n_batch: n_batch as u32,
-            ..params
+        let (params, ledger) = if unified {
+            let ledger = Ledger {
+                budget: n_ctx as usize,
+                reserved: vec![0; sequences as usize],
+            };
+            let params = ContextParams {
+                n_ctx: one.n_ctx,
+                n_batch: n_batch as u32,
+                ..params
+            };
+            (params, Some(Mutex::new(ledger)))
+        } else {
+            let params = ContextParams {
+                n_ctx: n_ctx / sequences,
+                n_batch: n_batch as u32,
+                ..params
+            };
+            (params, None)
         };
         let prompt_tokens_per_step = match prompt_tokens_per_step {
             0 => n_batch,
@@ -219,6 +326,8 @@ impl ContextPool {
             steps: Mutex::new(PoolStats::default()),
             sequences,
             n_threads: params.n_threads,
+            ledger,
+            cell_ext_bytes: crate::context::cell_ext_bytes(model),
         });
         let decoder = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -264,6 +373,28 @@ impl ContextPool {
         lock(&self.owner.shared.free).len()
     }
 
+    /// KV cells the pool allocated: `n_ctx` per sequence, or the shared budget (rounded up to a multiple of
+    /// 256 as llama.cpp allocates it).
+    pub fn cells(&self) -> usize {
+        match &self.owner.shared.ledger {
+            Some(ledger) => lock(ledger).budget,
+            None => self.params.n_ctx as usize * self.sequences as usize,
+        }
+    }
+
+    /// Bytes of the KV cache the pool allocated (all its cells, used or not).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cells() * crate::context::kv_bytes_per_cell(&self.model, &self.params)
+    }
+
+    /// For a shared cache: cells that no sequence holds or reserved (None with a stream per sequence).
+    pub fn free_cells(&self) -> Option<usize> {
+        self.owner.shared.ledger.as_ref().map(|ledger| {
+            let ledger = lock(ledger);
+            ledger.budget - ledger.reserved.iter().sum::<usize>()
+        })
+    }
+
     /// Counters of the decoder so far.
     pub fn stats(&self) -> PoolStats {
         *lock(&self.owner.shared.steps)
@@ -306,15 +437,58 @@ impl PooledSequence {
     }
 
     /// How many bytes longer llama.cpp's state of this sequence is than a context of its own would write: the
-    /// cell counts of the pool's other (empty) streams.
+    /// cell counts of the pool's other (empty) streams; none in a shared cache (one stream).
     pub(crate) fn extra_stream_bytes(&self) -> usize {
+        if self.owner.shared.ledger.is_some() {
+            return 0;
+        }
         4 * (self.owner.shared.sequences as usize - 1)
+    }
+
+    /// Makes this sequence hold or reserve at least `cells` of a shared cache ([`Error::KvBudgetFull`] if the
+    /// others hold the rest); nothing to do with a stream of its own (the Context checks its `n_ctx`).
+    pub(crate) fn reserve_cells(&self, cells: usize) -> Result<()> {
+        match &self.owner.shared.ledger {
+            Some(ledger) => lock(ledger).reserve(self.seq, cells),
+            None => Ok(()),
+        }
+    }
+
+    /// Cells of a shared cache this sequence holds or reserved (0 with a stream of its own).
+    pub(crate) fn reserved_cells(&self) -> usize {
+        self.owner
+            .shared
+            .ledger
+            .as_ref()
+            .map_or(0, |ledger| lock(ledger).reserved[self.seq as usize])
+    }
+
+    /// Gives back what this sequence reserved beyond `held`, the cells it holds.
+    pub(crate) fn release_cells(&self, held: usize) {
+        if let Some(ledger) = &self.owner.shared.ledger {
+            let mut ledger = lock(ledger);
+            let mine = &mut ledger.reserved[self.seq as usize];
+            *mine = (*mine).min(held);
+        }
     }
 
     /// `state`, llama.cpp's state of this sequence in the pool, as a context of its own writes it, into
     /// `out`: sequence id 0, the stream count 1 and this stream's section, without the other streams' zero
-    /// cell counts.
+    /// cell counts (a shared cache's one stream, with its cells put in position order).
     pub(crate) fn to_own_streams(&self, state: &[u8], out: &mut [u8]) -> Result<()> {
+        if self.owner.shared.ledger.is_some() {
+            let own = self.reorder(state, self.seq, 0)?;
+            if own.len() != out.len() {
+                return Err(Error::Internal(format!(
+                    "sequence {} of the pool's state was {} bytes in position order, expected {}",
+                    self.seq,
+                    own.len(),
+                    out.len()
+                )));
+            }
+            out.copy_from_slice(&own);
+            return Ok(());
+        }
         let n = self.owner.shared.sequences as usize;
         let k = self.seq as usize;
         let before = STREAMS_AT + 4 + 4 * k;
@@ -342,6 +516,9 @@ impl PooledSequence {
     /// `state`, a context of its own's state of its sequence 0 (checked: one stream), as the pool's state of
     /// this sequence: its id, and the other streams listed with no cells.
     pub(crate) fn to_pool_streams(&self, state: &[u8]) -> Result<Vec<u8>> {
+        if self.owner.shared.ledger.is_some() {
+            return self.reorder(state, 0, self.seq);
+        }
         let n = self.owner.shared.sequences as usize;
         let k = self.seq as usize;
         if state.len() < STREAMS_AT + 4 || state[STREAMS_AT..STREAMS_AT + 4] != 1u32.to_le_bytes() {
@@ -359,6 +536,17 @@ impl PooledSequence {
         let section = STREAMS_AT + 4 + 4 * k;
         relabel_cells(&mut pooled[section..], 0, self.seq)?;
         Ok(pooled)
+    }
+
+    /// A shared cache's state of sequence `from` as one of sequence `to` with its cells in position order.
+    fn reorder(&self, state: &[u8], from: i32, to: i32) -> Result<Vec<u8>> {
+        crate::llama_state::into_position_order(state, self.owner.shared.cell_ext_bytes, from, to)
+            .map_err(|reason| {
+                Error::Internal(format!(
+                    "a state of sequence {from} of the pool's shared cache could not be put in position \
+                     order: {reason}"
+                ))
+            })
     }
 
     /// Runs `f` on the shared llama.cpp context, under its lock (no decode runs meanwhile).
@@ -382,6 +570,8 @@ impl PooledSequence {
         mut logits: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let want_logits = logits.is_some();
+        // In a shared cache the cells are this sequence's before llama.cpp is asked to fill them.
+        self.reserve_cells(first_position + tokens.len())?;
         let shared = Arc::clone(&self.owner.shared);
         let (reply, answer): (SyncSender<Reply>, Receiver<Reply>) = mpsc::sync_channel(1);
         {
@@ -487,8 +677,9 @@ impl Drop for PooledSequence {
                 ctx.clear_kv_cache_seq(Some(self.seq as u32), None, None)
             })
         });
-        // A sequence llama.cpp could not empty is never handed out again.
+        // A sequence llama.cpp could not empty is never handed out again (nor its cells).
         if matches!(emptied, Ok(true)) {
+            self.release_cells(0);
             lock(&shared.free).insert(self.seq);
         }
     }

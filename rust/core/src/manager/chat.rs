@@ -203,6 +203,17 @@ impl<'m> SessionTurn<'m> {
             options.max_tokens,
             &context,
         )?;
+        // Everything the turn may decode, reserved in a pool's shared cache before it starts. When the cache
+        // is full, idle sessions are evicted for it, which takes their locks: not while this one's is held.
+        let cells = plan.tokens.len() + options.max_tokens;
+        match context.reserve_pool_cells(cells) {
+            Err(Error::KvBudgetFull { .. }) => {
+                drop(context);
+                self.manager.reserve_turn_cells(&session, cells)?;
+                context = lock(&session.context);
+            }
+            other => other?,
+        }
         let kept_history = history[plan.dropped_messages..].to_vec();
         let boundaries = self.manager.message_ends(
             system_prompt.as_deref(),
@@ -257,9 +268,26 @@ impl<'m> SessionTurn<'m> {
         interrupt: &mut dyn Interrupt,
     ) -> Result<(Generation, usize)> {
         // What changed in the context is seen by its epoch: nothing to note in the record.
-        let mut context = lock(&self.session().context);
-        let (generation, reused) =
-            context.generate_reusing_prefix(0, full_prompt, options, interrupt)?;
+        let session = Arc::clone(self.session());
+        let tokens = self.manager.model().tokenize(full_prompt, true, true)?;
+        // As a chat turn does: all it may decode, reserved in a pool's shared cache first.
+        let cells = tokens.len() + options.max_tokens;
+        let mut context = lock(&session.context);
+        match context.reserve_pool_cells(cells) {
+            Err(Error::KvBudgetFull { .. }) => {
+                drop(context);
+                self.manager.reserve_turn_cells(&session, cells)?;
+                context = lock(&session.context);
+            }
+            other => other?,
+        }
+        let (mut generator, reused) =
+            context.start_generation_reusing_prefix_tokens(0, &tokens, options, interrupt)?;
+        let mut text = String::new();
+        while let Some(piece) = generator.next_piece(&mut context, interrupt)? {
+            text.push_str(&piece);
+        }
+        let generation = generator.into_generation(text);
         context.set_last_stats(Some((generation.stats, generation.stop_reason)));
         Ok((generation, reused))
     }

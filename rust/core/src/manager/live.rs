@@ -12,7 +12,7 @@
 //! the occupancy, not a held mutex), then the session's record, then its context, then the store's lock of
 //! its key. A bookkeeping lock may be taken while a session lock is held, never the other way round.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::records::Record;
@@ -212,6 +212,12 @@ impl TurnPermit {
 
 impl Drop for TurnPermit {
     fn drop(&mut self) {
+        // What the turn reserved of a pool's shared cache and did not use goes back to the others. (Not
+        // waited for: a thread that drops the permit while it holds the context keeps the reservation until
+        // the session's next turn or eviction.)
+        if let Ok(context) = self.session.context.try_lock() {
+            context.release_pool_cells();
+        }
         let mut occupancy = lock(&self.session.occupancy);
         self.session.update(&mut occupancy, |o| o.in_turn = false);
     }
@@ -299,6 +305,33 @@ impl LiveSet {
         let leaving = sessions.iter().filter(|s| s.is_being_evicted()).count();
         let excess = (sessions.len() + 1).saturating_sub(self.max_live + leaving);
         Self::mark_victims(&sessions, excess)
+    }
+
+    /// Picks the least recently used idle session (none of `except`) whose context holds cells of a pool's
+    /// shared cache, to make room in that cache; none if every such session is in a turn or in use.
+    pub(super) fn victim_holding_cells(
+        &self,
+        except: &[Weak<ManagedSession>],
+    ) -> Vec<Arc<ManagedSession>> {
+        let sessions = lock(&self.sessions);
+        for session in sessions.iter() {
+            if except.iter().any(|e| e.as_ptr() == Arc::as_ptr(session)) {
+                continue;
+            }
+            let mut occupancy = lock(&session.occupancy);
+            if occupancy.in_turn || occupancy.evicting {
+                continue;
+            }
+            let holds_cells = match session.context.try_lock() {
+                Ok(context) => context.holds_pool_cells(),
+                Err(_) => continue, // in use
+            };
+            if holds_cells {
+                session.update(&mut occupancy, |o| o.evicting = true);
+                return vec![Arc::clone(session)];
+            }
+        }
+        Vec::new()
     }
 
     /// Least recently used first, among idle sessions whose context is not in use (never the most recently

@@ -39,7 +39,7 @@ use crate::context::generation::Generator;
 use crate::context::{
     Context, GenerateOptions, Generation, GenerationStats, Interrupt, SequenceCopy, StopReason,
 };
-use crate::engine::ContextPool;
+use crate::engine::{ContextPool, PoolMemory};
 use crate::error::{Error, Result};
 use crate::model::{ChatMessage, Model};
 use crate::params::ContextParams;
@@ -210,7 +210,21 @@ impl SessionManager {
     /// [`ManagedSession::context`] handle kept after its eviction) gets a context of its own, as without
     /// batching. Models whose memory is not one plain KV cache keep a context per session (this returns the
     /// manager unchanged for them).
-    pub fn with_batching(mut self, prompt_tokens_per_step: usize) -> Result<SessionManager> {
+    pub fn with_batching(self, prompt_tokens_per_step: usize) -> Result<SessionManager> {
+        self.with_batching_memory(prompt_tokens_per_step, PoolMemory::PerSequence)
+    }
+
+    /// [`SessionManager::with_batching`] with the sequences' cells laid out as `memory` says. With
+    /// [`PoolMemory::Shared`] the live sessions share one KV cache of that many cells: a turn reserves the
+    /// cells it may need (its conversation and `max_tokens`) before it starts, loading or creating a session
+    /// reserves its tokens, and when the cache is full the least recently used idle session is evicted
+    /// (saved) to make room, never one in a turn. [`Error::KvBudgetFull`] when the sessions in turns hold the
+    /// rest.
+    pub fn with_batching_memory(
+        mut self,
+        prompt_tokens_per_step: usize,
+        memory: PoolMemory,
+    ) -> Result<SessionManager> {
         if self.model.memory_kind() != crate::model::MemoryKind::Attention {
             return Ok(self);
         }
@@ -221,13 +235,54 @@ impl SessionManager {
                 self.live.max_live(),
             )
         })?;
-        self.pool = Some(ContextPool::new(
+        self.pool = Some(ContextPool::with_memory(
             &self.model,
             self.params.clone(),
             sequences,
             prompt_tokens_per_step,
+            memory,
         )?);
         Ok(self)
+    }
+
+    /// Runs `f`, which takes cells of the pool's shared cache (a restore, a turn's reservation), evicting the
+    /// least recently used idle session holding cells (never `except`) each time `f` finds the cache full;
+    /// [`Error::KvBudgetFull`] once no such session is left. Each session is tried once: one that could not
+    /// be saved stays live, and one whose Context a caller holds keeps its cells. Holds no lock across `f`
+    /// or an eviction.
+    fn with_cells<T>(
+        &self,
+        except: Option<&Arc<ManagedSession>>,
+        mut f: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        // Weak: a victim's Context must go (and give its cells back) as soon as it is evicted.
+        let mut tried: Vec<std::sync::Weak<ManagedSession>> =
+            except.into_iter().map(Arc::downgrade).collect();
+        loop {
+            match f() {
+                Err(full @ Error::KvBudgetFull { .. }) => {
+                    let victims = self.live.victim_holding_cells(&tried);
+                    if victims.is_empty() {
+                        return Err(full);
+                    }
+                    tried.extend(victims.iter().map(Arc::downgrade));
+                    self.evict(victims);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reserves `cells` of the pool's shared cache for `session`'s turn (evicting idle sessions as needed):
+    /// a turn that starts has the cells for all it may decode. Nothing to do without a shared cache.
+    pub(super) fn reserve_turn_cells(
+        &self,
+        session: &Arc<ManagedSession>,
+        cells: usize,
+    ) -> Result<()> {
+        self.with_cells(Some(session), || {
+            lock(&session.context).reserve_pool_cells(cells)
+        })
     }
 
     /// The pool the live sessions run in, with batching ([`SessionManager::with_batching`]).
@@ -349,11 +404,16 @@ impl SessionManager {
 
     /// Bytes of KV cache held by the live sessions' contexts (what they allocated, used or not).
     pub fn live_kv_bytes(&self) -> usize {
-        self.live
+        // A pool allocated its cells once, for all its sequences; the sessions outside it have their own.
+        let own: usize = self
+            .live
             .sessions()
             .iter()
-            .map(|s| lock(&s.context).kv_cache_bytes())
-            .sum()
+            .map(|s| lock(&s.context))
+            .filter(|context| !context.is_pooled())
+            .map(|context| context.kv_cache_bytes())
+            .sum();
+        own + self.pool.as_ref().map_or(0, ContextPool::kv_cache_bytes)
     }
 
     /// Whether session `id` exists (live or stored).
@@ -418,6 +478,8 @@ impl SessionManager {
             false,
             true,
         )?;
+        // The new session's cells of a pool's shared cache, before they are filled.
+        self.with_cells(None, || context.reserve_pool_cells(tokens.len()))?;
         let key: Vec<i32> = tokens.iter().map(|t| t.0).collect();
         let cached = lock(&self.prefixes).get(&key).cloned();
         // The new context's last stats are the system prompt's encoding: what creating the session decoded.
@@ -470,8 +532,11 @@ impl SessionManager {
         let bytes = records::read_session_value(self.store.as_ref(), id, &origin, &context, signed)
             .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?
             .ok_or_else(|| Error::SessionNotFound { id: id.to_owned() })?;
-        let info = context
-            .restore_named(&bytes, None, &origin, self.key.as_ref())
+        // A restore into a pool's shared cache that finds it full makes room (the fresh context stays empty).
+        let info = self
+            .with_cells(None, || {
+                context.restore_named(&bytes, None, &origin, self.key.as_ref())
+            })
             .map_err(|e| e.with_mismatch_advice(manager_mismatch_advice))?;
         {
             let mut stats = lock(&self.stats);
