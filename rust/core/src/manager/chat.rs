@@ -195,7 +195,7 @@ impl<'m> SessionTurn<'m> {
         interrupt: &mut dyn Interrupt,
     ) -> Result<ChatTurn> {
         let session = Arc::clone(self.session());
-        let mut context = lock(&session.context);
+        let context = lock(&session.context);
         let plan = self.manager.plan_chat(
             system_prompt.as_deref(),
             &history,
@@ -203,17 +203,12 @@ impl<'m> SessionTurn<'m> {
             options.max_tokens,
             &context,
         )?;
-        // Everything the turn may decode, reserved in a pool's shared cache before it starts. When the cache
-        // is full, idle sessions are evicted for it, which takes their locks: not while this one's is held.
-        let cells = plan.tokens.len() + options.max_tokens;
-        match context.reserve_pool_cells(cells) {
-            Err(Error::KvBudgetFull { .. }) => {
-                drop(context);
-                self.manager.reserve_turn_cells(&session, cells)?;
-                context = lock(&session.context);
-            }
-            other => other?,
-        }
+        // Everything the turn may decode, reserved in a pool's shared cache before it starts.
+        let mut context = self.manager.reserve_turn_cells(
+            &session,
+            context,
+            plan.tokens.len() + options.max_tokens,
+        )?;
         let kept_history = history[plan.dropped_messages..].to_vec();
         let boundaries = self.manager.message_ends(
             system_prompt.as_deref(),
@@ -271,16 +266,11 @@ impl<'m> SessionTurn<'m> {
         let session = Arc::clone(self.session());
         let tokens = self.manager.model().tokenize(full_prompt, true, true)?;
         // As a chat turn does: all it may decode, reserved in a pool's shared cache first.
-        let cells = tokens.len() + options.max_tokens;
-        let mut context = lock(&session.context);
-        match context.reserve_pool_cells(cells) {
-            Err(Error::KvBudgetFull { .. }) => {
-                drop(context);
-                self.manager.reserve_turn_cells(&session, cells)?;
-                context = lock(&session.context);
-            }
-            other => other?,
-        }
+        let mut context = self.manager.reserve_turn_cells(
+            &session,
+            lock(&session.context),
+            tokens.len() + options.max_tokens,
+        )?;
         let (mut generator, reused) =
             context.start_generation_reusing_prefix_tokens(0, &tokens, options, interrupt)?;
         let mut text = String::new();

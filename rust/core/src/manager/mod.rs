@@ -273,16 +273,27 @@ impl SessionManager {
         }
     }
 
-    /// Reserves `cells` of the pool's shared cache for `session`'s turn (evicting idle sessions as needed):
-    /// a turn that starts has the cells for all it may decode. Nothing to do without a shared cache.
-    pub(super) fn reserve_turn_cells(
+    /// Reserves `cells` of the pool's shared cache for the turn on `session`, whose `context` the caller
+    /// holds, and gives it back: a turn that starts has the cells for all it may decode. When the cache is
+    /// full, idle sessions are evicted for it, which takes their locks: not while this one's is held, so
+    /// the context is released meanwhile (the turn's permit keeps other turns out). Nothing to do without a
+    /// shared cache.
+    pub(super) fn reserve_turn_cells<'s>(
         &self,
-        session: &Arc<ManagedSession>,
+        session: &'s Arc<ManagedSession>,
+        context: MutexGuard<'s, Context>,
         cells: usize,
-    ) -> Result<()> {
-        self.with_cells(Some(session), || {
-            lock(&session.context).reserve_pool_cells(cells)
-        })
+    ) -> Result<MutexGuard<'s, Context>> {
+        match context.reserve_pool_cells(cells) {
+            Err(Error::KvBudgetFull { .. }) => {
+                drop(context);
+                self.with_cells(Some(session), || {
+                    lock(&session.context).reserve_pool_cells(cells)
+                })?;
+                Ok(lock(&session.context))
+            }
+            other => other.map(|()| context),
+        }
     }
 
     /// The pool the live sessions run in, with batching ([`SessionManager::with_batching`]).
