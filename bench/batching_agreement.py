@@ -5,9 +5,10 @@ A session decoded together with others shares each step's matrices with them; th
 another order, and a logit may differ in its last bits, enough now and then to change a sampled token. For
 ``--chats`` chats (a system prompt, then one question each), run ``--at-once`` of them at a time through a
 SessionManager with batching=True, each in its own thread, and each alone through the same manager; compare
-the answers (seeded sampling at temperature 0.7, seed = the chat's number, and greedy). Reported: how many
-agree exactly, and for the others, where the first difference is (in characters of the answer). Timing plays
-no part.
+the answers (seeded sampling at temperature 0.7, seed = the chat's number, and greedy). The same chats
+also run together through a manager whose sessions share one cache of ``kv_cells`` (256 per chat at once),
+compared with the same solo runs. Reported: how many agree exactly, and for the others, where the first
+difference is (in characters of the answer). Timing plays no part.
 
 Run: python bench/batching_agreement.py [--chats 50] [--at-once 8]
 """
@@ -77,27 +78,35 @@ def main() -> None:
     model = Model.load(default_model_path())
     root = work_dir() / "batching-agreement"
     shutil.rmtree(root, ignore_errors=True)
-    manager = SessionManager(
-        model, root, max_live=args.at_once, n_ctx=512, n_batch=128, n_threads=THREADS, batching=True
-    )
+    options: dict[str, Any] = {
+        "max_live": args.at_once,
+        "n_ctx": 512,
+        "n_batch": 128,
+        "n_threads": THREADS,
+        "batching": True,
+    }
+    manager = SessionManager(model, root / "streams", **options)
+    shared = SessionManager(model, root / "shared", kv_cells=256 * args.at_once, **options)
     chats = range(args.chats)
     modes: dict[str, Any] = {}
     for mode, sampling in (("seeded", {"temperature": 0.7}), ("greedy", {"temperature": 0.0})):
-        together = answers(manager, chats, args.at_once, sampling, f"{mode}-together")
+        # Alone in the pool of streams: computed exactly as in a context of its own (asserted in the tests).
         alone = answers(manager, chats, 1, sampling, f"{mode}-alone")
-        assert all(together) and all(alone)
-        differences = [first_difference(a, b) for a, b in zip(together, alone) if a != b]
-        modes[mode] = {
-            "chats": args.chats,
-            "agree": args.chats - len(differences),
-            "first_difference_chars": differences,
-            "median_answer_chars": statistics.median(len(a) for a in alone),
-        }
-        print(
-            f"{mode}: {modes[mode]['agree']} of {args.chats} batched chats equal their solo runs; "
-            f"first differences at characters {differences}",
-            flush=True,
-        )
+        for name, batched in ((mode, manager), (f"{mode}, shared kv_cells", shared)):
+            together = answers(batched, chats, args.at_once, sampling, f"{mode}-together")
+            assert all(together) and all(alone)
+            differences = [first_difference(a, b) for a, b in zip(together, alone) if a != b]
+            modes[name] = {
+                "chats": args.chats,
+                "agree": args.chats - len(differences),
+                "first_difference_chars": differences,
+                "median_answer_chars": statistics.median(len(a) for a in alone),
+            }
+            print(
+                f"{name}: {modes[name]['agree']} of {args.chats} batched chats equal their solo runs; "
+                f"first differences at characters {differences}",
+                flush=True,
+            )
     stats = manager.stats
     write_result(
         "batching_agreement",

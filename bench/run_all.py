@@ -766,7 +766,8 @@ def render_batching_agreement(r: dict[str, Any]) -> list[str]:
         "",
         f"`{r['command']}`: chats of one question ({r['max_tokens']} tokens at most), {r['at_once']} at a "
         f"time through a batching manager (up to {r['max_sessions_in_step']} sessions in one step), and each "
-        "alone through the same manager. Measured, not asserted: "
+        'alone through the same manager; "shared kv_cells": the same chats together through a manager '
+        "whose sessions share one cache, against the same solo runs. Measured, not asserted: "
         + "; ".join(parts)
         + ". A turn decoded alone in "
         "the pool equals a context of its own token for token and byte for byte (asserted in "
