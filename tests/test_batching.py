@@ -167,3 +167,18 @@ def test_kv_cells_are_checked(model: Model, tmp_path: Path) -> None:
         manager(model, tmp_path, batching=True, kv_cells=-1)
     with pytest.raises(TypeError):
         manager(model, tmp_path, batching=True, kv_cells="600")
+
+
+def test_a_turn_larger_than_all_shared_cells_is_refused_before_it_starts(
+    model: Model, tmp_path: Path
+) -> None:
+    small = manager(model, tmp_path, n_ctx=512, max_live=2, batching=True, kv_cells=256)
+    small.create_session("a", "You are terse.")
+    held = small.load("a").tokens
+    # It fits a session's n_ctx (512), not the 256 cells all sessions share.
+    with pytest.raises(
+        KvBudgetFullError,
+        match=r"^the shared KV cache is too small: this call needs \d+ cells .* kv_cells=256 in all; raise",
+    ):
+        small.chat("a", "Tell me a long story.", max_tokens=400)
+    assert small.history("a") == [] and small.load("a").tokens == held

@@ -56,12 +56,12 @@ pub enum Error {
     },
 
     /// The KV cells a pool's sequences share ([`crate::PoolMemory::Shared`], a batching manager's `kv_cells`)
-    /// are all held or reserved by other sequences: nothing was decoded. A manager first evicts idle sessions
-    /// to make room; it raises this only when the rest are in turns (or a caller holds their contexts).
+    /// are all held or reserved by other sequences, or the call alone needs more than all of them: nothing was
+    /// decoded. A manager first evicts idle sessions to make room; it raises this only when the rest are in
+    /// turns (or a caller holds their contexts).
     #[error(
-        "the shared KV cache is full: {requested} more cells needed but only {available} of kv_cells={budget} \
-         are free ({held} held by this sequence, the rest by {sequences} others: live sessions in turns, or \
-         whose context a caller holds); raise kv_cells, or lower max_live or max_tokens"
+        "{}",
+        describe_budget_full(*.requested, *.available, *.held, *.budget, *.sequences)
     )]
     KvBudgetFull {
         /// Cells the call needed beyond what its sequence holds or reserved.
@@ -314,6 +314,28 @@ fn describe_mismatches(mismatches: &[ParamMismatch]) -> String {
 }
 
 /// "n_ctx=512" for one sequence; with several, the share of each and the whole it is part of.
+fn describe_budget_full(
+    requested: usize,
+    available: usize,
+    held: usize,
+    budget: usize,
+    sequences: usize,
+) -> String {
+    if held + requested > budget {
+        return format!(
+            "the shared KV cache is too small: this call needs {} cells ({held} held by this sequence + \
+             {requested} more) but the sessions share kv_cells={budget} in all; raise kv_cells, or lower \
+             max_tokens",
+            held + requested
+        );
+    }
+    format!(
+        "the shared KV cache is full: {requested} more cells needed but only {available} of kv_cells={budget} \
+         are free ({held} held by this sequence, the rest by {sequences} others: live sessions in turns, or \
+         whose context a caller holds); raise kv_cells, or lower max_live or max_tokens"
+    )
+}
+
 fn describe_capacity(capacity: usize, n_seq_max: u32) -> String {
     if n_seq_max <= 1 {
         format!("n_ctx={capacity}")

@@ -158,6 +158,19 @@ fn the_budget_is_enforced_before_llama_cpp_decodes_and_leaves_the_context_unchan
          this sequence, the rest by 1 others: live sessions in turns, or whose context a caller holds); \
          raise kv_cells, or lower max_live or max_tokens"
     );
+    // A call that needs more than the whole budget says so, whoever holds the rest.
+    assert_eq!(
+        Error::KvBudgetFull {
+            requested: 415,
+            available: 246,
+            held: 10,
+            budget: 256,
+            sequences: 0
+        }
+        .to_string(),
+        "the shared KV cache is too small: this call needs 425 cells (10 held by this sequence + 415 more) but \
+         the sessions share kv_cells=256 in all; raise kv_cells, or lower max_tokens"
+    );
     // The cells come back when the first goes.
     drop(first);
     assert_eq!(pool.free_cells(), Some(256));
