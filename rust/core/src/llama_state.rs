@@ -764,12 +764,20 @@ pub fn into_position_order(
     cell_ext_bytes: usize,
     from_seq: i32,
     to_seq: i32,
-) -> Result<Vec<u8>, String> {
+    out: &mut [u8],
+) -> Result<(), String> {
+    if out.len() != state.len() {
+        return Err(format!(
+            "a state of {} bytes is rewritten into {} bytes",
+            state.len(),
+            out.len()
+        ));
+    }
     let mut r = Reader {
         bytes: state,
         at: 0,
     };
-    let mut out = Vec::with_capacity(state.len());
+    let mut out = SliceOut { bytes: out, at: 0 };
     let magic = r.u32("the state's magic")?;
     if magic != IO_MAGIC {
         return Err(format!(
@@ -794,7 +802,7 @@ pub fn into_position_order(
     let cells = r.u32("the cell count")? as usize;
     out.extend_from_slice(&(cells as u32).to_le_bytes());
     if cells == 0 {
-        return finish(r, out);
+        return finish(r, &out);
     }
     // Each cell record: position, sequence-id count (1), extension, the sequence id.
     let record = 12 + cell_ext_bytes;
@@ -830,7 +838,7 @@ pub fn into_position_order(
     out.extend_from_slice(&n_layer.to_le_bytes());
     out.extend_from_slice(r.take(8, "the K/V rotations")?);
     // Rows (one per cell) of K for every layer, then of V: moved whole, in the new order.
-    let permute = |r: &mut Reader<'_>, out: &mut Vec<u8>, what: &str| -> Result<(), String> {
+    let permute = |r: &mut Reader<'_>, out: &mut SliceOut<'_>, what: &str| -> Result<(), String> {
         let row =
             usize::try_from(r.u64(what)?).map_err(|_| format!("{what} cannot be addressed"))?;
         out.extend_from_slice(&(row as u64).to_le_bytes());
@@ -875,17 +883,41 @@ pub fn into_position_order(
             }
         }
     }
-    finish(r, out)
+    finish(r, &out)
 }
 
-fn finish(r: Reader<'_>, out: Vec<u8>) -> Result<Vec<u8>, String> {
+fn finish(r: Reader<'_>, out: &SliceOut<'_>) -> Result<(), String> {
     if r.at != r.bytes.len() {
         return Err(format!(
             "{} bytes follow the end of the state",
             r.bytes.len() - r.at
         ));
     }
-    Ok(out)
+    // Every byte written mirrors one read, so the two lengths agree; checked rather than assumed.
+    if out.at != out.bytes.len() {
+        return Err(format!(
+            "{} of {} bytes were rewritten",
+            out.at,
+            out.bytes.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A cursor that fills a slice from its start and never writes past its end (what would not fit is
+/// counted, and [`finish`] refuses the result).
+struct SliceOut<'a> {
+    bytes: &'a mut [u8],
+    at: usize,
+}
+
+impl SliceOut<'_> {
+    fn extend_from_slice(&mut self, b: &[u8]) {
+        if let Some(to) = self.bytes.get_mut(self.at..self.at + b.len()) {
+            to.copy_from_slice(b);
+        }
+        self.at += b.len();
+    }
 }
 
 /// Builds a well-formed state for `layout` (payload bytes all `fill`): what the tests and the fuzzer's
@@ -1004,12 +1036,17 @@ mod tests {
         state
     }
 
+    fn in_order(state: &[u8], from: i32, to: i32) -> Result<Vec<u8>, String> {
+        let mut out = vec![0; state.len()];
+        into_position_order(state, 0, from, to, &mut out).map(|()| out)
+    }
+
     #[test]
     fn a_unified_caches_scattered_cells_come_out_in_position_order_with_their_rows() {
         for v_trans in [false, true] {
             let layout = layout(v_trans, 1);
             let state = scattered(&layout, 3, &[2, 0, 3, 1]);
-            let ordered = into_position_order(&state, 0, 3, 0).unwrap();
+            let ordered = in_order(&state, 3, 0).unwrap();
             assert_eq!(
                 ordered,
                 scattered(&layout, 0, &[0, 1, 2, 3]),
@@ -1017,14 +1054,14 @@ mod tests {
             );
             // Back into the cache under another id: already in order, only the id changes.
             assert_eq!(
-                into_position_order(&ordered, 0, 0, 5).unwrap(),
+                in_order(&ordered, 0, 5).unwrap(),
                 scattered(&layout, 5, &[0, 1, 2, 3])
             );
             check_sequence_state(&ordered, &layout, expected(0, 4)).unwrap();
         }
         let empty = synthesize(&layout(false, 1), 2, 0, 0);
         assert_eq!(
-            into_position_order(&empty, 0, 2, 0).unwrap(),
+            in_order(&empty, 2, 0).unwrap(),
             synthesize(&layout(false, 1), 0, 0, 0)
         );
     }
@@ -1033,7 +1070,7 @@ mod tests {
     fn a_state_that_cannot_be_put_in_order_is_refused() {
         let layout = layout(true, 1);
         let state = scattered(&layout, 1, &[1, 0]);
-        let refused = |bytes: &[u8], from: i32| into_position_order(bytes, 0, from, 0).unwrap_err();
+        let refused = |bytes: &[u8], from: i32| in_order(bytes, from, 0).unwrap_err();
         assert_eq!(
             refused(&state, 2),
             "the state belongs to sequence 1, expected 2"
@@ -1057,6 +1094,15 @@ mod tests {
         let k_row = 16 + 2 * 12 + 16 + 4;
         huge[k_row..k_row + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(refused(&huge, 1).contains("K rows"));
+        let mut short = vec![0; state.len() - 1];
+        assert_eq!(
+            into_position_order(&state, 0, 1, 0, &mut short).unwrap_err(),
+            format!(
+                "a state of {} bytes is rewritten into {} bytes",
+                state.len(),
+                state.len() - 1
+            )
+        );
         let streams = synthesize(&self::layout(true, 2), 1, 2, 0);
         assert_eq!(
             refused(&streams, 1),

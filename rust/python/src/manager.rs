@@ -419,8 +419,10 @@ impl PySessionManager {
     /// ``n_ctx`` cells of its own.
     #[getter]
     fn kv_cells(&self) -> Option<usize> {
-        let pool = self.inner.pool()?;
-        pool.free_cells().map(|_| pool.cells())
+        match self.inner.pool()?.memory() {
+            PoolMemory::Shared { cells } => Some(cells as usize),
+            PoolMemory::PerSequence => None,
+        }
     }
 
     /// How sessions are stored: "chunks" (manifests naming chunks in prefix_cache) or "files".

@@ -373,6 +373,17 @@ impl ContextPool {
         lock(&self.owner.shared.free).len()
     }
 
+    /// How the pool's sequences hold their cells, a shared budget as allocated (rounded up to a multiple of
+    /// 256).
+    pub fn memory(&self) -> PoolMemory {
+        match &self.owner.shared.ledger {
+            Some(ledger) => PoolMemory::Shared {
+                cells: u32::try_from(lock(ledger).budget).expect("llama.cpp's n_ctx is a u32"),
+            },
+            None => PoolMemory::PerSequence,
+        }
+    }
+
     /// KV cells the pool allocated: `n_ctx` per sequence, or the shared budget (rounded up to a multiple of
     /// 256 as llama.cpp allocates it).
     pub fn cells(&self) -> usize {
@@ -477,17 +488,7 @@ impl PooledSequence {
     /// cell counts (a shared cache's one stream, with its cells put in position order).
     pub(crate) fn to_own_streams(&self, state: &[u8], out: &mut [u8]) -> Result<()> {
         if self.owner.shared.ledger.is_some() {
-            let own = self.reorder(state, self.seq, 0)?;
-            if own.len() != out.len() {
-                return Err(Error::Internal(format!(
-                    "sequence {} of the pool's state was {} bytes in position order, expected {}",
-                    self.seq,
-                    own.len(),
-                    out.len()
-                )));
-            }
-            out.copy_from_slice(&own);
-            return Ok(());
+            return self.reorder(state, self.seq, 0, out);
         }
         let n = self.owner.shared.sequences as usize;
         let k = self.seq as usize;
@@ -517,7 +518,9 @@ impl PooledSequence {
     /// this sequence: its id, and the other streams listed with no cells.
     pub(crate) fn to_pool_streams(&self, state: &[u8]) -> Result<Vec<u8>> {
         if self.owner.shared.ledger.is_some() {
-            return self.reorder(state, 0, self.seq);
+            let mut pooled = vec![0; state.len()];
+            self.reorder(state, 0, self.seq, &mut pooled)?;
+            return Ok(pooled);
         }
         let n = self.owner.shared.sequences as usize;
         let k = self.seq as usize;
@@ -538,9 +541,10 @@ impl PooledSequence {
         Ok(pooled)
     }
 
-    /// A shared cache's state of sequence `from` as one of sequence `to` with its cells in position order.
-    fn reorder(&self, state: &[u8], from: i32, to: i32) -> Result<Vec<u8>> {
-        crate::llama_state::into_position_order(state, self.owner.shared.cell_ext_bytes, from, to)
+    /// A shared cache's state of sequence `from` as one of sequence `to` with its cells in position order,
+    /// into `out` (as long as `state`).
+    fn reorder(&self, state: &[u8], from: i32, to: i32, out: &mut [u8]) -> Result<()> {
+        crate::llama_state::into_position_order(state, self.owner.shared.cell_ext_bytes, from, to, out)
             .map_err(|reason| {
                 Error::Internal(format!(
                     "a state of sequence {from} of the pool's shared cache could not be put in position \
