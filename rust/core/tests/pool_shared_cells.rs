@@ -296,7 +296,8 @@ fn answer_after(other: &[LlamaToken]) -> (Vec<LlamaToken>, Vec<u8>) {
 /// Isolation in a shared cache: another session's words never reach a session's numbers. With the same
 /// cells in use, a session computes bit for bit the same whatever its neighbour read; only where its own
 /// cells sit moves the last bits of its sums (llama.cpp's SIMD lanes add the attention terms in another
-/// order, see docs/manager.md). Cells a multiple of 8 past its positions keep the lanes: the session
+/// order, see docs/manager.md). Cells a multiple of the lane count past its positions keep the lanes (8
+/// floats on AVX2, more with wider SIMD; 64 covers those and flash attention's blocks): the session
 /// computes exactly what it computes alone in a plain context.
 #[test]
 fn another_sessions_words_never_reach_a_session_in_a_shared_cache() {
