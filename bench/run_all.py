@@ -1,6 +1,6 @@
 """Run every benchmark, then regenerate docs/benchmarks.md and docs/benchmarks.png from bench/results/*.json.
 
-Run: python bench/run_all.py                 # everything (about 15 minutes on 2 cores), then the report
+Run: python bench/run_all.py                 # everything (about 45 minutes on 2 cores), then the report
      python bench/run_all.py --only io_limit memory
      python bench/run_all.py --report-only   # only regenerate the report from the JSON files
 
@@ -38,6 +38,7 @@ MODULES = (
     "chunked_sessions",
     "chunk_agreement",
     "batching",
+    "batch_ceiling",
     "batching_agreement",
     "server",
     "stores",
@@ -750,6 +751,40 @@ def render_batching(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def render_batch_ceiling(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for run in r["runs"]:
+        by_count = {x["sequences"]: x for x in run["rows"]}
+        rows.append(
+            [
+                run["type"] + (" (the test model)" if run["type"] == "Q4_1" else ""),
+                str(run["prompt_tokens"]),
+                f"{by_count[1]['step_ms_median']:.1f}",
+                f"{by_count[8]['step_ms_median']:.1f}",
+                *(f"{by_count[n]['gain_over_one']:.2f}x" for n in (2, 4, 8, 16)),
+            ]
+        )
+    out = [
+        "### llama.cpp's own batch gain: the ceiling",
+        "",
+        f"`{r['command']}`: one decode step in which each of N sequences adds one token, with llama.cpp's "
+        "API alone (`rust/core/examples/batch_scaling.rs`: split KV, flash attention off, 2 threads; the "
+        "counts take turns, 8 rounds of 5 steps, so that the VM's drift falls on all alike), after each "
+        "sequence read the given number of tokens. Gain: N sequences' tokens/s over one's. No scheduler over "
+        "llama.cpp gains more than this at N generating chats, before it reads a prompt. Q8_0 and Q4_0 are "
+        "the test model requantized (`bench/requantize.py`): on x86 llama.cpp batches them with tiled "
+        "kernels (tinyBLAS, and repacking for Q4_0), while Q4_1 goes through a one-row dot product that "
+        "costs a batched token what it costs alone.",
+        "",
+    ]
+    out += table(
+        ["type", "tokens each", "step of 1, ms", "step of 8, ms", "gain 2", "gain 4", "gain 8", "gain 16"],
+        rows,
+        "lrrrrrrr",
+    )
+    return [*out, ""]
+
+
 def render_batching_agreement(r: dict[str, Any]) -> list[str]:
     parts = []
     for mode, m in r["modes"].items():
@@ -1056,6 +1091,8 @@ def render(results: dict[str, Any]) -> str:
         lines += render_chunk_agreement(results["chunk_agreement"])
     if "batching" in results:
         lines += render_batching(results["batching"])
+    if "batch_ceiling" in results:
+        lines += render_batch_ceiling(results["batch_ceiling"])
     if "batching_agreement" in results:
         lines += render_batching_agreement(results["batching_agreement"])
     if "server" in results:
