@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama_sessions import ContextFullError, InvalidParameterError, KvBudgetFullError, Model, SessionManager
+from test_sessions import state_of
 
 SYSTEM = "You are a helpful assistant who answers in full sentences."
 QUESTIONS = [
@@ -147,6 +148,30 @@ def test_shared_kv_cells_are_all_the_sessions_allocate_and_idle_sessions_make_ro
         assert "".join(stream)
     shared.create_session("d", LONG_SYSTEM)
     assert "d" in shared.live_sessions()
+
+
+def test_in_a_shared_cache_another_sessions_words_never_reach_a_session(model: Model, tmp_path: Path) -> None:
+    """kv_cells: the sessions share one KV cache, and yet what one reads never reaches another's numbers.
+    With the same cells in use (a neighbour whose prompt is as long, in other words), a session's answer and
+    state are the same bit for bit (docs/manager.md, "Isolation")."""
+    # Two neighbours of 6 tokens, and one of 8: two cells more put the session's cells in other SIMD lanes,
+    # which moves its numbers (the control: the comparison below can see a difference).
+    neighbours = [
+        "You only talk about apples.",
+        "You only talk about pears.",
+        "You only talk about apples and pears.",
+    ]
+    assert [len(model.tokenize(text)) for text in neighbours] == [6, 6, 8]
+    answers, states = [], []
+    for i, neighbour in enumerate(neighbours):
+        shared = manager(model, tmp_path / str(i), max_live=2, n_ctx=512, batching=True, kv_cells=1024)
+        shared.create_session("neighbour", neighbour)
+        shared.create_session("me", SYSTEM)
+        answers.append(shared.chat("me", QUESTIONS[0], max_tokens=24, temperature=0.0))
+        states.append(state_of(shared.load("me").snapshot()))  # llama.cpp's bytes (the header has a time)
+    assert answers[0] and answers[0] == answers[1]
+    assert states[0] == states[1]
+    assert states[2] != states[0]
 
 
 def test_kv_cells_are_checked(model: Model, tmp_path: Path) -> None:
