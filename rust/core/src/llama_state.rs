@@ -886,6 +886,33 @@ pub fn into_position_order(
     finish(r, &out)
 }
 
+/// The positions of the cells in llama.cpp's state of one sequence, in the order of its cells (those of its
+/// first stream that has any); `cell_ext_bytes` is the per-cell extension of the model.
+pub fn cell_positions(state: &[u8], cell_ext_bytes: usize) -> Result<Vec<i32>, String> {
+    let mut r = Reader {
+        bytes: state,
+        at: 0,
+    };
+    r.skip(8, "the magic and the sequence id")?;
+    for _ in 0..r.u32("the stream count")? {
+        let cells = r.u32("a cell count")? as usize;
+        if cells > 0 {
+            let record = 12 + cell_ext_bytes;
+            let records = r.take(
+                cells
+                    .checked_mul(record)
+                    .ok_or("the cell records cannot be addressed")?,
+                "the cell records",
+            )?;
+            return Ok(records
+                .chunks_exact(record)
+                .map(|cell| i32::from_le_bytes(cell[..4].try_into().expect("4 bytes")))
+                .collect());
+        }
+    }
+    Ok(Vec::new())
+}
+
 fn finish(r: Reader<'_>, out: &SliceOut<'_>) -> Result<(), String> {
     if r.at != r.bytes.len() {
         return Err(format!(
@@ -1064,6 +1091,20 @@ mod tests {
             in_order(&empty, 2, 0).unwrap(),
             synthesize(&layout(false, 1), 0, 0, 0)
         );
+    }
+
+    #[test]
+    fn cell_positions_are_read_in_cell_order_and_bounded_by_the_state() {
+        let layout = layout(true, 1);
+        let state = scattered(&layout, 3, &[2, 0, 3, 1]);
+        assert_eq!(cell_positions(&state, 0).unwrap(), [2, 0, 3, 1]);
+        assert_eq!(
+            cell_positions(&synthesize(&layout, 0, 0, 0), 0).unwrap(),
+            Vec::<i32>::new()
+        );
+        // Cut inside the third cell record.
+        let error = cell_positions(&state[..16 + 2 * 12 + 5], 0).unwrap_err();
+        assert!(error.contains("inside the cell records"), "{error}");
     }
 
     #[test]

@@ -171,24 +171,10 @@ impl Context {
             .with(|ctx| ctx.state_seq_get_size_ext(llama_seq, LlamaStateSeqFlags::empty()));
         let mut state = vec![0; len];
         self.read_llama_state(seq, &mut state)?;
-        let word = |at: usize| -> Result<u32> {
-            state
-                .get(at..at + 4)
-                .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
-                .ok_or_else(|| Error::Internal("llama.cpp's state ended early".to_owned()))
-        };
-        let record = 12 + crate::context::cell_ext_bytes(&self.model);
-        let mut at = 12;
-        for _ in 0..word(8)? {
-            let cells = word(at)? as usize;
-            at += 4;
-            if cells > 0 {
-                return (0..cells)
-                    .map(|i| word(at + i * record).map(|p| p as i32))
-                    .collect();
-            }
-        }
-        Ok(Vec::new())
+        crate::llama_state::cell_positions(&state, crate::context::cell_ext_bytes(&self.model))
+            .map_err(|reason| {
+                Error::Internal(format!("llama.cpp's state of sequence {seq}: {reason}"))
+            })
     }
 
     /// Copies llama.cpp's own state of `seq` into `out`, which is exactly the size llama.cpp reports for it.
