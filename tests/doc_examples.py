@@ -10,6 +10,7 @@ The rule, one per kind of block:
   builds, tests, benchmarks, fuzzes or serves is skipped: it contains one of ``SKIPPED_COMMANDS``, each with
   its reason. Any other command fails the run, so that a new kind of command is classified, never ignored.
 - ``json``: must parse.
+- ``text``: what a command prints, not run (a test of that command compares it with what it prints).
 - ``rust``: compiled as doctests of the crate (``rust/core/src/lib.rs`` includes the document; checked here).
 """
 
@@ -39,6 +40,9 @@ SKIPPED_COMMANDS = {
     "-m venv": "creates the benchmarks' environment",
     "pip install": "installs llama-cpp-python for the benchmarks, or the server's extra (minutes)",
     "tests/s3_server.py": "runs an S3 server until stopped: the tests start it on a free port",
+    "redis-server": "starts a Redis server in the background: the tests start their own on a free port",
+    "examples/two_workers.py": "runs against the Redis started before it: tests/test_remote_sessions.py runs "
+    "it on the tests' Redis and S3 servers",
     "llama-sessions serve": "runs until stopped: tests/test_docs_server.py starts the server and runs the "
     "page's other blocks against it",
 }
@@ -147,6 +151,8 @@ class DocumentRun:
                 self.commands.append(result)
         elif block.language == "json":
             json.loads(block.code)
+        elif block.language == "text":
+            pass
         elif block.language == "rust":
             included = rust_doctest_documents()
             assert str(self.document.relative_to(ROOT)) in included, (

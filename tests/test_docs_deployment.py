@@ -32,6 +32,8 @@ def test_the_deployment_page_examples_run_against_redis_and_s3(
         "bash",
         "python",
         "bash",
+        "text",
+        "bash",
         "python",
         "bash",
         "python",
@@ -44,6 +46,10 @@ def test_the_deployment_page_examples_run_against_redis_and_s3(
             "redis://127.0.0.1:6379/0", redis_url
         ),
         "llama-sessions serve --sessions redis://127.0.0.1:6379/0 --port 8082".replace(
+            "redis://127.0.0.1:6379/0", redis_url
+        ),
+        'redis-server --port 6379 --save "" --daemonize yes',
+        "python examples/two_workers.py redis://127.0.0.1:6379/0".replace(
             "redis://127.0.0.1:6379/0", redis_url
         ),
         "SSL_CERT_FILE=/etc/redis/ca.pem llama-sessions serve --sessions rediss://:PASSWORD@redis.internal:6380/0",

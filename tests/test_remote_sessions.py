@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 
+from doc_examples import code_blocks
 from llama_sessions import (
     InvalidParameterError,
     Model,
@@ -26,10 +27,11 @@ from llama_sessions import (
 )
 from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer_together
 
-from conftest import S3_BUCKET, assert_same_output, require_tool
+from conftest import REPO, S3_BUCKET, assert_same_output, require_tool
 from server_process import running_server
 
 WORKER = pathlib.Path(__file__).with_name("manager_worker.py")
+EXAMPLE = REPO / "examples" / "two_workers.py"
 SYS = "You are a helpful assistant who answers in one sentence."
 QUESTIONS = ["Name a color.", "Name an animal.", "Name a city."]
 
@@ -279,6 +281,40 @@ def test_two_servers_on_one_store_serve_one_conversation(
         assert_same_output(turn("b", "moved", second), turn("a", "stayed", second))
         status, session = b.json("GET", "/v1/sessions/moved")
         assert status == 200 and len(session["messages"]) == 5
+        # Worker A's copy is outdated: it answers with the stored conversation, not its own.
+        assert a.json("GET", "/v1/sessions/moved") == (200, session)
+
+
+def test_the_two_workers_example_keeps_its_promises_on_each_store(
+    model_path: pathlib.Path, store_url: str
+) -> None:
+    """examples/two_workers.py, as docs/deployment.md runs it: a conversation moved between two worker
+    processes, two turns at once (one saved, one SessionConflictError), a worker killed mid-turn."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), store_url, "--model", str(model_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = done.stdout.splitlines()
+
+    def outcomes(lines: list[str]) -> list[str]:
+        return [line for line in lines if re.match(r"\d\. |  ok: |  FAILED: |every promise|a promise", line)]
+
+    (shown,) = [b.code for b in code_blocks(REPO / "docs" / "deployment.md") if b.language == "text"]
+    assert outcomes(printed) == outcomes(shown.splitlines())
+    assert len(outcomes(printed)) == 9
+    (conflict,) = [line for line in printed if line.startswith("  worker B: SessionConflictError")]
+    assert re.fullmatch(
+        r'  worker B: SessionConflictError: session "two-workers-[0-9a-f]{8}" changed since it was loaded: '
+        r"this copy derives from version 4, the store holds version 5; load it again to continue from the "
+        r"stored version",
+        conflict,
+    ), conflict
+    # The session the example used is gone; nothing else was written under a session's name.
+    assert list_sessions(store_url) == []
 
 
 def test_sessions_travel_over_tls_to_a_server_whose_authority_ssl_cert_file_names(

@@ -832,7 +832,12 @@ class SessionManager:
         1 to 128 bytes, no "/", "\\", ":", "@" or control characters, not starting with a dot.
         """
     def load(self, session_id: str) -> Context:
-        """The live Context of a session: from memory (no I/O), or read, verified and restored from its file.
+        """The live Context of a session: from memory, or read, verified and restored from the store. A live copy
+        costs one small read (the stored version): when another process or worker has saved a newer version
+        (or deleted the session) since, and the copy has no change of its own, the stored version is read
+        instead, so that no manager sharing a store returns an outdated session. A copy that a turn holds is
+        returned as it is.
+
         What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
         before the session is evicted. It bypasses the turn order, like any shared Context.
 
@@ -862,7 +867,9 @@ class SessionManager:
     def session_path(self, session_id: str) -> Path:
         """The file of a session."""
     def history(self, session_id: str) -> builtins.list[dict[str, str]]:
-        """The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``."""
+        """The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``, as load() gives
+        it (the stored version when another process or worker saved a newer one).
+        """
     def system_prompt(self, session_id: str) -> str | None:
         """The system prompt the session started from."""
     def chat(

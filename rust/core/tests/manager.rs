@@ -237,6 +237,61 @@ fn an_outdated_copy_without_changes_is_refreshed_before_a_turn() {
 }
 
 #[test]
+fn load_gives_the_stored_version_once_another_manager_saved_a_newer_one() {
+    let dir = temp_dir("load-fresh");
+    let one = manager(&dir, 4, true);
+    let two = manager(&dir, 4, true);
+    one.create_session("x", Some(SYSTEM), Metadata::new())
+        .unwrap();
+    let outdated = two.load("x").unwrap();
+    chat(&one, "x", "Name a color.");
+    // Two's copy holds nothing of its own: load reads the stored version instead of returning it.
+    let current = two.load("x").unwrap();
+    assert!(!Arc::ptr_eq(&current, &outdated));
+    assert_eq!(current.history(), one.load("x").unwrap().history());
+    assert_eq!(current.history().len(), 2);
+    assert_eq!(current.stored_version(), 2);
+    assert_eq!(live_tokens(&two, "x"), live_tokens(&one, "x"));
+    assert_eq!(two.stats().store_loads, 2);
+    // A current copy is returned as it is: no store load.
+    assert!(Arc::ptr_eq(&two.load("x").unwrap(), &current));
+    assert_eq!(two.stats().store_loads, 2);
+
+    // A copy with a change of its own stays (its save reports the conflict rather than losing it).
+    let three = manager(&dir, 4, false);
+    chat(&three, "x", "Name an animal.");
+    chat(&one, "x", "Name a city.");
+    let own = three.load("x").unwrap().history();
+    assert_eq!(own.len(), 4);
+    assert_eq!(own[2].content, "Name an animal.");
+    assert!(matches!(
+        three.save("x"),
+        Err(Error::SessionConflict {
+            expected: 2,
+            found: 3,
+            ..
+        })
+    ));
+
+    // A copy a turn holds is returned as it is, without waiting for the turn or checking the store.
+    let mut turn = two
+        .start_chat("x", "Name a fruit.", greedy(8), &mut NeverInterrupt)
+        .unwrap();
+    let in_turn = two.load("x").unwrap();
+    chat(&one, "x", "Name a river.");
+    assert!(Arc::ptr_eq(&two.load("x").unwrap(), &in_turn));
+    assert!(turn.next_piece(&mut NeverInterrupt).unwrap().is_some());
+    assert!(matches!(
+        turn.finish(&two),
+        Err(Error::SessionConflict { .. })
+    ));
+    assert_eq!(
+        two.load("x").unwrap().history(),
+        one.load("x").unwrap().history()
+    );
+}
+
+#[test]
 fn hostile_ids_are_rejected_and_junk_files_ignored() {
     let too_long = "x".repeat(10_000);
     for id in [

@@ -527,7 +527,12 @@ impl PySessionManager {
         Ok(self.context(py, &session))
     }
 
-    /// The live Context of a session: from memory (no I/O), or read, verified and restored from its file.
+    /// The live Context of a session: from memory, or read, verified and restored from the store. A live copy
+    /// costs one small read (the stored version): when another process or worker has saved a newer version
+    /// (or deleted the session) since, and the copy has no change of its own, the stored version is read
+    /// instead, so that no manager sharing a store returns an outdated session. A copy that a turn holds is
+    /// returned as it is.
+    ///
     /// What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
     /// before the session is evicted. It bypasses the turn order, like any shared Context.
     ///
@@ -601,7 +606,8 @@ impl PySessionManager {
             })
     }
 
-    /// The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``.
+    /// The conversation after the system prompt: ``[{"role": ..., "content": ...}, ...]``, as load() gives
+    /// it (the stored version when another process or worker saved a newer one).
     fn history<'py>(&self, py: Python<'py>, session_id: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let history = native(py, |_| Ok(self.inner.load(session_id)?.history()))?;
         history

@@ -528,11 +528,45 @@ impl SessionManager {
         Ok(context)
     }
 
-    /// Session `id`, from memory (no I/O) or from the store.
+    /// Session `id` as it stands: the live copy, or the stored version when there is none, or when
+    /// another process or worker saved a newer version (or deleted the session) since the live copy was
+    /// read and the copy holds no change of its own. So no caller reads an outdated conversation from a
+    /// manager that shares its store. Checking costs one small read of the store (the stored version) for
+    /// a live copy; a copy that a turn holds is returned as it is, without the check (the turn checked
+    /// when it began, and its save settles which version wins).
     pub fn load(&self, id: &str) -> Result<Arc<ManagedSession>> {
+        loop {
+            let (session, just_read) = self.live_or_stored(id)?;
+            if just_read {
+                return Ok(session);
+            }
+            let idle = TurnPermit::acquire(
+                &session,
+                TurnWait::AtMost(Duration::ZERO),
+                &mut crate::NeverInterrupt,
+            );
+            match idle {
+                Ok(Some(permit)) => {
+                    if !self.outdated_and_unchanged(&session)? {
+                        return Ok(session);
+                    }
+                    drop(permit);
+                    self.live.retire(&session);
+                }
+                // It left the live set meanwhile (evicted, replaced): read it again.
+                Ok(None) => {}
+                Err(Error::SessionBusy { .. }) => return Ok(session),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Session `id` from memory (no I/O), or read from the store: the session, and whether it was read
+    /// now (so that it is the stored version).
+    fn live_or_stored(&self, id: &str) -> Result<(Arc<ManagedSession>, bool)> {
         validate_session_id(id)?;
         if let Some(session) = self.live.find(id) {
-            return Ok(session);
+            return Ok((session, false));
         }
         let origin = self
             .store
@@ -557,7 +591,10 @@ impl SessionManager {
         let (manager, user_metadata) = split_metadata(info.header.metadata);
         let record = Record::read(manager, user_metadata, &context);
         // Another thread may have loaded it meanwhile: then its copy is the one kept.
-        Ok(self.insert_live(ManagedSession::new(id, context, record)))
+        Ok((
+            self.insert_live(ManagedSession::new(id, context, record)),
+            true,
+        ))
     }
 
     /// [`SessionManager::load`], or [`SessionManager::create_session`] if it does not exist.
@@ -738,7 +775,8 @@ impl SessionManager {
         // One deadline for the whole call, however often the session has to be loaded again.
         let started = Instant::now();
         loop {
-            let session = self.load(id)?;
+            // Not `load`: the version is checked below, once the turn holds the session.
+            let (session, _) = self.live_or_stored(id)?;
             let remaining = match wait {
                 TurnWait::UntilFree => TurnWait::UntilFree,
                 TurnWait::AtMost(limit) => {
