@@ -7,7 +7,18 @@ import pathlib
 import subprocess
 import sys
 
-from llama_sessions import Context, Model, list_sessions
+import pytest
+
+from llama_sessions import (
+    Context,
+    Model,
+    SessionCorruptError,
+    SessionManager,
+    SessionNotFoundError,
+    inspect_session,
+    inspect_stored_session,
+    list_sessions,
+)
 
 from conftest import run_cli
 
@@ -92,3 +103,56 @@ def test_a_header_larger_than_the_first_read_is_listed_whole(tmp_path: pathlib.P
         {"notes": notes},
     )
     assert (small.id, small.error, small.metadata) == ("small", None, {"notes": "short"})
+
+
+def test_inspect_stored_session_reads_the_header_alone_and_agrees_with_inspect_session(
+    model: Model, tmp_path: pathlib.Path
+) -> None:
+    key = b"a secret key of 32 bytes, really"
+    for secret in (None, key):
+        directory = tmp_path / ("signed" if secret else "plain")
+        manager = SessionManager(model, directory, n_ctx=512, secret_key=secret)
+        manager.create_session("ada", "You are terse.", metadata={"team": "support"})
+        manager.chat("ada", "Name a color.", 4, temperature=0)
+        stored = inspect_stored_session(directory, "ada")
+        whole = inspect_session(directory / "ada.session", secret_key=secret)
+        for name in [
+            "format",
+            "format_version",
+            "header_bytes",
+            "state_bytes",
+            "total_bytes",
+            "signed",
+            "token_count",
+            "sequences",
+            "metadata",
+            "model_fingerprint",
+            "created_at",
+            "library_version",
+        ]:
+            assert getattr(stored, name) == getattr(whole, name), name
+        assert stored.params is not None and whole.params is not None
+        assert (
+            (stored.params.n_ctx, stored.params.type_k)
+            == (whole.params.n_ctx, whole.params.type_k)
+            == (512, "f16")
+        )
+        assert stored.total_bytes == (directory / "ada.session").stat().st_size
+        assert stored.signed == (secret is not None)
+
+    # The state is not read: a changed state byte passes here; inspect_session (and any load) refuses it.
+    plain = tmp_path / "plain"
+    value = bytearray((plain / "ada.session").read_bytes())
+    value[-20] ^= 0xFF
+    (plain / "bob.session").write_bytes(bytes(value))
+    assert (
+        inspect_stored_session(plain, "bob").token_count == inspect_stored_session(plain, "ada").token_count
+    )
+    with pytest.raises(SessionCorruptError):
+        inspect_session(plain / "bob.session")
+    # A value that is not a session is refused, read no further than its prelude.
+    (plain / "junk.session").write_bytes(b"not a session" * 1000)
+    with pytest.raises(SessionCorruptError, match=r"junk\.session"):
+        inspect_stored_session(plain, "junk")
+    with pytest.raises(SessionNotFoundError):
+        inspect_stored_session(plain, "nobody")

@@ -5,6 +5,7 @@ real S3 API server, started on loopback, several workers (processes) sharing eac
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from doc_examples import code_blocks
 from llama_sessions import (
+    Context,
     InvalidParameterError,
     Model,
     PrefixCache,
@@ -23,6 +25,7 @@ from llama_sessions import (
     SessionManager,
     SessionNotFoundError,
     delete_session,
+    inspect_stored_session,
     list_sessions,
 )
 from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer_together
@@ -368,3 +371,72 @@ def test_an_s3_store_keeps_sessions_and_chunks_as_objects_under_its_prefix_and_n
     assert sorted(keys) == sorted(["v/u v", *chunks])
     # The session object is the manifest a worker loads: another manager restores it exactly.
     assert open_manager(model, s3_url).load("u v").tokens == manager.load("u v").tokens
+
+
+def test_the_cli_chats_shows_and_exports_a_session_in_a_store(
+    model: Model, model_path: pathlib.Path, store_url: str, tmp_path: pathlib.Path
+) -> None:
+    """`llama-sessions chat`, `sessions show` and `export` take a store URL as `--dir`, as `sessions list`
+    and `serve` do."""
+    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
+
+    def cli(*args: str, lines: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llama_sessions", *args],
+            input=lines,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+
+    location = store_url.split("?")[0]
+    chat = ["chat", "--session", "ada", "--dir", store_url, "--max-tokens", "8"]
+    first = cli(*chat, "--system", SYS, "--n-ctx", "1024", lines=f"{QUESTIONS[0]}\n")
+    assert first.returncode == 0, first.stderr
+    assert "created   ada" in first.stderr
+    assert first.stderr.endswith(f"saved     ada in {location}\n")
+    second = cli(*chat, lines=f"{QUESTIONS[1]}\n")
+    assert second.returncode == 0, second.stderr
+    assert "resumed   ada: " in second.stderr and ", 1 turns, in " in second.stderr
+    # An existing session keeps its system prompt and context size: refused before anything is loaded.
+    refused = cli(*chat, "--system", "You are verbose.", lines=f"{QUESTIONS[2]}\n")
+    assert refused.returncode == 2, refused.stderr
+    assert "system prompt" in refused.stderr
+
+    # The CLI's parameters: n_ctx 1024, the rest the defaults.
+    manager = SessionManager(model, store_url, n_ctx=1024)
+    history = manager.history("ada")
+    assert [m["content"] for m in history[::2]] == QUESTIONS[:2]
+    info = inspect_stored_session(store_url, "ada")
+    assert info.params is not None and info.params.n_ctx == 1024
+    assert info.token_count == len(manager.load("ada").tokens)
+    assert info.metadata["llama_sessions.manager"]["history"] == history
+    assert info.metadata["llama_sessions.manager"]["version"] == 3
+    (listed,) = list_sessions(store_url)
+    assert info.total_bytes == listed.file_size
+    assert info.total_bytes == info.header_bytes + info.state_bytes + 32 + 16
+    assert not info.signed
+    with pytest.raises(SessionNotFoundError):
+        inspect_stored_session(store_url, "nobody")
+    with pytest.raises(InvalidParameterError, match="invalid session_id"):
+        inspect_stored_session(store_url, "../ada")
+
+    shown = cli("sessions", "show", "ada", "--dir", store_url)
+    assert shown.returncode == 0, shown.stderr
+    assert f"system        {SYS}\n" in shown.stdout
+    assert "".join(f"{m['role']:<13} {m['content']}\n" for m in history) in shown.stdout
+    assert f"tokens        {info.token_count}\n" in shown.stdout
+    missing = cli("sessions", "show", "nobody", "--dir", store_url)
+    assert missing.returncode == 1 and "SessionNotFoundError" in missing.stderr
+
+    exported = tmp_path / "ada.session"
+    done = cli("export", "ada", str(exported), "--dir", store_url)
+    assert done.returncode == 0, done.stderr
+    ctx = Context(model, n_ctx=1024)
+    ctx.load_session(exported)
+    assert ctx.tokens == manager.load("ada").tokens
+    absent = cli("export", "nobody", str(tmp_path / "x.session"), "--dir", store_url)
+    assert absent.returncode == 1 and "SessionNotFoundError" in absent.stderr
+    assert not (tmp_path / "x.session").exists()

@@ -27,6 +27,7 @@ from ._native import (
     __version__,
     delete_session,
     inspect_session,
+    inspect_stored_session,
     list_sessions,
     validate_session_id,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "default_model_path",
     "delete_session",
     "inspect_session",
+    "inspect_stored_session",
     "list_sessions",
     "validate_session_id",
 ]

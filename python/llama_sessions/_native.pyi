@@ -832,11 +832,11 @@ class SessionManager:
         1 to 128 bytes, no "/", "\\", ":", "@" or control characters, not starting with a dot.
         """
     def load(self, session_id: str) -> Context:
-        """The live Context of a session: from memory, or read, verified and restored from the store. A live copy
-        costs one small read (the stored version): when another process or worker has saved a newer version
-        (or deleted the session) since, and the copy has no change of its own, the stored version is read
-        instead, so that no manager sharing a store returns an outdated session. A copy that a turn holds is
-        returned as it is.
+        """The live Context of a session: from memory, or read, verified and restored from the store. A live
+        copy costs one small read (the stored version): when another process or worker has saved a newer
+        version (or deleted the session) since, and the copy has no change of its own, the stored version is
+        read instead, so that no manager sharing a store returns an outdated session. A copy that a turn
+        holds is returned as it is.
 
         What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
         before the session is evicted. It bypasses the turn order, like any shared Context.
@@ -1017,6 +1017,15 @@ def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
     """Every stored session in ``session_dir`` (a directory or a store URL, as SessionManager takes it),
     sorted by id, read without a model (headers only; a load verifies everything). Files that are not
     sessions are ignored; a corrupt one is listed with its error.
+    """
+
+def inspect_stored_session(session_dir: str | PathLike[str], session_id: str) -> SessionInfo:
+    """What stored session ``session_id`` of ``session_dir`` (a directory or a store URL, as SessionManager
+    takes it) holds, read without a model from its header alone: parameters, tokens, metadata (the
+    manager's record of its system prompt and history under ``"llama_sessions.manager"``) and sizes. Only a
+    few KiB are read, so its state is not verified (nor, for a signed session, its MAC): a load verifies
+    everything. inspect_session() reads and verifies a whole session file instead. SessionNotFoundError if
+    there is no such session; SessionCorruptError for a stored value whose prelude or header is damaged.
     """
 
 def delete_session(session_dir: str | PathLike[str], session_id: str) -> None:

@@ -36,6 +36,7 @@ from ._native import (
     __version__,
     delete_session,
     inspect_session,
+    inspect_stored_session,
     list_sessions,
     validate_session_id,
 )
@@ -290,14 +291,40 @@ def _context_option_refusal(
     )
 
 
+#: The help of every option that names where sessions are stored.
+STORE_HELP = (
+    "session directory, redis://HOST:PORT/DB, rediss://... or s3://BUCKET/PREFIX (default ./sessions; "
+    "see docs/deployment.md)"
+)
+
+
+def _is_remote(location: str) -> bool:
+    """Whether a session location is a store URL (redis://, s3://...) rather than a directory."""
+    return "://" in location and not location.startswith("file://")
+
+
+def _is_missing_directory(location: str) -> bool:
+    """Whether a session location names a directory that does not exist (opening it would create it)."""
+    return not _is_remote(location) and not Path(location.removeprefix("file://")).is_dir()
+
+
+def _stored_or_none(location: str, session_id: str) -> SessionInfo | None:
+    """What stored session ``session_id`` holds (its header), or None when there is no such session."""
+    if _is_missing_directory(location):
+        return None
+    try:
+        return inspect_stored_session(location, session_id)
+    except SessionNotFoundError:
+        return None
+
+
 def chat(args: argparse.Namespace) -> int:
-    """An interactive chat whose conversation persists in a session file, resumed when it exists.
+    """An interactive chat whose conversation persists in a session store, resumed when it exists.
 
     Everything is checked before the model is loaded or anything is written: the id, and for an existing
     session that --system and --n-ctx agree with what it was created with (they apply only when creating)."""
     validate_session_id(args.session)
-    stored_path = Path(args.dir) / f"{args.session}.session"
-    stored = inspect_session(stored_path) if stored_path.is_file() else None
+    stored = _stored_or_none(args.dir, args.session)
     params: ContextParams | None
     if stored is None:
         # Creating the parameters refuses a bad --n-ctx now.
@@ -347,18 +374,20 @@ def chat(args: argparse.Namespace) -> int:
         for piece in manager.stream_chat(args.session, line, args.max_tokens, temperature=args.temperature):
             print(piece, end="", flush=True)
         print()
-    print(f"saved     {manager.session_path(args.session)}", file=sys.stderr)
+    if manager.session_dir is not None:
+        print(f"saved     {manager.session_path(args.session)}", file=sys.stderr)
+    else:
+        print(f"saved     {args.session} in {manager.location}", file=sys.stderr)
     return 0
 
 
 def export(args: argparse.Namespace) -> int:
     """Write a stored session as one file (the single-file format), opened with its saved parameters."""
     validate_session_id(args.session_id)
-    stored_path = Path(args.dir) / f"{args.session_id}.session"
-    if not stored_path.is_file():
+    stored = _stored_or_none(args.dir, args.session_id)
+    if stored is None:
         raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
     key = _secret_key(args)
-    stored = inspect_session(stored_path, secret_key=key)
     model = Model.load(_model_path(args.model))
     manager = SessionManager(model, args.dir, stored.params, autosave=False, secret_key=key)
     info = manager.export(args.session_id, args.file)
@@ -407,8 +436,7 @@ def sessions(args: argparse.Namespace) -> int:
     """List, show or delete the sessions in a directory (``list ID``: that session's row only)."""
     if args.session_id is not None:
         validate_session_id(args.session_id)
-    remote = "://" in args.dir and not args.dir.startswith("file://")
-    if not remote and not Path(args.dir.removeprefix("file://")).is_dir():
+    if _is_missing_directory(args.dir):
         print(f"llama-sessions: no session directory {args.dir}", file=sys.stderr)
         return 1
     if args.action == "list":
@@ -431,12 +459,14 @@ def sessions(args: argparse.Namespace) -> int:
     if args.session_id is None:
         return _refuse(f"sessions {args.action} needs a session id")
     if args.action == "show":
-        if remote:
-            return _refuse(f"sessions show reads session files: {args.dir} is a remote store (use list)")
-        path = Path(args.dir.removeprefix("file://")) / f"{args.session_id}.session"
-        if not path.is_file():
-            raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
-        info = inspect_session(path)
+        if _is_remote(args.dir):
+            # The header alone (a few KiB of the store): a load verifies the rest.
+            info = inspect_stored_session(args.dir, args.session_id)
+        else:
+            path = Path(args.dir.removeprefix("file://")) / f"{args.session_id}.session"
+            if not path.is_file():
+                raise SessionNotFoundError(f"no session {args.session_id!r} in {args.dir}")
+            info = inspect_session(path)
         manager_record = info.metadata.get(MANAGER_RECORD_KEY)
         # The user's metadata is shown with the header, the manager's record (history...) once, below it.
         print("\n".join(_describe(info, omit_metadata=(MANAGER_RECORD_KEY,))))
@@ -541,18 +571,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser = commands.add_parser(
         "chat",
         help="an interactive chat that persists and resumes",
-        description="An interactive chat that persists in DIR/ID.session: created with --system and --n-ctx "
+        description="An interactive chat that persists in DIR/ID.session (or in the store --dir names): "
+        "created with --system and --n-ctx "
         "when it does not exist, resumed when it does. A session keeps the system prompt and context size it "
         "was created with: for an existing session, a different --system or --n-ctx is refused (exit 2) "
         "before anything is loaded or written.",
     )
-    chat_parser.add_argument("--session", required=True, help="session id (its file: DIR/ID.session)")
+    chat_parser.add_argument(
+        "--session", required=True, help="session id (in a directory, its file: DIR/ID.session)"
+    )
     chat_parser.add_argument(
         "--system",
         help="system prompt of a new session (an existing session keeps its own: a different one is refused)",
     )
     chat_parser.add_argument("--model", help="GGUF file (default: the default model)")
-    chat_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
+    chat_parser.add_argument("--dir", default="sessions", help=STORE_HELP)
     chat_parser.add_argument(
         "--n-ctx",
         type=_positive_int,
@@ -572,12 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sessions_parser.add_argument("action", choices=["list", "show", "delete"])
     sessions_parser.add_argument("session_id", nargs="?", help="needed by show and delete; optional for list")
-    sessions_parser.add_argument(
-        "--dir",
-        default="sessions",
-        help="session directory, redis://HOST:PORT/DB, rediss://... or s3://BUCKET/PREFIX "
-        "(default ./sessions)",
-    )
+    sessions_parser.add_argument("--dir", default="sessions", help=STORE_HELP)
     sessions_parser.set_defaults(run=sessions)
     cache_parser = commands.add_parser(
         "cache",
@@ -611,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_parser.add_argument("session_id", help="the session's id")
     export_parser.add_argument("file", help="the session file to write (replaced atomically)")
-    export_parser.add_argument("--dir", default="sessions", help="session directory (default ./sessions)")
+    export_parser.add_argument("--dir", default="sessions", help=STORE_HELP)
     export_parser.add_argument("--model", help="GGUF file (default: the default model)")
     export_parser.add_argument("--key-file", help=key_help)
     export_parser.set_defaults(run=export)

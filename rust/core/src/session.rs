@@ -90,6 +90,24 @@ impl SessionInfo {
         }
     }
 
+    /// A stored session described from its prelude's lengths and its header alone (the state unread).
+    pub(crate) fn from_stored_header(
+        header: SessionHeader,
+        announced: format::AnnouncedLengths,
+    ) -> SessionInfo {
+        let signed = header.signature.is_some();
+        SessionInfo {
+            format: SessionFormat::LlamaSessions,
+            format_version: announced.format_version,
+            header_bytes: announced.header_end - format::PRELUDE_LEN,
+            state_bytes: announced.state_len as usize,
+            total_bytes: announced.max_len - if signed { 0 } else { crate::signing::MAC_LEN },
+            signed,
+            header,
+            recomputed_tokens: 0,
+        }
+    }
+
     pub(crate) fn from_llama_cpp(
         header: &format::LlamaCppSessionHeader,
         total_bytes: usize,

@@ -373,6 +373,8 @@ fn parse_prelude(bytes: &[u8], origin: &str) -> Result<Prelude> {
 /// What a session's prelude announces: enough for a reader to bound what it reads next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnnouncedLengths {
+    /// The session format's version.
+    pub format_version: u32,
     /// Where the header ends: the prelude and the header.
     pub header_end: usize,
     /// Bytes of llama.cpp state after the header.
@@ -387,6 +389,7 @@ pub fn announced_lengths(bytes: &[u8], origin: &str) -> Result<AnnouncedLengths>
     let prelude = parse_prelude(bytes, origin)?;
     let header_end = PRELUDE_LEN + prelude.header_len;
     Ok(AnnouncedLengths {
+        format_version: prelude.format_version,
         header_end,
         state_len: (prelude.unsigned_len - header_end - CHECKSUM_LEN) as u64,
         max_len: prelude.unsigned_len + MAC_LEN,

@@ -29,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<manager::PyStoredSession>()?;
     m.add_class::<manager::ChatStream>()?;
     m.add_function(wrap_pyfunction!(manager::list_sessions, m)?)?;
+    m.add_function(wrap_pyfunction!(manager::inspect_stored_session, m)?)?;
     m.add_function(wrap_pyfunction!(manager::delete_session, m)?)?;
     m.add_function(wrap_pyfunction!(manager::validate_session_id, m)?)?;
     m.add_function(wrap_pyfunction!(session::inspect_session, m)?)?;

@@ -527,11 +527,11 @@ impl PySessionManager {
         Ok(self.context(py, &session))
     }
 
-    /// The live Context of a session: from memory, or read, verified and restored from the store. A live copy
-    /// costs one small read (the stored version): when another process or worker has saved a newer version
-    /// (or deleted the session) since, and the copy has no change of its own, the stored version is read
-    /// instead, so that no manager sharing a store returns an outdated session. A copy that a turn holds is
-    /// returned as it is.
+    /// The live Context of a session: from memory, or read, verified and restored from the store. A live
+    /// copy costs one small read (the stored version): when another process or worker has saved a newer
+    /// version (or deleted the session) since, and the copy has no change of its own, the stored version is
+    /// read instead, so that no manager sharing a store returns an outdated session. A copy that a turn
+    /// holds is returned as it is.
     ///
     /// What is done through it (generate, truncate, restore, ...) is part of the session: saved by save() and
     /// before the session is evicted. It bypasses the turn order, like any shared Context.
@@ -1034,6 +1034,26 @@ pub fn list_sessions(
         .into_iter()
         .map(|listed| PyStoredSession { listed })
         .collect())
+}
+
+/// What stored session ``session_id`` of ``session_dir`` (a directory or a store URL, as SessionManager
+/// takes it) holds, read without a model from its header alone: parameters, tokens, metadata (the
+/// manager's record of its system prompt and history under ``"llama_sessions.manager"``) and sizes. Only a
+/// few KiB are read, so its state is not verified (nor, for a signed session, its MAC): a load verifies
+/// everything. inspect_session() reads and verifies a whole session file instead. SessionNotFoundError if
+/// there is no such session; SessionCorruptError for a stored value whose prelude or header is damaged.
+#[pyfunction]
+pub fn inspect_stored_session(
+    py: Python<'_>,
+    session_dir: Bound<'_, PyAny>,
+    session_id: &str,
+) -> PyResult<PySessionInfo> {
+    let location = Location::from_py(&session_dir)?;
+    let info = native(py, |_| {
+        let store = location.open()?;
+        llama_sessions::manager::inspect_stored_session(store.as_ref(), session_id)
+    })?;
+    Ok(PySessionInfo { info })
 }
 
 /// Delete stored session ``session_id`` and its checkpoints from ``session_dir`` (a directory or a store

@@ -51,8 +51,8 @@ pub use chat::{ChatTurn, OverflowPolicy, SessionTurn};
 pub use ids::{validate_session_id, MAX_SESSION_ID_LEN};
 pub use live::{ManagedSession, TurnWait};
 pub use records::{
-    delete_stored_session, list_stored_sessions, ListedSession, ManagerRecord, StoredMessage,
-    MANAGER_METADATA_KEY,
+    delete_stored_session, inspect_stored_session, list_stored_sessions, ListedSession,
+    ManagerRecord, StoredMessage, MANAGER_METADATA_KEY,
 };
 pub use writer::{pin_stored_chunks, stored_manifest_chunks};
 

@@ -392,16 +392,39 @@ pub(super) fn read_session_value(
 }
 
 pub(super) fn read_stored_header(store: &dyn SessionStore, key: &str) -> Result<SessionHeader> {
+    read_stored_header_and_lengths(store, key).map(|(header, _)| header)
+}
+
+/// The header of stored value `key` and the lengths its prelude announces: the prelude and header only
+/// (one read of [`HEADER_FIRST_READ`] bytes, a second only for a longer header, bounded by the format's
+/// largest header).
+fn read_stored_header_and_lengths(
+    store: &dyn SessionStore,
+    key: &str,
+) -> Result<(SessionHeader, format::AnnouncedLengths)> {
     let origin = store
         .location(key)
         .map_or_else(|| key.to_owned(), |p| p.display().to_string());
     let first = store
         .get_prefix(key, HEADER_FIRST_READ.max(format::PRELUDE_LEN))?
         .ok_or_else(|| Error::SessionNotFound { id: key.to_owned() })?;
-    let end = format::header_end(&first, &origin)?;
-    if end <= first.len() {
-        return format::read_header(&first, &origin);
+    let announced = format::announced_lengths(&first, &origin)?;
+    if announced.header_end <= first.len() {
+        return Ok((format::read_header(&first, &origin)?, announced));
     }
-    let prefix = store.get_prefix(key, end)?.unwrap_or_default();
-    format::read_header(&prefix, &origin)
+    let prefix = store
+        .get_prefix(key, announced.header_end)?
+        .unwrap_or_default();
+    Ok((format::read_header(&prefix, &origin)?, announced))
+}
+
+/// Stored session `id` described from its prelude and header alone, as [`crate::inspect_session`]
+/// describes a file: parameters, tokens, metadata (the manager's record of its history included) and
+/// sizes. The state is neither read nor verified, so a few KiB are read from any store; a load verifies
+/// everything (a signed session's MAC included, before it trusts the header). [`Error::SessionNotFound`]
+/// if there is no such session. No model needed.
+pub fn inspect_stored_session(store: &dyn SessionStore, id: &str) -> Result<crate::SessionInfo> {
+    validate_session_id(id)?;
+    let (header, announced) = read_stored_header_and_lengths(store, id)?;
+    Ok(crate::SessionInfo::from_stored_header(header, announced))
 }
