@@ -1,8 +1,9 @@
 """SessionManager: 100 sessions of 500 tokens on one model.
 
 Per run, in a fresh directory: create 100 sessions from one shared 500-token system prompt (the first encodes
-it, the other 99 restore it), save each, load each from the live set (memory, no I/O), then load each from
-disk in a fresh manager (read, verify, restore). Reported per operation: the median over the 100 sessions of
+it, the other 99 restore it), save each, load each from the live set (memory, after a check of the stored
+version: one read of the session's header), then load each from disk in a fresh manager (read, verify,
+restore). Reported per operation: the median over the 100 sessions of
 each run, then the median over the runs (after a warm-up run).
 
 Run: python bench/manager_sessions.py [--runs 5] [--sessions 100]

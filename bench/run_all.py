@@ -445,7 +445,8 @@ def render_manager(r: dict[str, Any]) -> list[str]:
         f"{r['sessions']} sessions of {r['tokens_per_session']} tokens (a shared "
         f"{r['system_prompt_tokens']}-token system prompt), n_ctx {r['n_ctx']}, f16, in a fresh directory "
         "per run: create them all (the first encodes the prompt, the others restore it), save each, load "
-        "each from the live set (memory), then from disk in a fresh manager (read, verify, restore into a "
+        "each from the live set (memory, after checking the stored version: one read of the session's "
+        "header), then from disk in a fresh manager (read, verify, restore into a "
         "new context). Per operation: the median over the sessions of a run, then the median of "
         f"{len(r['runs'])} runs after a warm-up. "
         f"System-prompt tokens decoded per run: {r['prefill_tokens']} (one prefill for all sessions).",
@@ -459,7 +460,7 @@ def render_manager(r: dict[str, Any]) -> list[str]:
         ],
         [f"create all {r['sessions']}", ms(r["create_all_seconds"])],
         ["save one session (atomic, fsync)", ms(r["save_seconds"])],
-        ["load one session from the live set", f"{r['load_live_seconds'] * 1e3:.4f}"],
+        ["load one session from the live set (version checked)", f"{r['load_live_seconds'] * 1e3:.4f}"],
         ["load one session from disk", ms(r["load_from_disk_seconds"])],
     ]
     out += table(["operation", "ms"], rows, "lr")

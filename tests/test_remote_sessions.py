@@ -246,6 +246,11 @@ def test_an_unreachable_or_unsupported_store_is_a_typed_error(model: Model) -> N
         ("s3://bucket/p?colour=blue", 'found the unknown option "colour"'),
         ("s3://AKIA:hunter2@bucket/p", "found credentials or a port before the bucket"),
         ("ftp://host/dir", "found a ftp:// URL"),
+        # A URL the Redis client cannot take is a parameter to fix, not a ConnectionError to retry.
+        ("redis://127.0.0.1:6379/abc", "(DB a number), found redis://127.0.0.1:6379/abc ("),
+        ("redis://:hunter2@127.0.0.1:99999/0", "found redis://127.0.0.1:99999/0 ("),
+        ("", "found an empty path"),
+        ("file://", "found an empty path"),
     ]:
         with pytest.raises(InvalidParameterError, match=re.escape(found)) as refused:
             SessionManager(model, url)

@@ -61,12 +61,24 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store at `url` (`redis://`), checked by connecting to it once.
+    /// A store at `url` (`redis://`), checked by connecting to it once. A URL the client cannot take (a
+    /// database that is not a number, a port out of range) is [`Error::InvalidParameter`], not a store
+    /// failure: trying again would not help.
     pub fn open(url: &str) -> Result<RedisStore> {
-        let client = redis::Client::open(url).map_err(|e| Error::RemoteStore {
-            store: redact(url),
-            op: "open",
-            reason: e.to_string(),
+        let client = redis::Client::open(url).map_err(|e| {
+            if e.kind() == redis::ErrorKind::InvalidClientConfig {
+                Error::invalid(
+                    "session_dir",
+                    "redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... (DB a number)",
+                    format!("{} ({e})", redact(url)),
+                )
+            } else {
+                Error::RemoteStore {
+                    store: redact(url),
+                    op: "open",
+                    reason: e.to_string(),
+                }
+            }
         })?;
         let info = client.get_connection_info();
         let scheme = if url.starts_with("rediss://") {

@@ -82,6 +82,14 @@ impl DirectoryStore {
         suffix: &'static str,
     ) -> Result<DirectoryStore> {
         let dir = dir.into();
+        // An empty path is a mistake (`""`, `file://`), not the current directory.
+        if dir.as_os_str().is_empty() {
+            return Err(Error::invalid(
+                "directory",
+                "the path of a directory (created if missing)",
+                "an empty path",
+            ));
+        }
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             op: "create directory",
             path: dir.clone(),
