@@ -118,10 +118,15 @@ def arch_model_paths(model_path: pathlib.Path) -> dict[str, pathlib.Path]:
     return paths
 
 
-def run_cli(*args: str, model_path: pathlib.Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, model_path: pathlib.Path, lines: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``llama-sessions ARGS`` run as a user runs it, with ``model_path`` as the default model and ``lines``
+    (if given) as its standard input."""
     env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
     return subprocess.run(
         [sys.executable, "-m", "llama_sessions", *args],
+        input=lines,
         capture_output=True,
         text=True,
         env=env,

@@ -9,7 +9,6 @@ import os
 import pathlib
 import struct
 import subprocess
-import sys
 
 import pytest
 
@@ -32,16 +31,7 @@ TERSE = "You are terse."
 def chat(
     directory: pathlib.Path, model_path: pathlib.Path, *args: str, lines: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
-    return subprocess.run(
-        [sys.executable, "-m", "llama_sessions", "chat", "--dir", str(directory), *args],
-        input=lines,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    return run_cli("chat", "--dir", str(directory), *args, model_path=model_path, lines=lines)
 
 
 def stored_session(model: Model, directory: pathlib.Path, *, turn: bool = False) -> pathlib.Path:

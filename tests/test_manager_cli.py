@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
 from llama_sessions import (
     Context,
+    InvalidParameterError,
     Model,
     SessionCorruptError,
     SessionManager,
     SessionNotFoundError,
+    delete_session,
     inspect_session,
     inspect_stored_session,
     list_sessions,
@@ -26,15 +26,8 @@ from conftest import run_cli
 def chat(
     directory: pathlib.Path, model_path: pathlib.Path, *args: str, lines: str
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
-    return subprocess.run(
-        [sys.executable, "-m", "llama_sessions", "chat", "--dir", str(directory), "--n-ctx", "1024", *args],
-        input=lines,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    return run_cli(
+        "chat", "--dir", str(directory), "--n-ctx", "1024", *args, model_path=model_path, lines=lines
     )
 
 
@@ -156,3 +149,18 @@ def test_inspect_stored_session_reads_the_header_alone_and_agrees_with_inspect_s
         inspect_stored_session(plain, "junk")
     with pytest.raises(SessionNotFoundError):
         inspect_stored_session(plain, "nobody")
+
+
+def test_reading_a_directory_that_does_not_exist_creates_nothing(tmp_path: pathlib.Path) -> None:
+    """A mistyped path holds no session, and is not left behind as an empty directory."""
+    missing = tmp_path / "typo"
+    assert list_sessions(missing) == []
+    with pytest.raises(SessionNotFoundError):
+        inspect_stored_session(missing, "ada")
+    with pytest.raises(SessionNotFoundError):
+        delete_session(missing, "ada")
+    with pytest.raises(InvalidParameterError, match="invalid session_id"):
+        delete_session(missing, "../ada")
+    assert not missing.exists()
+    with pytest.raises(InvalidParameterError, match="found an empty path"):
+        list_sessions("")

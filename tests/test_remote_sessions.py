@@ -5,7 +5,6 @@ real S3 API server, started on loopback, several workers (processes) sharing eac
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -30,7 +29,7 @@ from llama_sessions import (
 )
 from manager_worker import N_BATCH, N_CTX, N_THREADS, hammer_together
 
-from conftest import REPO, S3_BUCKET, assert_same_output, require_tool
+from conftest import REPO, S3_BUCKET, assert_same_output, require_tool, run_cli
 from server_process import running_server
 
 WORKER = pathlib.Path(__file__).with_name("manager_worker.py")
@@ -383,18 +382,9 @@ def test_the_cli_chats_shows_and_exports_a_session_in_a_store(
 ) -> None:
     """`llama-sessions chat`, `sessions show` and `export` take a store URL as `--dir`, as `sessions list`
     and `serve` do."""
-    env = dict(os.environ, LLAMA_SESSIONS_MODEL=str(model_path))
 
     def cli(*args: str, lines: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "llama_sessions", *args],
-            input=lines,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-        )
+        return run_cli(*args, model_path=model_path, lines=lines)
 
     location = store_url.split("?")[0]
     chat = ["chat", "--session", "ada", "--dir", store_url, "--max-tokens", "8"]

@@ -1016,7 +1016,8 @@ class SessionManager:
 def list_sessions(session_dir: str | PathLike[str]) -> list[StoredSession]:
     """Every stored session in ``session_dir`` (a directory or a store URL, as SessionManager takes it),
     sorted by id, read without a model (headers only; a load verifies everything). Files that are not
-    sessions are ignored; a corrupt one is listed with its error.
+    sessions are ignored; a corrupt one is listed with its error. A directory that does not exist holds no
+    session (and is not created).
     """
 
 def inspect_stored_session(session_dir: str | PathLike[str], session_id: str) -> SessionInfo:

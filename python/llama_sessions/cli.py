@@ -310,8 +310,6 @@ def _is_missing_directory(location: str) -> bool:
 
 def _stored_or_none(location: str, session_id: str) -> SessionInfo | None:
     """What stored session ``session_id`` holds (its header), or None when there is no such session."""
-    if _is_missing_directory(location):
-        return None
     try:
         return inspect_stored_session(location, session_id)
     except SessionNotFoundError:

@@ -98,6 +98,16 @@ impl DirectoryStore {
         Ok(DirectoryStore { dir, suffix })
     }
 
+    /// The store in `dir` if that directory exists; `None` (and nothing created) if it does not: for
+    /// listing, inspecting or deleting, where a mistyped path must not leave an empty directory behind.
+    pub fn open_existing(dir: impl Into<PathBuf>) -> Result<Option<DirectoryStore>> {
+        let dir = dir.into();
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            return Ok(None);
+        }
+        DirectoryStore::open(dir).map(Some)
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir

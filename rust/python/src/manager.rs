@@ -247,9 +247,28 @@ impl Location {
         Ok(Location::Directory(given.extract::<PathBuf>()?))
     }
 
-    /// The store there (a directory is created if missing).
-    fn open(&self) -> llama_sessions::Result<Arc<dyn SessionStore>> {
-        Ok(self.open_with_chunks()?.0)
+    /// The store there, or `None` for a directory that does not exist (nothing is created): where sessions
+    /// are only read or deleted.
+    fn open_existing(&self) -> llama_sessions::Result<Option<Arc<dyn SessionStore>>> {
+        match self {
+            Location::Directory(dir) => Ok(DirectoryStore::open_existing(dir)?
+                .map(|store| Arc::new(store) as Arc<dyn SessionStore>)),
+            Location::Url(url) => llama_sessions::open_store(url).map(Some),
+        }
+    }
+
+    /// `action` on the store there, for stored session `id` (a valid id): SessionNotFound, with nothing
+    /// created, for a directory that does not exist.
+    fn with_session_store<T>(
+        &self,
+        id: &str,
+        action: impl FnOnce(&dyn SessionStore) -> llama_sessions::Result<T>,
+    ) -> llama_sessions::Result<T> {
+        llama_sessions::manager::validate_session_id(id)?;
+        match self.open_existing()? {
+            Some(store) => action(store.as_ref()),
+            None => Err(Error::SessionNotFound { id: id.to_owned() }),
+        }
     }
 
     /// The store there, and the store of KV chunks beside it at a remote location.
@@ -1019,16 +1038,17 @@ impl ChatStream {
 
 /// Every stored session in ``session_dir`` (a directory or a store URL, as SessionManager takes it),
 /// sorted by id, read without a model (headers only; a load verifies everything). Files that are not
-/// sessions are ignored; a corrupt one is listed with its error.
+/// sessions are ignored; a corrupt one is listed with its error. A directory that does not exist holds no
+/// session (and is not created).
 #[pyfunction]
 pub fn list_sessions(
     py: Python<'_>,
     session_dir: Bound<'_, PyAny>,
 ) -> PyResult<Vec<PyStoredSession>> {
     let location = Location::from_py(&session_dir)?;
-    let listed = native(py, |_| {
-        let store = location.open()?;
-        llama_sessions::manager::list_stored_sessions(store.as_ref())
+    let listed = native(py, |_| match location.open_existing()? {
+        Some(store) => llama_sessions::manager::list_stored_sessions(store.as_ref()),
+        None => Ok(Vec::new()),
     })?;
     Ok(listed
         .into_iter()
@@ -1050,8 +1070,9 @@ pub fn inspect_stored_session(
 ) -> PyResult<PySessionInfo> {
     let location = Location::from_py(&session_dir)?;
     let info = native(py, |_| {
-        let store = location.open()?;
-        llama_sessions::manager::inspect_stored_session(store.as_ref(), session_id)
+        location.with_session_store(session_id, |store| {
+            llama_sessions::manager::inspect_stored_session(store, session_id)
+        })
     })?;
     Ok(PySessionInfo { info })
 }
@@ -1066,8 +1087,9 @@ pub fn delete_session(
 ) -> PyResult<()> {
     let location = Location::from_py(&session_dir)?;
     native(py, |_| {
-        let store = location.open()?;
-        llama_sessions::manager::delete_stored_session(store.as_ref(), session_id)
+        location.with_session_store(session_id, |store| {
+            llama_sessions::manager::delete_stored_session(store, session_id)
+        })
     })
 }
 
