@@ -192,7 +192,7 @@ class StorageError(LlamaSessionsError, OSError):
 
 
 class RemoteStoreError(StorageError, ConnectionError):
-    """A remote session store (Redis) could not be reached or refused an operation, or a save held the
+    """A remote session store (Redis, S3) could not be reached or refused an operation, or a save held the
     session's lease longer than the lease lasts (another worker may hold it now): nothing was written."""
 
 
