@@ -718,6 +718,23 @@ impl Reader<'_> {
         Ok(out)
     }
 
+    /// The records of `cells` cells that each hold one sequence (position, sequence-id count, the model's
+    /// `cell_ext_bytes` of extension, the sequence id), and the bytes of one record.
+    fn one_sequence_cell_records(
+        &mut self,
+        cells: usize,
+        cell_ext_bytes: usize,
+    ) -> Result<(&[u8], usize), String> {
+        let record = 12 + cell_ext_bytes;
+        let records = self.take(
+            cells
+                .checked_mul(record)
+                .ok_or("the cell records cannot be addressed")?,
+            "the cell records",
+        )?;
+        Ok((records, record))
+    }
+
     fn skip(&mut self, n: usize, what: &str) -> Result<(), String> {
         self.take(n, what).map(|_| ())
     }
@@ -804,14 +821,7 @@ pub fn into_position_order(
     if cells == 0 {
         return finish(r, &out);
     }
-    // Each cell record: position, sequence-id count (1), extension, the sequence id.
-    let record = 12 + cell_ext_bytes;
-    let records = r.take(
-        cells
-            .checked_mul(record)
-            .ok_or("the cell records cannot be addressed")?,
-        "the cell records",
-    )?;
+    let (records, record) = r.one_sequence_cell_records(cells, cell_ext_bytes)?;
     let mut order: Vec<(i32, usize)> = Vec::with_capacity(cells);
     for (i, cell) in records.chunks_exact(record).enumerate() {
         let word = |at: usize| i32::from_le_bytes(cell[at..at + 4].try_into().expect("4 bytes"));
@@ -897,13 +907,7 @@ pub fn cell_positions(state: &[u8], cell_ext_bytes: usize) -> Result<Vec<i32>, S
     for _ in 0..r.u32("the stream count")? {
         let cells = r.u32("a cell count")? as usize;
         if cells > 0 {
-            let record = 12 + cell_ext_bytes;
-            let records = r.take(
-                cells
-                    .checked_mul(record)
-                    .ok_or("the cell records cannot be addressed")?,
-                "the cell records",
-            )?;
+            let (records, record) = r.one_sequence_cell_records(cells, cell_ext_bytes)?;
             return Ok(records
                 .chunks_exact(record)
                 .map(|cell| i32::from_le_bytes(cell[..4].try_into().expect("4 bytes")))
